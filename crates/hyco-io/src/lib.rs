@@ -1,0 +1,27 @@
+//! Shared async plumbing for hyco, without hybrid-connection rules.
+//!
+//! # Layout
+//! * [`ws`]: WebSocket frames ([`ws::frame`]), one endpoint as a byte stream or message channel
+//!   ([`ws::WsStream`]), and the opening handshake on hyper ([`ws::handshake`]).
+//! * [`splice`]: the relay's frame-level join of two WebSocket connections.
+//! * [`tls`]: rustls configs and the generated development PKI.
+//! * [`backoff`]: jittered reconnect delays.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod splice;
+pub mod tls;
+
+/// WebSocket framing, endpoints and handshakes.
+pub mod ws {
+    pub mod frame;
+    pub mod handshake;
+    pub mod stream;
+
+    pub use handshake::{ConnectError, Connected, Connector};
+    pub use stream::{Message, Role, WsConfig, WsError, WsStream};
+}
+
+pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::task::TaskTracker;

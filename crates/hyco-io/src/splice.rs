@@ -1,0 +1,354 @@
+//! The relay's splice: two WebSocket connections (the relay is the server on both) joined frame
+//! by frame.
+//!
+//! Each direction streams frames: the header is rewritten unmasked in place (it is always 4
+//! bytes shorter than the masked one), the payload is unmasked in place in the read buffer and
+//! written on. Whole frames are never buffered, so a frame announcing 2^40 bytes costs one
+//! buffer, and a slow reader stops the other side through TCP back-pressure.
+//!
+//! Semantics, as protocol.md §5.4 asks:
+//! * message type and boundaries are kept (FIN and opcode pass through; fragment sizes may
+//!   change only where a read split a frame, which the header rewrite keeps intact);
+//! * a Close from one peer is forwarded to the other with its code and reason and is **not**
+//!   answered: the other direction keeps flowing until that peer closes too (half-close);
+//! * a peer that vanishes without a Close (abort) ends the splice and the other connection is
+//!   dropped without a Close, so it sees an error, not a clean end;
+//! * a peer that breaks the framing rules gets a Close with the RFC code (1002, 1007), and the
+//!   other side is dropped;
+//! * pings are answered by the relay, pongs are dropped, neither is forwarded.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::ws::frame::{apply_mask, close_payload, parse_close, FrameError, FrameHeader, OpCode};
+
+/// Splice settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SpliceConfig {
+    /// Read buffer per direction. Large reads matter for throughput; memory is this times two
+    /// per tunnel.
+    pub buffer: usize,
+    /// A write that makes no progress for this long ends the splice (a peer that stopped
+    /// reading does not pin the tunnel forever).
+    pub write_timeout: Duration,
+}
+
+impl Default for SpliceConfig {
+    fn default() -> Self {
+        SpliceConfig {
+            buffer: 64 * 1024,
+            write_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Payload bytes moved, per direction; shared so live views can read them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// From peer A to peer B.
+    pub a_to_b: AtomicU64,
+    /// From peer B to peer A.
+    pub b_to_a: AtomicU64,
+}
+
+/// One of the two peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The first argument of [`splice`].
+    A,
+    /// The second argument.
+    B,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+/// How a splice ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// Both peers sent Close; both Closes were forwarded.
+    Closed,
+    /// A peer's connection failed or ended without a Close; the other one was dropped.
+    Aborted {
+        /// The peer that went away.
+        side: Side,
+        /// What the socket said.
+        error: io::Error,
+    },
+    /// A peer broke the WebSocket rules; it got a Close with the matching code.
+    Protocol {
+        /// The offender.
+        side: Side,
+        /// The violation.
+        error: FrameError,
+    },
+    /// A peer did not accept data for [`SpliceConfig::write_timeout`].
+    WriteStalled {
+        /// The peer that stopped reading.
+        side: Side,
+    },
+}
+
+/// The pong a peer is owed; one slot, so a ping flood keeps one pending pong at most.
+#[derive(Default)]
+struct PongSlot {
+    payload: Mutex<Option<Vec<u8>>>,
+    notify: Notify,
+}
+
+impl PongSlot {
+    fn set(&self, p: Vec<u8>) {
+        if let Ok(mut g) = self.payload.lock() {
+            *g = Some(p);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Vec<u8>> {
+        self.payload.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+enum DirError {
+    Read(io::Error),
+    Eof,
+    Write(io::Error),
+    Stalled,
+    Protocol(FrameError),
+}
+
+/// Joins two server-side WebSocket connections until both have closed or one fails.
+pub async fn splice<A, B>(a: A, b: B, cfg: SpliceConfig, counters: &Counters) -> SpliceEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let pong_a = PongSlot::default();
+    let pong_b = PongSlot::default();
+    let result = {
+        let d1 = forward(&mut ar, &mut bw, cfg, &pong_a, &pong_b, &counters.a_to_b);
+        let d2 = forward(&mut br, &mut aw, cfg, &pong_b, &pong_a, &counters.b_to_a);
+        tokio::pin!(d1, d2);
+        let (mut done1, mut done2) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut d1, if !done1 => match r {
+                    Ok(()) => done1 = true,
+                    Err(e) => break Err((Side::A, e)),
+                },
+                r = &mut d2, if !done2 => match r {
+                    Ok(()) => done2 = true,
+                    Err(e) => break Err((Side::B, e)),
+                },
+            }
+            if done1 && done2 {
+                break Ok(());
+            }
+        }
+    };
+    let grace = Duration::from_secs(1);
+    match result {
+        Ok(()) => {
+            let _ = tokio::time::timeout(grace, async {
+                let _ = tokio::join!(aw.shutdown(), bw.shutdown());
+            })
+            .await;
+            SpliceEnd::Closed
+        }
+        Err((reader_side, e)) => match e {
+            DirError::Read(error) => SpliceEnd::Aborted {
+                side: reader_side,
+                error,
+            },
+            DirError::Eof => SpliceEnd::Aborted {
+                side: reader_side,
+                error: io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a close frame"),
+            },
+            DirError::Write(error) => SpliceEnd::Aborted {
+                side: reader_side.other(),
+                error,
+            },
+            DirError::Stalled => SpliceEnd::WriteStalled {
+                side: reader_side.other(),
+            },
+            DirError::Protocol(error) => {
+                let frame = control_frame(OpCode::Close, &close_payload(error.close_code(), ""));
+                let _ = tokio::time::timeout(grace, async {
+                    match reader_side {
+                        Side::A => send_and_shut(&mut aw, &frame).await,
+                        Side::B => send_and_shut(&mut bw, &frame).await,
+                    }
+                })
+                .await;
+                SpliceEnd::Protocol {
+                    side: reader_side,
+                    error,
+                }
+            }
+        },
+    }
+}
+
+async fn send_and_shut<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) {
+    let _ = w.write_all(frame).await;
+    let _ = w.shutdown().await;
+}
+
+fn control_frame(op: OpCode, payload: &[u8]) -> Vec<u8> {
+    let h = FrameHeader {
+        fin: true,
+        opcode: op,
+        mask: None,
+        len: payload.len() as u64,
+    };
+    let mut out = vec![0u8; h.encoded_len() + payload.len()];
+    let n = h.encode(&mut out);
+    out[n..].copy_from_slice(payload);
+    out
+}
+
+async fn write_timed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    limit: Duration,
+) -> Result<(), DirError> {
+    match tokio::time::timeout(limit, w.write_all(data)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(DirError::Write(e)),
+        Err(_) => Err(DirError::Stalled),
+    }
+}
+
+/// One direction: frames read from `r` (a client, so masked) are written unmasked to `w`.
+/// `my_pong` collects pongs owed to `r`'s peer (written by the other direction); `their_pong`
+/// holds pongs owed to `w`'s peer, which this direction writes between frames.
+async fn forward<R, W>(
+    r: &mut R,
+    w: &mut W,
+    cfg: SpliceConfig,
+    my_pong: &PongSlot,
+    their_pong: &PongSlot,
+    count: &AtomicU64,
+) -> Result<(), DirError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; cfg.buffer.max(1024)];
+    let (mut start, mut end) = (0usize, 0usize);
+    // The data frame being streamed: (mask, bytes left, offset into the payload).
+    let mut cur: Option<([u8; 4], u64, usize)> = None;
+    let mut in_message = false;
+    loop {
+        // Forward everything that is complete in the buffer.
+        loop {
+            if let Some((mask, left, off)) = cur.as_mut() {
+                if *left == 0 {
+                    cur = None;
+                    continue;
+                }
+                if start == end {
+                    break;
+                }
+                let n = (end - start).min(*left as usize);
+                apply_mask(&mut buf[start..start + n], *mask, *off);
+                write_timed(w, &buf[start..start + n], cfg.write_timeout).await?;
+                count.fetch_add(n as u64, Ordering::Relaxed);
+                start += n;
+                *left -= n as u64;
+                *off += n;
+                continue;
+            }
+            let (h, hl) = match FrameHeader::parse(&buf[start..end]) {
+                Err(e) => return Err(DirError::Protocol(e)),
+                Ok(None) => break,
+                Ok(Some(x)) => x,
+            };
+            let Some(mask) = h.mask else {
+                return Err(DirError::Protocol(FrameError::BadMask));
+            };
+            if h.opcode.is_control() {
+                let len = h.len as usize;
+                if end - start < hl + len {
+                    break;
+                }
+                let p = start + hl;
+                apply_mask(&mut buf[p..p + len], mask, 0);
+                start = p + len;
+                match h.opcode {
+                    OpCode::Ping => my_pong.set(buf[p..p + len].to_vec()),
+                    OpCode::Pong => {}
+                    _ => {
+                        parse_close(&buf[p..p + len]).map_err(DirError::Protocol)?;
+                        let frame = control_frame(OpCode::Close, &buf[p..p + len]);
+                        write_timed(w, &frame, cfg.write_timeout).await?;
+                        let _ = w.flush().await;
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            let ordered = match h.opcode {
+                OpCode::Continuation => in_message,
+                _ => !in_message,
+            };
+            if !ordered {
+                return Err(DirError::Protocol(FrameError::BadFragmentation));
+            }
+            in_message = !h.fin;
+            // Rewrite the header unmasked into the tail of the masked one, then send it with
+            // whatever payload is already here, in one write.
+            let out = FrameHeader { mask: None, ..h };
+            let ol = out.encoded_len();
+            let hs = start + hl - ol;
+            out.encode(&mut buf[hs..start + hl]);
+            let n = (end - start - hl).min(h.len as usize);
+            let p = start + hl;
+            apply_mask(&mut buf[p..p + n], mask, 0);
+            write_timed(w, &buf[hs..p + n], cfg.write_timeout).await?;
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            start = p + n;
+            cur = Some((mask, h.len - n as u64, n));
+        }
+        // Keep a partial header at the front, then read more.
+        if start == end {
+            start = 0;
+            end = 0;
+        } else if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        let at_boundary = cur.is_none();
+        let n = tokio::select! {
+            biased;
+            _ = their_pong.notify.notified(), if at_boundary => {
+                if let Some(p) = their_pong.take() {
+                    write_timed(w, &control_frame(OpCode::Pong, &p), cfg.write_timeout).await?;
+                }
+                continue;
+            }
+            r = r.read(&mut buf[end..]) => r.map_err(DirError::Read)?,
+        };
+        if n == 0 {
+            return Err(DirError::Eof);
+        }
+        end += n;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+use super::*;
+use crate::ws::{Message, Role, WsConfig, WsStream};
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+type Client = WsStream<DuplexStream>;
+
+/// Two clients joined by a splice running in its own task.
+fn joined() -> (Client, Client, tokio::task::JoinHandle<SpliceEnd>) {
+    let (ca, ra) = duplex(64 * 1024);
+    let (cb, rb) = duplex(64 * 1024);
+    let task = tokio::spawn(async move {
+        let counters = Counters::default();
+        splice(ra, rb, SpliceConfig::default(), &counters).await
+    });
+    let cfg = WsConfig {
+        max_message: 1 << 20,
+        ..WsConfig::default()
+    };
+    (
+        WsStream::new(ca, Role::Client, cfg),
+        WsStream::new(cb, Role::Client, cfg),
+        task,
+    )
+}
+
+#[tokio::test]
+async fn bytes_both_ways_with_half_close() {
+    let (mut a, mut b, task) = joined();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let d = data.clone();
+    let sender = tokio::spawn(async move {
+        a.write_all(&d).await.unwrap();
+        a.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        a.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data);
+    b.write_all(b"the rest").await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_eq!(sender.await.unwrap(), b"the rest");
+    assert!(matches!(task.await.unwrap(), SpliceEnd::Closed));
+}
+
+#[tokio::test]
+async fn message_types_and_boundaries_are_kept() {
+    let (mut a, mut b, _task) = joined();
+    a.send_text("one").await.unwrap();
+    a.send_binary(&[9; 70_000]).await.unwrap();
+    a.send_text("").await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), Message::Text("one".into()));
+    assert_eq!(b.recv().await.unwrap(), Message::Binary(vec![9; 70_000]));
+    assert_eq!(b.recv().await.unwrap(), Message::Text(String::new()));
+}
+
+#[tokio::test]
+async fn close_code_and_reason_are_forwarded_without_reply() {
+    let (mut a, mut b, _task) = joined();
+    a.send_close(4001, "done here").await.unwrap();
+    assert_eq!(
+        b.recv().await.unwrap(),
+        Message::Close(Some((4001, "done here".into())))
+    );
+    // A got no automatic reply: B can still send, and A reads it.
+    b.send_text("still here").await.unwrap();
+    assert_eq!(a.recv().await.unwrap(), Message::Text("still here".into()));
+}
+
+#[tokio::test]
+async fn abort_is_mirrored_as_abort() {
+    let (a, mut b, task) = joined();
+    drop(a);
+    let mut buf = [0u8; 8];
+    let err = b.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    assert!(matches!(
+        task.await.unwrap(),
+        SpliceEnd::Aborted { side: Side::A, .. }
+    ));
+}
+
+#[tokio::test]
+async fn unmasked_frame_gets_1002_and_the_other_side_is_dropped() {
+    let (ca, ra) = duplex(1024);
+    let (cb, rb) = duplex(1024);
+    let task = tokio::spawn(async move {
+        splice(ra, rb, SpliceConfig::default(), &Counters::default()).await
+    });
+    let mut raw = ca;
+    raw.write_all(&[0x82, 0x01, 0x55]).await.unwrap();
+    let mut back = Vec::new();
+    raw.read_to_end(&mut back).await.unwrap();
+    assert_eq!(&back[..4], &[0x88, 0x02, 0x03, 0xEA]); // Close 1002
+    let mut b = WsStream::new(cb, Role::Client, WsConfig::default());
+    assert!(b.recv().await.is_err());
+    assert!(matches!(
+        task.await.unwrap(),
+        SpliceEnd::Protocol {
+            side: Side::A,
+            error: FrameError::BadMask
+        }
+    ));
+}
+
+#[tokio::test]
+async fn pings_are_answered_by_the_relay_not_forwarded() {
+    let (ca, ra) = duplex(1024);
+    let (cb, rb) = duplex(1024);
+    let _task = tokio::spawn(async move {
+        splice(ra, rb, SpliceConfig::default(), &Counters::default()).await
+    });
+    let mut raw = ca;
+    // Masked ping "hi" with a zero key.
+    raw.write_all(&[0x89, 0x82, 0, 0, 0, 0, b'h', b'i']).await.unwrap();
+    let mut pong = [0u8; 4];
+    raw.read_exact(&mut pong).await.unwrap();
+    assert_eq!(pong, [0x8A, 0x02, b'h', b'i']);
+    let mut b = WsStream::new(cb, Role::Client, WsConfig::default());
+    raw.write_all(&[0x81, 0x81, 0, 0, 0, 0, b'z']).await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), Message::Text("z".into()));
+}

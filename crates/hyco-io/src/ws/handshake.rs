@@ -1,0 +1,410 @@
+//! The WebSocket opening handshake (RFC 6455 §4) on top of hyper's HTTP/1.1.
+//!
+//! Server side: check an upgrade request and build the 101. Client side: [`Connector`] dials
+//! TCP, TLS and sends the upgrade; a non-101 answer comes back as
+//! [`ConnectError::Rejected`] with the status, reason phrase and body, because the relay's
+//! status line is how a sender learns why a listener refused it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::net::TcpStream;
+
+use super::stream::{Role, WsConfig, WsStream};
+
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The client's TLS stream once the upgrade is done.
+pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
+pub fn accept_key(key: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Whether a request asks for a protocol upgrade at all (routing decision).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+}
+
+/// A refused upgrade: the status and reason to answer with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status} {reason}")]
+pub struct UpgradeError {
+    /// 400, or 426 for a wrong version.
+    pub status: StatusCode,
+    /// Human-readable reason for the status line.
+    pub reason: &'static str,
+}
+
+fn bad(reason: &'static str) -> UpgradeError {
+    UpgradeError {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Checks an upgrade request and returns the `Sec-WebSocket-Accept` value.
+pub fn check_upgrade<B>(req: &Request<B>) -> Result<String, UpgradeError> {
+    if req.method() != http::Method::GET {
+        return Err(bad("WebSocket upgrade requires GET"));
+    }
+    let h = req.headers();
+    if !has_token(h, header::UPGRADE, "websocket") {
+        return Err(bad("Upgrade must be websocket"));
+    }
+    if !has_token(h, header::CONNECTION, "upgrade") {
+        return Err(bad("Connection must include Upgrade"));
+    }
+    let versions: Vec<_> = h.get_all(header::SEC_WEBSOCKET_VERSION).iter().collect();
+    if versions.len() != 1 || versions[0] != "13" {
+        return Err(UpgradeError {
+            status: StatusCode::UPGRADE_REQUIRED,
+            reason: "Sec-WebSocket-Version must be 13",
+        });
+    }
+    let keys: Vec<_> = h.get_all(header::SEC_WEBSOCKET_KEY).iter().collect();
+    if keys.len() != 1 {
+        return Err(bad("exactly one Sec-WebSocket-Key is required"));
+    }
+    let key = keys[0].as_bytes();
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(raw) if raw.len() == 16 => Ok(accept_key(key)),
+        _ => Err(bad("Sec-WebSocket-Key must be 16 bytes in base64")),
+    }
+}
+
+/// The 101 answer, echoing the chosen sub-protocol if any.
+pub fn switching_protocols<B: Default>(accept: &str, protocol: Option<&str>) -> Response<B> {
+    let mut resp = Response::new(B::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    resp
+}
+
+/// Why a client connection did not become a WebSocket.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is not `wss://host[:port]/path`.
+    #[error("bad relay URL: {0}")]
+    BadUrl(String),
+    /// TCP connect failed.
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        /// `host:port` dialled.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (certificate not trusted, wrong name, …).
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls {
+        /// Server name checked.
+        host: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The whole connect took longer than allowed.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// HTTP-level failure.
+    #[error("HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+    /// The server answered with something other than 101.
+    #[error("{status} {reason}")]
+    Rejected {
+        /// Status code.
+        status: u16,
+        /// Reason phrase as sent (the relay puts its explanation here).
+        reason: String,
+        /// Start of the body, if any.
+        body: String,
+    },
+    /// A 101 that does not complete a valid WebSocket handshake.
+    #[error("invalid handshake response: {0}")]
+    BadHandshake(&'static str),
+}
+
+impl ConnectError {
+    /// The HTTP status, for a rejection.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Parts of a `wss://` URL the connector needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// Port, 443 when absent.
+    pub port: u16,
+    /// Path and query, sent as the request target.
+    pub path_and_query: String,
+}
+
+impl Target {
+    /// Parses `wss://host[:port]/path[?query]`. `https://` is accepted too.
+    pub fn parse(url: &str) -> Result<Target, ConnectError> {
+        let u = url::Url::parse(url).map_err(|e| ConnectError::BadUrl(format!("{e}")))?;
+        match u.scheme() {
+            "wss" | "https" => {}
+            s => {
+                return Err(ConnectError::BadUrl(format!(
+                    "scheme {s:?} is not supported; hyco only speaks TLS (wss)"
+                )))
+            }
+        }
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(ConnectError::BadUrl("missing host".into())),
+        };
+        let mut path_and_query = u.path().to_owned();
+        if let Some(q) = u.query() {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Ok(Target {
+            host,
+            port: u.port().unwrap_or(443),
+            path_and_query,
+        })
+    }
+
+    fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == 443 {
+            h
+        } else {
+            format!("{h}:{}", self.port)
+        }
+    }
+}
+
+/// A completed client handshake.
+pub struct Connected {
+    /// The WebSocket, client role.
+    pub ws: WsStream<ClientTls>,
+    /// The sub-protocol the server chose.
+    pub protocol: Option<String>,
+}
+
+/// Dials relays: TCP (with `TCP_NODELAY`), TLS with verification, HTTP/1.1 upgrade.
+#[derive(Clone)]
+pub struct Connector {
+    tls: tokio_rustls::TlsConnector,
+    /// Limit for TCP + TLS + upgrade together.
+    pub timeout: Duration,
+    /// Frame and buffer limits for the resulting stream.
+    pub ws: WsConfig,
+}
+
+impl Connector {
+    /// A connector with the given client TLS config (see [`crate::tls::client_config`]).
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Connector {
+            tls: tokio_rustls::TlsConnector::from(tls),
+            timeout: Duration::from_secs(30),
+            ws: WsConfig::default(),
+        }
+    }
+
+    /// Opens a WebSocket to `url` with extra request headers.
+    pub async fn connect(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Connected, ConnectError> {
+        let target = Target::parse(url)?;
+        tokio::time::timeout(self.timeout, self.connect_inner(&target, headers))
+            .await
+            .map_err(|_| ConnectError::Timeout(self.timeout))?
+    }
+
+    async fn connect_inner(
+        &self,
+        t: &Target,
+        headers: &[(&str, &str)],
+    ) -> Result<Connected, ConnectError> {
+        let addr = format!("{}:{}", t.host_header_host(), t.port);
+        let tcp = TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .map_err(|source| ConnectError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+            .map_err(|_| ConnectError::BadUrl(format!("invalid server name {:?}", t.host)))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                host: t.host.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let key_raw: [u8; 16] = rand::random();
+        let key = base64::engine::general_purpose::STANDARD.encode(key_raw);
+        let mut req = Request::get(t.path_and_query.as_str())
+            .header(header::HOST, t.host_header())
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::SEC_WEBSOCKET_KEY, key.as_str())
+            .header(header::SEC_WEBSOCKET_VERSION, "13");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| ConnectError::BadUrl("invalid request header".into()))?;
+        let resp = sender.send_request(req).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status().as_u16();
+            let reason = resp
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+                .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned());
+            let body = match tokio::time::timeout(
+                Duration::from_secs(2),
+                Limited::new(resp.into_body(), 4096).collect(),
+            )
+            .await
+            {
+                Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+                _ => String::new(),
+            };
+            return Err(ConnectError::Rejected {
+                status,
+                reason,
+                body,
+            });
+        }
+        let expected = accept_key(key.as_bytes());
+        if resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .map(|v| v.as_bytes() != expected.as_bytes())
+            .unwrap_or(true)
+        {
+            return Err(ConnectError::BadHandshake("wrong Sec-WebSocket-Accept"));
+        }
+        let protocol = resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let upgraded = hyper::upgrade::on(resp).await?;
+        let parts = upgraded
+            .downcast::<TokioIo<ClientTls>>()
+            .map_err(|_| ConnectError::BadHandshake("unexpected transport after upgrade"))?;
+        let ws = WsStream::with_prefix(parts.io.into_inner(), Role::Client, self.ws, &parts.read_buf);
+        Ok(Connected { ws, protocol })
+    }
+}
+
+impl Target {
+    fn host_header_host(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn upgrade_checks() {
+        let ok = Request::get("/")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        assert!(check_upgrade(&ok).is_ok());
+        let v8 = Request::get("/")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "8")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        assert_eq!(check_upgrade(&v8).unwrap_err().status, 426);
+        let dup = Request::get("/")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        assert_eq!(check_upgrade(&dup).unwrap_err().status, 400);
+        let h2c = Request::post("/")
+            .header("upgrade", "h2c")
+            .body(())
+            .unwrap();
+        assert_eq!(check_upgrade(&h2c).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("wss://relay.example:9443/$hc/hyco?sb-hc-action=listen").unwrap();
+        assert_eq!(t.host, "relay.example");
+        assert_eq!(t.port, 9443);
+        assert_eq!(t.path_and_query, "/$hc/hyco?sb-hc-action=listen");
+        assert!(Target::parse("ws://relay/").is_err());
+        assert_eq!(Target::parse("wss://[::1]/x").unwrap().host_header(), "[::1]");
+    }
+}

@@ -1,0 +1,592 @@
+//! [`WsStream`]: one WebSocket endpoint over any byte stream, usable two ways.
+//!
+//! * As a byte stream (`AsyncRead + AsyncWrite`): each write becomes one binary message, reads
+//!   return payload bytes of data messages in order, a Close from the peer reads as end of
+//!   stream, and `shutdown()` sends our Close while reading goes on. That is TCP half-close
+//!   carried over WebSocket, which is what the tunnel needs.
+//! * As a message channel (`recv`, `send_text`, …): whole messages with size and fragment
+//!   limits, for the control channel.
+//!
+//! Pings are answered here (at most one pong pending, so a ping flood costs no memory), pongs
+//! are ignored, and no Close is ever sent on the user's behalf: half-close is the caller's call.
+//!
+//! Every read path keeps its state in `self` and awaits only the inner `poll_read`, so
+//! `recv` and `read` are cancel-safe and can sit in a `select!` beside a sender queue.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::frame::{apply_mask, close_payload, parse_close, FrameError, FrameHeader, OpCode};
+
+/// Which side of the WebSocket we are: clients mask what they send, servers do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// We opened the connection.
+    Client,
+    /// We accepted it.
+    Server,
+}
+
+/// Limits for one endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct WsConfig {
+    /// Largest whole message `recv` assembles (control channel: 64 KiB).
+    pub max_message: usize,
+    /// Most frames one message may arrive in, for `recv`.
+    pub max_fragments: usize,
+    /// Largest frame a single `poll_write` produces.
+    pub max_frame_out: usize,
+    /// Read buffer for headers and small frames; large payloads are read straight into the
+    /// caller's buffer.
+    pub read_buffer: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_message: 64 * 1024,
+            max_fragments: 64,
+            max_frame_out: 64 * 1024,
+            read_buffer: 16 * 1024,
+        }
+    }
+}
+
+/// A whole message, as `recv` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message (validated UTF-8).
+    Text(String),
+    /// A binary message.
+    Binary(Vec<u8>),
+    /// The peer's Close: code and reason, or `None` when it carried no status.
+    Close(Option<(u16, String)>),
+}
+
+/// Errors of the message API.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    /// The peer broke the framing rules; we queued a Close with the matching code.
+    #[error("websocket protocol violation: {0}")]
+    Protocol(#[from] FrameError),
+    /// The connection ended without a Close frame.
+    #[error("connection ended without a close frame")]
+    Aborted,
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for WsError {
+    fn from(e: io::Error) -> Self {
+        if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FrameError>()) {
+            return WsError::Protocol(*f);
+        }
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return WsError::Aborted;
+        }
+        WsError::Io(e)
+    }
+}
+
+impl WsError {
+    /// The close code to report for this error, where one applies.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            WsError::Protocol(f) => Some(f.close_code()),
+            _ => None,
+        }
+    }
+}
+
+struct Current {
+    header: FrameHeader,
+    remaining: u64,
+    offset: usize,
+}
+
+/// One WebSocket endpoint. See the module docs.
+pub struct WsStream<S> {
+    io: S,
+    role: Role,
+    cfg: WsConfig,
+    /// Bytes read from `io` and not yet consumed: `rbuf[rstart..rend]`.
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    /// The data frame whose payload is being read.
+    cur: Option<Current>,
+    /// Opcode of the fragmented data message in progress, for ordering checks.
+    msg: Option<OpCode>,
+    /// `recv`'s partial message.
+    assembly: Vec<u8>,
+    assembly_op: Option<OpCode>,
+    fragments: usize,
+    /// Whole encoded frames waiting to be written: `wbuf[wpos..]`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// The latest unanswered ping's payload; one slot, so floods cost nothing.
+    pending_pong: Option<Vec<u8>>,
+    /// Set once the peer's Close arrived.
+    peer_closed: Option<Option<(u16, String)>>,
+    /// Set once our Close is queued; nothing may be written after it.
+    sent_close: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
+    /// Wraps a stream on which the WebSocket handshake is complete.
+    pub fn new(io: S, role: Role, cfg: WsConfig) -> Self {
+        WsStream {
+            io,
+            role,
+            rbuf: vec![0u8; cfg.read_buffer.max(256)].into_boxed_slice(),
+            cfg,
+            rstart: 0,
+            rend: 0,
+            cur: None,
+            msg: None,
+            assembly: Vec::new(),
+            assembly_op: None,
+            fragments: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            pending_pong: None,
+            peer_closed: None,
+            sent_close: false,
+        }
+    }
+
+    /// Like [`WsStream::new`], with bytes that were read past the handshake.
+    pub fn with_prefix(io: S, role: Role, cfg: WsConfig, prefix: &[u8]) -> Self {
+        let mut s = Self::new(io, role, cfg);
+        if prefix.len() > s.rbuf.len() {
+            s.rbuf = vec![0u8; prefix.len()].into_boxed_slice();
+        }
+        s.rbuf[..prefix.len()].copy_from_slice(prefix);
+        s.rend = prefix.len();
+        s
+    }
+
+    /// The peer's Close, once it arrived.
+    pub fn peer_close(&self) -> Option<&Option<(u16, String)>> {
+        self.peer_closed.as_ref()
+    }
+
+    /// Whether our Close has been queued.
+    pub fn close_sent(&self) -> bool {
+        self.sent_close
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    // === reading ===
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart > 0 && self.rbuf.len() - self.rend < 256 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        let mut rb = ReadBuf::new(&mut self.rbuf[self.rend..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        self.rend += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Makes sure `n` bytes (n ≤ 125 + header) are buffered; `false` on end of stream.
+    fn poll_need(&mut self, cx: &mut Context<'_>, n: usize) -> Poll<io::Result<bool>> {
+        while self.rend - self.rstart < n {
+            if self.rbuf.len() - self.rstart < n {
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Ok(false));
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    fn fail(&mut self, e: FrameError) -> io::Error {
+        if !self.sent_close {
+            self.queue_frame(OpCode::Close, true, &close_payload(e.close_code(), &e.to_string()));
+            self.sent_close = true;
+        }
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    /// Reads the next frame header; `None` on end of stream.
+    fn poll_header(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<FrameHeader>>> {
+        loop {
+            match FrameHeader::parse(&self.rbuf[self.rstart..self.rend]) {
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
+                Ok(Some((h, n))) => {
+                    self.rstart += n;
+                    let masked_ok = match self.role {
+                        Role::Server => h.mask.is_some(),
+                        Role::Client => h.mask.is_none(),
+                    };
+                    if !masked_ok {
+                        return Poll::Ready(Err(self.fail(FrameError::BadMask)));
+                    }
+                    if !h.opcode.is_control() {
+                        let ok = match (h.opcode, self.msg) {
+                            (OpCode::Continuation, None) => false,
+                            (OpCode::Continuation, Some(_)) => true,
+                            (_, Some(_)) => false,
+                            (op, None) => {
+                                if !h.fin {
+                                    self.msg = Some(op);
+                                }
+                                true
+                            }
+                        };
+                        if !ok {
+                            return Poll::Ready(Err(self.fail(FrameError::BadFragmentation)));
+                        }
+                        if h.opcode == OpCode::Continuation && h.fin {
+                            self.msg = None;
+                        }
+                    }
+                    return Poll::Ready(Ok(Some(h)));
+                }
+                Ok(None) => {
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Ok(None));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads and handles a control frame's payload. Returns the Close info for a Close.
+    fn poll_control(
+        &mut self,
+        cx: &mut Context<'_>,
+        h: FrameHeader,
+    ) -> Poll<io::Result<Option<Option<(u16, String)>>>> {
+        let len = h.len as usize;
+        if !ready!(self.poll_need(cx, len))? {
+            return Poll::Ready(Err(aborted()));
+        }
+        let payload = &mut self.rbuf[self.rstart..self.rstart + len];
+        if let Some(m) = h.mask {
+            apply_mask(payload, m, 0);
+        }
+        let payload = payload.to_vec();
+        self.rstart += len;
+        match h.opcode {
+            OpCode::Ping => {
+                self.pending_pong = Some(payload);
+                let _ = self.poll_flush_wbuf(cx);
+                Poll::Ready(Ok(None))
+            }
+            OpCode::Pong => Poll::Ready(Ok(None)),
+            _ => match parse_close(&payload) {
+                Err(e) => Poll::Ready(Err(self.fail(e))),
+                Ok(info) => {
+                    let info = info.map(|(c, r)| (c, r.to_owned()));
+                    self.peer_closed = Some(info.clone());
+                    Poll::Ready(Ok(Some(info)))
+                }
+            },
+        }
+    }
+
+    /// Receives one whole message. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Message, WsError> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Poll form of [`WsStream::recv`].
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
+        let _ = self.poll_flush_wbuf(cx);
+        loop {
+            if let Some(info) = &self.peer_closed {
+                return Poll::Ready(Ok(Message::Close(info.clone())));
+            }
+            if let Some(cur) = &mut self.cur {
+                if cur.remaining > 0 {
+                    if self.rstart == self.rend && ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(WsError::Aborted));
+                    }
+                    let cur = self.cur.as_mut().expect("current frame checked above");
+                    let n = (self.rend - self.rstart).min(cur.remaining as usize);
+                    let chunk = &mut self.rbuf[self.rstart..self.rstart + n];
+                    if let Some(m) = cur.header.mask {
+                        apply_mask(chunk, m, cur.offset);
+                    }
+                    self.assembly.extend_from_slice(chunk);
+                    self.rstart += n;
+                    cur.remaining -= n as u64;
+                    cur.offset += n;
+                    continue;
+                }
+                let fin = cur.header.fin;
+                self.cur = None;
+                if fin {
+                    return Poll::Ready(self.finish_message());
+                }
+                continue;
+            }
+            let Some(h) = ready!(self.poll_header(cx))? else {
+                return Poll::Ready(Err(WsError::Aborted));
+            };
+            if h.opcode.is_control() {
+                if let Some(info) = ready!(self.poll_control(cx, h))? {
+                    return Poll::Ready(Ok(Message::Close(info)));
+                }
+                continue;
+            }
+            if h.opcode != OpCode::Continuation {
+                self.assembly_op = Some(h.opcode);
+                self.assembly.clear();
+                self.fragments = 0;
+            }
+            self.fragments += 1;
+            if self.assembly.len() as u64 + h.len > self.cfg.max_message as u64
+                || self.fragments > self.cfg.max_fragments
+            {
+                return Poll::Ready(Err(self.fail(FrameError::TooLarge(h.len)).into()));
+            }
+            self.assembly.reserve(h.len as usize);
+            self.cur = Some(Current {
+                header: h,
+                remaining: h.len,
+                offset: 0,
+            });
+        }
+    }
+
+    fn finish_message(&mut self) -> Result<Message, WsError> {
+        let data = std::mem::take(&mut self.assembly);
+        match self.assembly_op.take() {
+            Some(OpCode::Text) => match String::from_utf8(data) {
+                Ok(s) => Ok(Message::Text(s)),
+                Err(_) => Err(self.fail(FrameError::BadUtf8).into()),
+            },
+            _ => Ok(Message::Binary(data)),
+        }
+    }
+
+    // === writing ===
+
+    fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        let mask = match self.role {
+            Role::Client => Some(rand::random::<[u8; 4]>()),
+            Role::Server => None,
+        };
+        let h = FrameHeader {
+            fin,
+            opcode,
+            mask,
+            len: payload.len() as u64,
+        };
+        let start = self.wbuf.len();
+        self.wbuf.resize(start + h.encoded_len(), 0);
+        h.encode(&mut self.wbuf[start..]);
+        let body = self.wbuf.len();
+        self.wbuf.extend_from_slice(payload);
+        if let Some(m) = mask {
+            apply_mask(&mut self.wbuf[body..], m, 0);
+        }
+    }
+
+    fn poll_flush_wbuf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+                match self.pending_pong.take() {
+                    Some(p) if !self.sent_close => self.queue_frame(OpCode::Pong, true, &p),
+                    _ => return Poll::Ready(Ok(())),
+                }
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+    }
+
+    fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_flush_wbuf(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    async fn send_frame(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        if self.sent_close {
+            return Err(closed_for_writing());
+        }
+        poll_fn(|cx| self.poll_flush_wbuf(cx)).await?;
+        self.queue_frame(opcode, true, payload);
+        poll_fn(|cx| self.poll_flush_all(cx)).await
+    }
+
+    /// Sends one text message.
+    pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
+        self.send_frame(OpCode::Text, text.as_bytes()).await
+    }
+
+    /// Sends one binary message.
+    pub async fn send_binary(&mut self, data: &[u8]) -> io::Result<()> {
+        self.send_frame(OpCode::Binary, data).await
+    }
+
+    /// Sends a ping.
+    pub async fn send_ping(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.send_frame(OpCode::Ping, payload).await
+    }
+
+    /// Sends our Close (once) and flushes. Reading may go on until the peer's Close.
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        if self.sent_close {
+            return Ok(());
+        }
+        poll_fn(|cx| self.poll_flush_wbuf(cx)).await?;
+        self.queue_frame(OpCode::Close, true, &close_payload(code, reason));
+        self.sent_close = true;
+        poll_fn(|cx| self.poll_flush_all(cx)).await
+    }
+
+    /// Flushes what is queued (a Close queued by a protocol error, a pong).
+    pub async fn flush_pending(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush_all(cx)).await
+    }
+
+    /// Shuts the transport down (TLS close_notify, then FIN).
+    pub async fn shutdown_transport(&mut self) -> io::Result<()> {
+        poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "websocket peer went away without a close frame",
+    )
+}
+
+fn closed_for_writing() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed for writing")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let _ = this.poll_flush_wbuf(cx);
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.peer_closed.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(cur) = &mut this.cur {
+                if cur.remaining == 0 {
+                    this.cur = None;
+                    continue;
+                }
+                let avail = this.rend - this.rstart;
+                let want = (cur.remaining.min(out.remaining() as u64)) as usize;
+                if avail > 0 {
+                    let n = avail.min(want);
+                    let chunk = &mut this.rbuf[this.rstart..this.rstart + n];
+                    if let Some(m) = cur.header.mask {
+                        apply_mask(chunk, m, cur.offset);
+                    }
+                    out.put_slice(chunk);
+                    this.rstart += n;
+                    cur.remaining -= n as u64;
+                    cur.offset += n;
+                    return Poll::Ready(Ok(()));
+                }
+                // Nothing buffered: read the payload straight into the caller's buffer.
+                let dst = out.initialize_unfilled_to(want);
+                let mut rb = ReadBuf::new(dst);
+                ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(aborted()));
+                }
+                if let Some(m) = cur.header.mask {
+                    apply_mask(&mut dst[..n], m, cur.offset);
+                }
+                out.advance(n);
+                cur.remaining -= n as u64;
+                cur.offset += n;
+                return Poll::Ready(Ok(()));
+            }
+            let Some(h) = ready!(this.poll_header(cx))? else {
+                return Poll::Ready(Err(aborted()));
+            };
+            if h.opcode.is_control() {
+                if ready!(this.poll_control(cx, h))?.is_some() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if h.len > 0 {
+                this.cur = Some(Current {
+                    header: h,
+                    remaining: h.len,
+                    offset: 0,
+                });
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.sent_close {
+            return Poll::Ready(Err(closed_for_writing()));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(this.poll_flush_wbuf(cx))?;
+        let n = data.len().min(this.cfg.max_frame_out);
+        this.queue_frame(OpCode::Binary, true, &data[..n]);
+        if let Poll::Ready(Err(e)) = this.poll_flush_wbuf(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_all(cx)
+    }
+
+    /// Sends our Close (1000) and flushes; the transport stays open so reading can go on.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.sent_close {
+            ready!(this.poll_flush_wbuf(cx))?;
+            this.queue_frame(OpCode::Close, true, &close_payload(1000, ""));
+            this.sent_close = true;
+        }
+        this.poll_flush_all(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

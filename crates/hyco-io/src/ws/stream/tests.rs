@@ -1,0 +1,103 @@
+use super::*;
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+fn pair(cfg: WsConfig) -> (WsStream<tokio::io::DuplexStream>, WsStream<tokio::io::DuplexStream>) {
+    let (a, b) = duplex(256 * 1024);
+    (
+        WsStream::new(a, Role::Client, cfg),
+        WsStream::new(b, Role::Server, cfg),
+    )
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways_and_half_close_reads_as_eof() {
+    let (mut c, mut s) = pair(WsConfig::default());
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    let d2 = data.clone();
+    let writer = tokio::spawn(async move {
+        c.write_all(&d2).await.unwrap();
+        c.shutdown().await.unwrap();
+        // Still readable after our half-close.
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, data);
+    assert_eq!(s.peer_close(), Some(&Some((1000, String::new()))));
+    s.write_all(b"reply after half-close").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(writer.await.unwrap(), b"reply after half-close");
+}
+
+#[tokio::test]
+async fn messages_keep_type_and_limits_hold() {
+    let cfg = WsConfig {
+        max_message: 1000,
+        ..WsConfig::default()
+    };
+    let (mut c, mut s) = pair(cfg);
+    c.send_text("hello").await.unwrap();
+    c.send_binary(&[1, 2, 3]).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), Message::Text("hello".into()));
+    assert_eq!(s.recv().await.unwrap(), Message::Binary(vec![1, 2, 3]));
+    c.send_binary(&[0u8; 1001]).await.unwrap();
+    assert!(matches!(
+        s.recv().await,
+        Err(WsError::Protocol(FrameError::TooLarge(1001)))
+    ));
+    s.flush_pending().await.unwrap();
+    // The offender learns why: Close 1009.
+    match c.recv().await.unwrap() {
+        Message::Close(Some((code, _))) => assert_eq!(code, 1009),
+        other => panic!("expected close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pings_are_answered_and_unmasked_client_frames_refused() {
+    let (mut c, mut s) = pair(WsConfig::default());
+    s.send_ping(b"p1").await.unwrap();
+    s.send_text("after ping").await.unwrap();
+    assert_eq!(c.recv().await.unwrap(), Message::Text("after ping".into()));
+    c.send_text("x").await.unwrap();
+    // The server sees the text; the client's pong was sent and ignored.
+    assert_eq!(s.recv().await.unwrap(), Message::Text("x".into()));
+
+    let (a, b) = duplex(1024);
+    let mut raw = a;
+    let mut srv = WsStream::new(b, Role::Server, WsConfig::default());
+    raw.write_all(&[0x82, 0x01, 0xAA]).await.unwrap();
+    assert!(matches!(
+        srv.recv().await,
+        Err(WsError::Protocol(FrameError::BadMask))
+    ));
+}
+
+#[tokio::test]
+async fn eof_without_close_is_an_error_not_a_clean_end() {
+    let (a, b) = duplex(1024);
+    let mut s = WsStream::new(b, Role::Server, WsConfig::default());
+    drop(a);
+    let mut buf = [0u8; 16];
+    let err = s.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn fragmented_messages_reassemble_and_bad_order_is_refused() {
+    let (mut raw, b) = duplex(1024);
+    let mut s = WsStream::new(b, Role::Server, WsConfig::default());
+    // "hel" (text, no FIN) + ping + "lo" (continuation, FIN), all masked with a zero key.
+    raw.write_all(&[0x01, 0x83, 0, 0, 0, 0, b'h', b'e', b'l']).await.unwrap();
+    raw.write_all(&[0x89, 0x80, 0, 0, 0, 0]).await.unwrap();
+    raw.write_all(&[0x80, 0x82, 0, 0, 0, 0, b'l', b'o']).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), Message::Text("hello".into()));
+    // A continuation with no message started.
+    raw.write_all(&[0x80, 0x81, 0, 0, 0, 0, b'x']).await.unwrap();
+    assert!(matches!(
+        s.recv().await,
+        Err(WsError::Protocol(FrameError::BadFragmentation))
+    ));
+}
