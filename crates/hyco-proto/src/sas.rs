@@ -1,0 +1,308 @@
+//! Shared Access Signature tokens (protocol.md §3.1–3.5).
+//!
+//! The signature covers `sr` exactly as it appears in the token (clients differ in escaping,
+//! so `sr` is never re-encoded) plus `"\n"` plus `se`, keyed with the UTF-8 bytes of the key
+//! *text*. Parsing is strict and allocation-bounded; verification is constant-time and costs
+//! the same for an unknown key name.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use sha2::Sha256;
+
+use crate::secret::{constant_time_eq, SasToken, SecretKey};
+
+const PREFIX: &str = "SharedAccessSignature";
+const MAX_TOKEN: usize = 4096;
+const MAX_FIELDS: usize = 8;
+
+/// What `encodeURIComponent` leaves alone.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// Why a token was refused. Messages never contain the signature or a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SasError {
+    /// Longer than 4096 characters.
+    #[error("token too long")]
+    TooLong,
+    /// Does not start with `SharedAccessSignature ` (one space).
+    #[error("token must start with 'SharedAccessSignature '")]
+    BadPrefix,
+    /// A field without `=`, or too many fields.
+    #[error("malformed token field")]
+    BadField,
+    /// A field given twice.
+    #[error("duplicate token field '{0}'")]
+    Duplicate(&'static str),
+    /// One of sr, sig, se, skn missing.
+    #[error("token field '{0}' missing")]
+    Missing(&'static str),
+    /// `se` is not 1-20 digits fitting in 64 bits.
+    #[error("token expiry is not a valid number")]
+    BadExpiry,
+    /// `sig` is not standard base64 of 32 bytes.
+    #[error("token signature is not valid base64")]
+    BadSignature,
+    /// `skn` empty or over 256 characters.
+    #[error("token key name invalid")]
+    BadKeyName,
+    /// `sr` does not decode to `scheme://host[/path]`.
+    #[error("token audience is not a valid URI")]
+    BadAudience,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
+}
+
+/// Percent-encodes like JavaScript's `encodeURIComponent` (upper-case hex).
+pub fn encode_component(s: &str) -> String {
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// The audience clients sign: `http://{host}/{entity}` (host lower-cased, port dropped).
+pub fn resource_uri(host: &str, entity: Option<&str>) -> String {
+    let h = strip_port(host).to_ascii_lowercase();
+    match entity {
+        Some(e) => format!("http://{h}/{e}"),
+        None => format!("http://{h}/"),
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| h).trim_start_matches('[');
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Signs a token for `resource_uri`, valid until `expiry_unix`.
+pub fn sign(resource_uri: &str, key_name: &str, key: &SecretKey, expiry_unix: u64) -> SasToken {
+    let sr = encode_component(resource_uri);
+    let se = expiry_unix.to_string();
+    let sig = hmac(key.expose().as_bytes(), format!("{sr}\n{se}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(sig);
+    SasToken::new(format!(
+        "{PREFIX} sr={sr}&sig={}&se={se}&skn={}",
+        encode_component(&sig),
+        encode_component(key_name)
+    ))
+}
+
+/// A syntactically valid token, not yet verified.
+#[derive(Clone)]
+pub struct ParsedToken {
+    raw_sr: String,
+    raw_se: String,
+    sig: [u8; 32],
+    expiry: u64,
+    key_name: String,
+}
+
+impl std::fmt::Debug for ParsedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedToken")
+            .field("sr", &self.raw_sr)
+            .field("se", &self.expiry)
+            .field("skn", &self.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParsedToken {
+    /// Parses a token (already form-decoded once if it came in a query).
+    pub fn parse(token: &str) -> Result<ParsedToken, SasError> {
+        if token.len() > MAX_TOKEN {
+            return Err(SasError::TooLong);
+        }
+        let head = token.get(..PREFIX.len()).ok_or(SasError::BadPrefix)?;
+        if !head.eq_ignore_ascii_case(PREFIX) {
+            return Err(SasError::BadPrefix);
+        }
+        let rest = token[PREFIX.len()..]
+            .strip_prefix(' ')
+            .ok_or(SasError::BadPrefix)?;
+        if rest.starts_with(char::is_whitespace) {
+            return Err(SasError::BadPrefix);
+        }
+        let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
+        for (i, part) in rest.split('&').enumerate() {
+            if i >= MAX_FIELDS {
+                return Err(SasError::BadField);
+            }
+            let (k, v) = part.split_once('=').ok_or(SasError::BadField)?;
+            let slot = match k.to_ascii_lowercase().as_str() {
+                "sr" => (&mut sr, "sr"),
+                "sig" => (&mut sig, "sig"),
+                "se" => (&mut se, "se"),
+                "skn" => (&mut skn, "skn"),
+                _ => continue,
+            };
+            if slot.0.is_some() {
+                return Err(SasError::Duplicate(slot.1));
+            }
+            *slot.0 = Some(v);
+        }
+        let raw_sr = sr.ok_or(SasError::Missing("sr"))?;
+        let sig = sig.ok_or(SasError::Missing("sig"))?;
+        let se = se.ok_or(SasError::Missing("se"))?;
+        let skn = skn.ok_or(SasError::Missing("skn"))?;
+        if se.is_empty() || se.len() > 20 || !se.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(SasError::BadExpiry);
+        }
+        let expiry: u64 = se.parse().map_err(|_| SasError::BadExpiry)?;
+        let sig_text = percent_decode_str(sig)
+            .decode_utf8()
+            .map_err(|_| SasError::BadSignature)?;
+        let sig_bytes = base64::engine::general_purpose::STANDARD
+            .decode(sig_text.as_bytes())
+            .map_err(|_| SasError::BadSignature)?;
+        let sig: [u8; 32] = sig_bytes.try_into().map_err(|_| SasError::BadSignature)?;
+        let key_name = percent_decode_str(skn)
+            .decode_utf8()
+            .map_err(|_| SasError::BadKeyName)?
+            .into_owned();
+        if key_name.is_empty() || key_name.chars().count() > 256 {
+            return Err(SasError::BadKeyName);
+        }
+        Ok(ParsedToken {
+            raw_sr: raw_sr.to_owned(),
+            raw_se: se.to_owned(),
+            sig,
+            expiry,
+            key_name,
+        })
+    }
+
+    /// The rule name (`skn`).
+    pub fn key_name(&self) -> &str {
+        &self.key_name
+    }
+
+    /// Expiry, seconds since the epoch.
+    pub fn expiry(&self) -> u64 {
+        self.expiry
+    }
+
+    /// `sr` as received.
+    pub fn raw_resource(&self) -> &str {
+        &self.raw_sr
+    }
+
+    /// The decoded, normalised audience.
+    pub fn audience(&self) -> Result<Audience, SasError> {
+        let decoded = percent_decode_str(&self.raw_sr)
+            .decode_utf8()
+            .map_err(|_| SasError::BadAudience)?;
+        Audience::parse(&decoded)
+    }
+
+    /// Whether one of `keys` signed this token. Constant-time; every key is tried, and with no
+    /// keys a dummy HMAC is still computed so unknown key names cost the same.
+    pub fn verify_signature(&self, keys: &[&SecretKey]) -> bool {
+        let msg = format!("{}\n{}", self.raw_sr, self.raw_se);
+        if keys.is_empty() {
+            let dummy = hmac(b"hyco-dummy-key-for-unknown-rules", msg.as_bytes());
+            let _ = constant_time_eq(&dummy, &self.sig);
+            return false;
+        }
+        let mut ok = false;
+        for k in keys {
+            let expected = hmac(k.expose().as_bytes(), msg.as_bytes());
+            ok |= constant_time_eq(&expected, &self.sig);
+        }
+        ok
+    }
+
+    /// Expired when `now >= se + grace`.
+    pub fn is_expired(&self, now_unix: u64, grace_secs: u64) -> bool {
+        now_unix >= self.expiry.saturating_add(grace_secs)
+    }
+}
+
+/// A token audience, normalised: host lower-case without port; path segments lower-case,
+/// without a leading `$hc` and without empty segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience {
+    host: String,
+    segments: Vec<String>,
+}
+
+impl Audience {
+    /// Parses `scheme://host[:port][/path][?query]`.
+    pub fn parse(uri: &str) -> Result<Audience, SasError> {
+        let (scheme, rest) = uri.split_once("://").ok_or(SasError::BadAudience)?;
+        if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(SasError::BadAudience);
+        }
+        let rest = rest.split(['?', '#']).next().unwrap_or("");
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let host = strip_port(authority).to_ascii_lowercase();
+        if host.is_empty() {
+            return Err(SasError::BadAudience);
+        }
+        let mut segments: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if segments.first().is_some_and(|s| s == "$hc") {
+            segments.remove(0);
+        }
+        if segments.iter().any(|s| s == "." || s == "..") {
+            return Err(SasError::BadAudience);
+        }
+        Ok(Audience { host, segments })
+    }
+
+    /// The host.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The path segments.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    /// A token for the namespace root covers every entity.
+    pub fn is_namespace_root(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Whether the audience covers `entity` on `host`: the audience path must be a prefix of
+    /// the entity path on segment boundaries (`hc1` covers `hc1/sub`, not `hc10`).
+    pub fn covers(&self, host: &str, entity: &str) -> bool {
+        if !strip_port(host).eq_ignore_ascii_case(&self.host) {
+            return false;
+        }
+        let target: Vec<String> = entity
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        self.segments.len() <= target.len() && self.segments.iter().zip(&target).all(|(a, b)| a == b)
+    }
+}
+
+#[cfg(test)]
+mod tests;
