@@ -19,7 +19,7 @@ pub mod ws {
     pub mod handshake;
     pub mod stream;
 
-    pub use handshake::{ConnectError, Connected, Connector};
+    pub use handshake::{ConnectError, Connected, Connector, HttpAnswer};
     pub use stream::{Message, Role, WsConfig, WsError, WsStream};
 }
 

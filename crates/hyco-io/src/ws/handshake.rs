@@ -260,24 +260,7 @@ impl Connector {
         t: &Target,
         headers: &[(&str, &str)],
     ) -> Result<Connected, ConnectError> {
-        let addr = format!("{}:{}", t.host_header_host(), t.port);
-        let tcp = TcpStream::connect((t.host.as_str(), t.port))
-            .await
-            .map_err(|source| ConnectError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let name = rustls::pki_types::ServerName::try_from(t.host.clone())
-            .map_err(|_| ConnectError::BadUrl(format!("invalid server name {:?}", t.host)))?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ConnectError::Tls {
-                host: t.host.clone(),
-                source,
-            })?;
+        let tls = self.dial(t).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
@@ -339,6 +322,93 @@ impl Connector {
             .map_err(|_| ConnectError::BadHandshake("unexpected transport after upgrade"))?;
         let ws = WsStream::with_prefix(parts.io.into_inner(), Role::Client, self.ws, &parts.read_buf);
         Ok(Connected { ws, protocol })
+    }
+}
+
+/// A plain HTTPS exchange's answer (entity GET, admin API).
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase as sent, or the canonical one.
+    pub reason: String,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body, at most the limit given.
+    pub body: Bytes,
+}
+
+impl Connector {
+    /// One HTTPS request on a fresh connection. `url` is `https://host[:port]/path?query`.
+    /// The body is read up to `limit` bytes.
+    pub async fn https_request(
+        &self,
+        method: http::Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        limit: usize,
+    ) -> Result<HttpAnswer, ConnectError> {
+        let t = Target::parse(url)?;
+        tokio::time::timeout(self.timeout, async {
+            let tls = self.dial(&t).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = Request::builder()
+                .method(method)
+                .uri(t.path_and_query.as_str())
+                .header(header::HOST, t.host_header());
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req
+                .body(http_body_util::Full::new(body))
+                .map_err(|_| ConnectError::BadUrl("invalid request header".into()))?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let reason = resp
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+                .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned());
+            let headers = resp.headers().clone();
+            let body = Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|_| ConnectError::BadHandshake("response body too large or broken"))?
+                .to_bytes();
+            Ok(HttpAnswer {
+                status,
+                reason,
+                headers,
+                body,
+            })
+        })
+        .await
+        .map_err(|_| ConnectError::Timeout(self.timeout))?
+    }
+
+    async fn dial(&self, t: &Target) -> Result<ClientTls, ConnectError> {
+        let addr = format!("{}:{}", t.host_header_host(), t.port);
+        let tcp = TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .map_err(|source| ConnectError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+            .map_err(|_| ConnectError::BadUrl(format!("invalid server name {:?}", t.host)))?;
+        self.tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                host: t.host.clone(),
+                source,
+            })
     }
 }
 

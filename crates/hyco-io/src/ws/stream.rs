@@ -135,6 +135,8 @@ pub struct WsStream<S> {
     peer_closed: Option<Option<(u16, String)>>,
     /// Set once our Close is queued; nothing may be written after it.
     sent_close: bool,
+    /// Frames read so far (pongs included): liveness for ping deadlines.
+    frames: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
@@ -157,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             pending_pong: None,
             peer_closed: None,
             sent_close: false,
+            frames: 0,
         }
     }
 
@@ -174,6 +177,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// The peer's Close, once it arrived.
     pub fn peer_close(&self) -> Option<&Option<(u16, String)>> {
         self.peer_closed.as_ref()
+    }
+
+    /// Frames received so far, pongs included. A ping deadline compares two readings.
+    pub fn frames_received(&self) -> u64 {
+        self.frames
     }
 
     /// Whether our Close has been queued.
@@ -234,6 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 Err(e) => return Poll::Ready(Err(self.fail(e))),
                 Ok(Some((h, n))) => {
                     self.rstart += n;
+                    self.frames += 1;
                     let masked_ok = match self.role {
                         Role::Server => h.mask.is_some(),
                         Role::Client => h.mask.is_none(),

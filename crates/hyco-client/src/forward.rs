@@ -1,0 +1,79 @@
+//! `hyco forward`: local TCP ports, each carried to a hybrid connection.
+
+use std::time::Duration;
+
+use hyco_io::ws::Connector;
+use hyco_io::{CancellationToken, TaskTracker};
+use hyco_proto::ConnectionString;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::{connect_with, pump, ClientError, ConnectOptions};
+
+/// One local port and the hybrid connection it leads to.
+pub struct ForwardRule {
+    /// The bound local socket.
+    pub listener: TcpListener,
+    /// Connection string with EntityPath and a Send key.
+    pub cs: ConnectionString,
+}
+
+/// Runs every rule until `shutdown`, then waits up to 10 s for open tunnels.
+pub async fn run_forward(
+    rules: Vec<ForwardRule>,
+    connector: Connector,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let tracker = TaskTracker::new();
+    for rule in rules {
+        tracker.spawn(accept_loop(rule, connector.clone(), shutdown.clone(), tracker.clone()));
+    }
+    shutdown.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        warn!("tunnels still open after 10 s; exiting");
+    }
+    Ok(())
+}
+
+async fn accept_loop(rule: ForwardRule, connector: Connector, shutdown: CancellationToken, tracker: TaskTracker) {
+    let hc = rule.cs.entity_path.clone().unwrap_or_default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (mut tcp, peer) = tokio::select! {
+            r = rule.listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(100); x }
+                Err(e) => {
+                    warn!(hc = %hc, error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let cs = rule.cs.clone();
+        let connector = connector.clone();
+        let hc = hc.clone();
+        tracker.spawn(async move {
+            let started = Instant::now();
+            let mut ws = match connect_with(&cs, &connector, &ConnectOptions::default()).await {
+                Ok(ws) => ws,
+                Err(e) => {
+                    warn!(role = "sender", hc = %hc, peer = %peer, error = %e, "tunnel not opened");
+                    let _ = tcp.set_zero_linger();
+                    return;
+                }
+            };
+            let r = pump(&mut tcp, &mut ws).await;
+            let (up, down, outcome) = match r {
+                Ok((u, d)) => (u, d, "closed".to_owned()),
+                Err(e) => (0, 0, format!("aborted: {e}")),
+            };
+            info!(role = "sender", hc = %hc, peer = %peer, bytes_out = up, bytes_in = down,
+                duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "tunnel closed");
+        });
+    }
+}

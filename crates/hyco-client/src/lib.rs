@@ -1,0 +1,224 @@
+//! The hyco SDK: both halves of a hybrid connection.
+//!
+//! # Layout
+//! * [`ClientOptions`]: trust (system roots plus `--ca-file`) and timeouts → a [`Connector`].
+//! * [`connect`] / [`connect_with`]: a sender; returns a [`HybridStream`]
+//!   (`AsyncRead + AsyncWrite`; `shutdown()` is a half-close).
+//! * [`listener`]: a listener actor (control channel, renew, ping, reconnect) yielding
+//!   [`listener::Incoming`] connections to accept or reject.
+//! * [`forward`]: local TCP ports carried to hybrid connections (`hyco forward`).
+//! * [`get_entity`]: the entity description, readable with a Listen key.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod forward;
+pub mod listener;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyco_io::ws::handshake::ClientTls;
+use hyco_io::ws::{ConnectError, WsStream};
+use hyco_proto::entity::EntityDescription;
+use hyco_proto::{ConnectionString, ConnectionStringAuth};
+
+pub use forward::{run_forward, ForwardRule};
+pub use hyco_io::ws::Connector;
+pub use listener::{HybridListener, Incoming, ListenerOptions, ListenerStatus};
+
+/// A tunnelled connection: binary WebSocket messages as a byte stream.
+pub type HybridStream = WsStream<ClientTls>;
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection string cannot be used for this.
+    #[error("connection string: {0}")]
+    ConnectionString(String),
+    /// TLS set-up (CA file unreadable, …).
+    #[error(transparent)]
+    Tls(#[from] hyco_io::tls::TlsError),
+    /// The relay refused with a status and reason (a listener's reject arrives this way).
+    #[error("relay refused the connection: {status} {reason}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// Reason phrase.
+        reason: String,
+    },
+    /// The hybrid connection does not exist.
+    #[error("hybrid connection not found: {0}")]
+    NotFound(String),
+    /// Network, TLS or handshake failure.
+    #[error("{0}")]
+    Connect(ConnectError),
+    /// The entity description could not be read.
+    #[error("entity description: {0}")]
+    Entity(#[from] hyco_proto::entity::EntityError),
+}
+
+impl From<ConnectError> for ClientError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Rejected { status, reason, .. } => ClientError::Rejected { status, reason },
+            other => ClientError::Connect(other),
+        }
+    }
+}
+
+impl ClientError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Trust and timeouts.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// An extra CA to trust, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS + upgrade deadline.
+    pub connect_timeout: Duration,
+    /// Lifetime of the tokens minted from a key.
+    pub token_lifetime: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(30),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Defaults, with `HYCO_CA_FILE` as the extra CA.
+    pub fn from_env() -> Self {
+        ClientOptions {
+            ca_file: std::env::var_os("HYCO_CA_FILE").map(PathBuf::from),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// A connector with these settings.
+    pub fn connector(&self) -> Result<Connector, ClientError> {
+        let tls = hyco_io::tls::client_config(self.ca_file.as_deref())?;
+        let mut c = Connector::new(Arc::clone(&tls));
+        c.timeout = self.connect_timeout;
+        Ok(c)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The entity a connection string names.
+pub fn entity_of(cs: &ConnectionString) -> Result<&str, ClientError> {
+    cs.entity_path
+        .as_deref()
+        .ok_or_else(|| ClientError::ConnectionString("EntityPath is missing".into()))
+}
+
+/// A token for the connection string's entity and its expiry, or `None` for anonymous use.
+pub fn mint_token(cs: &ConnectionString, lifetime: Duration) -> Result<Option<(String, u64)>, ClientError> {
+    match &cs.auth {
+        ConnectionStringAuth::Key { name, key } => {
+            let expiry = now() + lifetime.as_secs();
+            let uri = hyco_proto::sas::resource_uri(&cs.endpoint.host, Some(entity_of(cs)?));
+            Ok(Some((hyco_proto::sas::sign(&uri, name, key, expiry).as_str().to_owned(), expiry)))
+        }
+        ConnectionStringAuth::Signature(t) => {
+            let expiry = hyco_proto::ParsedToken::parse(t.as_str()).map(|p| p.expiry()).unwrap_or(u64::MAX);
+            Ok(Some((t.as_str().to_owned(), expiry)))
+        }
+        ConnectionStringAuth::ManagedIdentity => Err(ClientError::ConnectionString(
+            "Managed Identity is not supported; use a SharedAccessKey".into(),
+        )),
+        ConnectionStringAuth::None => Ok(None),
+    }
+}
+
+/// Options of one sender connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// `sb-hc-id` (a new UUID when absent).
+    pub id: Option<String>,
+    /// Extra handshake headers (they reach the listener in `connectHeaders`).
+    pub headers: Vec<(String, String)>,
+    /// Path suffix and query after the entity, e.g. `/room7?lang=en`.
+    pub path_suffix: Option<String>,
+}
+
+/// Opens a sender connection with options from the environment.
+pub async fn connect(cs: &ConnectionString) -> Result<HybridStream, ClientError> {
+    let connector = ClientOptions::from_env().connector()?;
+    connect_with(cs, &connector, &ConnectOptions::default()).await
+}
+
+/// Opens a sender connection.
+pub async fn connect_with(
+    cs: &ConnectionString,
+    connector: &Connector,
+    opts: &ConnectOptions,
+) -> Result<HybridStream, ClientError> {
+    let entity = entity_of(cs)?;
+    let id = opts.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let url = hyco_proto::address::ws_url(
+        &cs.endpoint.host_port(),
+        entity,
+        opts.path_suffix.as_deref(),
+        hyco_proto::Action::Connect,
+        &id,
+    );
+    let token = mint_token(cs, ClientOptions::default().token_lifetime)?;
+    let mut headers: Vec<(&str, &str)> = opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    if let Some((t, _)) = &token {
+        headers.push(("ServiceBusAuthorization", t.as_str()));
+    }
+    Ok(connector.connect(&url, &headers).await?.ws)
+}
+
+/// Reads the entity description (any right works; the manager uses its Listen key).
+pub async fn get_entity(cs: &ConnectionString, connector: &Connector) -> Result<EntityDescription, ClientError> {
+    let entity = entity_of(cs)?;
+    let url = format!("https://{}/{entity}?api-version=2016-07", cs.endpoint.host_port());
+    let token = mint_token(cs, Duration::from_secs(600))?
+        .ok_or_else(|| ClientError::ConnectionString("a key or signature is needed to read the entity".into()))?;
+    let ans = connector
+        .https_request(
+            http::Method::GET,
+            &url,
+            &[("Authorization", token.0.as_str())],
+            bytes::Bytes::new(),
+            256 * 1024,
+        )
+        .await?;
+    match ans.status {
+        200 => match hyco_proto::entity::parse_entity_atom(&String::from_utf8_lossy(&ans.body)) {
+            Err(hyco_proto::entity::EntityError::NotFound) => Err(ClientError::NotFound(entity.into())),
+            other => Ok(other?),
+        },
+        404 | 204 => Err(ClientError::NotFound(entity.into())),
+        status => Err(ClientError::Rejected { status, reason: ans.reason }),
+    }
+}
+
+/// Copies both ways between a local TCP socket and a tunnel until both sides have closed.
+/// Half-close travels as WebSocket Close and back; an abort on either side resets the TCP
+/// connection (linger 0) so the local peer sees an error, not a clean end of stream.
+/// Returns (bytes TCP → tunnel, bytes tunnel → TCP).
+pub async fn pump(tcp: &mut tokio::net::TcpStream, ws: &mut HybridStream) -> std::io::Result<(u64, u64)> {
+    let r = tokio::io::copy_bidirectional_with_sizes(tcp, ws, 64 * 1024, 64 * 1024).await;
+    if r.is_err() {
+        let _ = tcp.set_zero_linger();
+    }
+    r
+}

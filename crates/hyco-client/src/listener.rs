@@ -1,0 +1,334 @@
+//! A listener: one control channel to the relay, kept alive forever.
+//!
+//! [`HybridListener::start`] spawns an actor that connects, sends `renewToken` before the token
+//! expires, pings and reconnects when the relay stops answering, and retries with jittered
+//! backoff after any failure (a 404 too: the hybrid connection may be created later). Each
+//! `accept` from the relay arrives as an [`Incoming`] on the channel; the owner accepts or
+//! rejects it. Dropping the [`HybridListener`] stops the actor.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use hyco_io::backoff::Backoff;
+use hyco_io::ws::{Connector, Message};
+use hyco_io::CancellationToken;
+use hyco_proto::control::{AcceptCommand, ListenerCommand, RenewTokenCommand};
+use hyco_proto::ConnectionString;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, Instant};
+use tracing::{debug, info, warn};
+
+use crate::{entity_of, mint_token, ClientError, ClientOptions, HybridStream};
+
+/// Listener settings.
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// Listener id (`sb-hc-id`); a UUID when absent.
+    pub id: Option<String>,
+    /// How often to ping the relay.
+    pub ping_interval: Duration,
+    /// Reconnect when nothing arrived for this long.
+    pub dead_after: Duration,
+    /// Renew this long before the token expires.
+    pub renew_before: Duration,
+    /// Backoff base and cap.
+    pub backoff: (Duration, Duration),
+    /// Token lifetime.
+    pub token_lifetime: Duration,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            id: None,
+            ping_interval: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
+            renew_before: Duration::from_secs(300),
+            backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            token_lifetime: ClientOptions::default().token_lifetime,
+        }
+    }
+}
+
+/// Where the control channel stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerStatus {
+    /// Dialling.
+    Connecting,
+    /// Online.
+    Connected {
+        /// Since when.
+        since: SystemTime,
+    },
+    /// Lost or refused; retrying.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// The relay says the hybrid connection does not exist; retrying.
+    NotFound,
+    /// The relay refused the key; retrying.
+    Unauthorized {
+        /// The relay's reason.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ListenerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenerStatus::Connecting => f.write_str("Connecting"),
+            ListenerStatus::Connected { .. } => f.write_str("Connected"),
+            ListenerStatus::Disconnected { reason } => write!(f, "Disconnected ({reason})"),
+            ListenerStatus::NotFound => f.write_str("NotFound"),
+            ListenerStatus::Unauthorized { reason } => write!(f, "Unauthorized ({reason})"),
+        }
+    }
+}
+
+/// A sender waiting for this listener.
+pub struct Incoming {
+    /// The relay's `accept` command.
+    pub command: AcceptCommand,
+    connector: Connector,
+}
+
+impl Incoming {
+    /// The connection id.
+    pub fn id(&self) -> &str {
+        &self.command.id
+    }
+
+    /// Opens the rendezvous: the tunnel to the sender.
+    pub async fn accept(self) -> Result<HybridStream, ClientError> {
+        Ok(self.connector.connect(&self.command.address, &[]).await?.ws)
+    }
+
+    /// Refuses the sender with a status and reason it will see. The relay's 410 means done.
+    pub async fn reject(self, status: u16, reason: &str) -> Result<(), ClientError> {
+        let url = hyco_proto::address::reject_url(&self.command.address, status, reason);
+        match self.connector.connect(&url, &[]).await {
+            Err(hyco_io::ws::ConnectError::Rejected { status: 410, .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(_) => Err(ClientError::Rejected {
+                status: 101,
+                reason: "the relay accepted a reject as a connection".into(),
+            }),
+        }
+    }
+}
+
+/// Handle of a running listener; dropping it stops the listener.
+pub struct HybridListener {
+    stop: CancellationToken,
+    status: watch::Receiver<ListenerStatus>,
+    id: String,
+}
+
+impl Drop for HybridListener {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl HybridListener {
+    /// Starts the actor; `accept`s arrive on the returned channel.
+    pub fn start(
+        cs: ConnectionString,
+        connector: Connector,
+        opts: ListenerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<(HybridListener, mpsc::Receiver<Incoming>), ClientError> {
+        entity_of(&cs)?;
+        let id = opts.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let (status_tx, status) = watch::channel(ListenerStatus::Connecting);
+        let (tx, rx) = mpsc::channel(256);
+        let stop = shutdown.child_token();
+        let actor = Actor {
+            cs,
+            connector,
+            opts,
+            id: id.clone(),
+            status: status_tx,
+            tx,
+            stop: stop.clone(),
+        };
+        tokio::spawn(actor.run());
+        Ok((HybridListener { stop, status, id }, rx))
+    }
+
+    /// Current status.
+    pub fn status(&self) -> ListenerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A watch on the status.
+    pub fn status_watch(&self) -> watch::Receiver<ListenerStatus> {
+        self.status.clone()
+    }
+
+    /// This listener's id.
+    pub fn listener_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops the actor.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+struct Actor {
+    cs: ConnectionString,
+    connector: Connector,
+    opts: ListenerOptions,
+    id: String,
+    status: watch::Sender<ListenerStatus>,
+    tx: mpsc::Sender<Incoming>,
+    stop: CancellationToken,
+}
+
+impl Actor {
+    async fn run(self) {
+        let entity = self.cs.entity_path.clone().unwrap_or_default();
+        let mut backoff = Backoff::new(self.opts.backoff.0, self.opts.backoff.1);
+        loop {
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let _ = self.status.send(ListenerStatus::Connecting);
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                r = self.session(&entity) => r,
+                _ = self.stop.cancelled() => return,
+            };
+            if started.elapsed() >= Duration::from_secs(10) {
+                backoff.reset();
+            }
+            let status = match outcome {
+                Err(ClientError::Rejected { status: 404, .. }) => ListenerStatus::NotFound,
+                Err(ClientError::Rejected { status: s @ (401 | 403), reason }) => {
+                    ListenerStatus::Unauthorized { reason: format!("{s} {reason}") }
+                }
+                Err(e) => ListenerStatus::Disconnected { reason: e.to_string() },
+                Ok(reason) => ListenerStatus::Disconnected { reason },
+            };
+            warn!(hc = %entity, listener_id = %self.id, status = %status, "control channel down; reconnecting");
+            let _ = self.status.send(status);
+        }
+    }
+
+    /// One control-channel session; returns why it ended.
+    async fn session(&self, entity: &str) -> Result<String, ClientError> {
+        let url = hyco_proto::address::ws_url(
+            &self.cs.endpoint.host_port(),
+            entity,
+            None,
+            hyco_proto::Action::Listen,
+            &self.id,
+        );
+        let (token, mut expiry) = mint_token(&self.cs, self.opts.token_lifetime)?
+            .ok_or_else(|| ClientError::ConnectionString("a listener needs a key or a signature".into()))?;
+        let mut ws = self
+            .connector
+            .connect(&url, &[("ServiceBusAuthorization", token.as_str())])
+            .await?
+            .ws;
+        info!(hc = %entity, listener_id = %self.id, "listener connected");
+        let _ = self.status.send(ListenerStatus::Connected { since: SystemTime::now() });
+        let can_renew = matches!(self.cs.auth, hyco_proto::ConnectionStringAuth::Key { .. });
+        let mut ping = tokio::time::interval(self.opts.ping_interval);
+        ping.reset();
+        let mut seen = ws.frames_received();
+        let mut last_progress = Instant::now();
+        loop {
+            let renew_at = renew_instant(expiry, self.opts.renew_before);
+            tokio::select! {
+                msg = ws.recv() => match msg {
+                    Ok(Message::Text(t)) => match ListenerCommand::parse(&t) {
+                        Ok(ListenerCommand::Accept(command)) => {
+                            let incoming = Incoming { command, connector: self.connector.clone() };
+                            if let Err(e) = self.tx.try_send(incoming) {
+                                let incoming = match e {
+                                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
+                                };
+                                tokio::spawn(async move { let _ = incoming.reject(503, "The listener is busy.").await; });
+                            }
+                        }
+                        Ok(other) => debug!(command = ?std::mem::discriminant(&other), "control command ignored"),
+                        Err(e) => debug!(error = %e, "control message ignored"),
+                    },
+                    Ok(Message::Binary(_)) => {}
+                    Ok(Message::Close(c)) => {
+                        let _ = ws.send_close(1000, "").await;
+                        return Ok(match c {
+                            Some((code, reason)) => format!("relay closed the channel: {code} {reason}"),
+                            None => "relay closed the channel".into(),
+                        });
+                    }
+                    Err(e) => return Ok(format!("control channel lost: {e}")),
+                },
+                _ = sleep_until_opt(renew_at), if can_renew => {
+                    let (t, e) = mint_token(&self.cs, self.opts.token_lifetime)?
+                        .ok_or_else(|| ClientError::ConnectionString("no key to renew with".into()))?;
+                    let cmd = ListenerCommand::RenewToken(RenewTokenCommand { token: t });
+                    if let Err(e) = ws.send_text(&cmd.to_json()).await {
+                        return Ok(format!("renewal failed: {e}"));
+                    }
+                    debug!(hc = %entity, "token renewed");
+                    expiry = e;
+                }
+                _ = ping.tick() => {
+                    let now_seen = ws.frames_received();
+                    if now_seen != seen {
+                        seen = now_seen;
+                        last_progress = Instant::now();
+                    } else if last_progress.elapsed() >= self.opts.dead_after {
+                        return Ok("relay stopped answering pings".into());
+                    }
+                    match tokio::time::timeout(Duration::from_secs(10), ws.send_ping(b"")).await {
+                        Ok(Ok(())) => {}
+                        _ => return Ok("ping could not be sent".into()),
+                    }
+                }
+                _ = self.stop.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send_close(1000, "Normal Closure")).await;
+                    return Ok("stopped".into());
+                }
+            }
+        }
+    }
+}
+
+fn renew_instant(expiry: u64, before: Duration) -> Instant {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let lifetime_left = expiry.saturating_sub(now);
+    // Renew `before` ahead, or at half the remaining life for short tokens.
+    let wait = lifetime_left.saturating_sub(before.as_secs()).max(lifetime_left / 2).max(1);
+    Instant::now() + Duration::from_secs(wait)
+}
+
+async fn sleep_until_opt(at: Instant) {
+    tokio::time::sleep_until(at).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_before_expiry() {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let at = renew_instant(now + 3600, Duration::from_secs(300));
+        let d = at - Instant::now();
+        assert!(d <= Duration::from_secs(3300) && d >= Duration::from_secs(3200));
+        let short = renew_instant(now + 10, Duration::from_secs(300)) - Instant::now();
+        assert!(short <= Duration::from_secs(6));
+        assert_eq!(ListenerStatus::NotFound.to_string(), "NotFound");
+    }
+}

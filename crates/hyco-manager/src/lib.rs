@@ -1,0 +1,243 @@
+//! The Hybrid Connection Manager: for each hybrid connection, a listener on the relay and, for
+//! every sender it accepts, a TCP connection to that hybrid connection's fixed `host:port`.
+//!
+//! The endpoint comes from the entity's user metadata (read with the Listen key, protocol.md
+//! §6.2) and is refreshed at every (re)connect. Nothing a sender sends chooses the target. The
+//! endpoint is dialled *before* the rendezvous is accepted; when it cannot be reached the sender
+//! is rejected with 502 and the reason.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyco_client::{get_entity, ClientOptions, Connector, HybridListener, Incoming, ListenerOptions, ListenerStatus};
+use hyco_io::backoff::Backoff;
+use hyco_io::CancellationToken;
+use hyco_proto::address::HostPort;
+use hyco_proto::ConnectionString;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Manager configuration.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// One connection string (with EntityPath and a Listen key) per hybrid connection.
+    pub connections: Vec<ConnectionString>,
+    /// Trust and timeouts.
+    pub client: ClientOptions,
+    /// Deadline for the TCP connect to the endpoint.
+    pub dial_timeout: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            connections: Vec::new(),
+            client: ClientOptions::default(),
+            dial_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    ca_file: Option<PathBuf>,
+    dial_timeout_secs: Option<u64>,
+    #[serde(default)]
+    hybrid_connection: Vec<FileHc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHc {
+    connection_string: String,
+}
+
+/// Why the manager could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The configuration file is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Client set-up failed.
+    #[error(transparent)]
+    Client(#[from] hyco_client::ClientError),
+}
+
+impl ManagerConfig {
+    /// Parses the TOML configuration file.
+    pub fn from_toml(text: &str) -> Result<ManagerConfig, ManagerError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ManagerError::Config(e.to_string()))?;
+        let mut cfg = ManagerConfig {
+            client: ClientOptions {
+                ca_file: f.ca_file,
+                ..ClientOptions::default()
+            },
+            ..ManagerConfig::default()
+        };
+        if let Some(s) = f.dial_timeout_secs {
+            cfg.dial_timeout = Duration::from_secs(s);
+        }
+        for (i, hc) in f.hybrid_connection.iter().enumerate() {
+            let cs = ConnectionString::parse(&hc.connection_string)
+                .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
+            cfg.connections.push(cs);
+        }
+        Ok(cfg)
+    }
+}
+
+/// Runs the manager until `shutdown`.
+pub async fn run(cfg: ManagerConfig, shutdown: CancellationToken) -> Result<(), ManagerError> {
+    for (i, cs) in cfg.connections.iter().enumerate() {
+        if cs.entity_path.is_none() {
+            return Err(ManagerError::Config(format!("connection string #{} has no EntityPath", i + 1)));
+        }
+    }
+    let connector = cfg.client.connector()?;
+    let mut tasks = Vec::new();
+    for cs in cfg.connections.clone() {
+        tasks.push(tokio::spawn(supervise(cs, connector.clone(), cfg.dial_timeout, shutdown.clone())));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Reads the endpoint from the entity's user metadata.
+async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<HostPort, String> {
+    let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
+    let meta = d
+        .user_metadata
+        .ok_or_else(|| "the hybrid connection has no user metadata with an endpoint".to_owned())?;
+    hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())
+}
+
+async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Duration, shutdown: CancellationToken) {
+    let hc = cs.entity_path.clone().unwrap_or_default();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let endpoint: Arc<Mutex<Option<HostPort>>> = Arc::new(Mutex::new(None));
+    // The endpoint must be known before listening: a listener that cannot dial would only reject.
+    while endpoint.lock().map(|g| g.is_none()).unwrap_or(true) {
+        match resolve(&cs, &connector).await {
+            Ok(hp) => {
+                info!(hc = %hc, endpoint = %hp, "endpoint resolved");
+                if let Ok(mut g) = endpoint.lock() {
+                    *g = Some(hp);
+                }
+            }
+            Err(e) => {
+                let d = backoff.next_delay().max(Duration::from_millis(500));
+                warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+    let (listener, mut incoming) =
+        match HybridListener::start(cs.clone(), connector.clone(), ListenerOptions::default(), shutdown.clone()) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(hc = %hc, error = %e, "cannot start the listener");
+                return;
+            }
+        };
+    // Refresh the endpoint every time the control channel comes (back) up.
+    let mut status = listener.status_watch();
+    let (cs2, conn2, ep2, hc2) = (cs.clone(), connector.clone(), Arc::clone(&endpoint), hc.clone());
+    tokio::spawn(async move {
+        while status.changed().await.is_ok() {
+            let s = status.borrow_and_update().clone();
+            if matches!(s, ListenerStatus::Connected { .. }) {
+                match resolve(&cs2, &conn2).await {
+                    Ok(hp) => {
+                        if let Ok(mut g) = ep2.lock() {
+                            if g.as_ref() != Some(&hp) {
+                                info!(hc = %hc2, endpoint = %hp, "endpoint refreshed");
+                            }
+                            *g = Some(hp);
+                        }
+                    }
+                    Err(e) => warn!(hc = %hc2, error = %e, "endpoint refresh failed; keeping the previous one"),
+                }
+            }
+        }
+    });
+    loop {
+        let inc = tokio::select! {
+            i = incoming.recv() => match i { Some(i) => i, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let target = endpoint.lock().ok().and_then(|g| g.clone());
+        let hc = hc.clone();
+        tokio::spawn(async move {
+            if let Some(target) = target {
+                bridge(inc, target, dial_timeout, &hc).await;
+            }
+        });
+    }
+}
+
+/// Dials the endpoint, then accepts (or rejects with 502), then pumps.
+async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, hc: &str) {
+    let started = Instant::now();
+    let id = inc.id().to_owned();
+    let dial = tokio::time::timeout(dial_timeout, TcpStream::connect((target.host.as_str(), target.port))).await;
+    let mut tcp = match dial {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = format!("Endpoint {target} unreachable: {e}");
+            warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
+            let _ = inc.reject(502, &reason).await;
+            return;
+        }
+        Err(_) => {
+            let reason = format!("Endpoint {target} did not answer within {}s", dial_timeout.as_secs());
+            warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
+            let _ = inc.reject(504, &reason).await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut ws = match inc.accept().await {
+        Ok(ws) => ws,
+        Err(e) => {
+            warn!(role = "listener", hc, id = %id, error = %e, "rendezvous failed");
+            return;
+        }
+    };
+    let r = hyco_client::pump(&mut tcp, &mut ws).await;
+    let (up, down, outcome) = match r {
+        Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
+        Err(e) => (0, 0, format!("aborted: {e}")),
+    };
+    info!(role = "listener", hc, id = %id, endpoint = %target, bytes_to_sender = up, bytes_to_endpoint = down,
+        duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "connection served");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file() {
+        let cfg = ManagerConfig::from_toml(
+            "ca_file = \"/etc/hyco/ca.pem\"\n[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r:9443/;SharedAccessKeyName=l;SharedAccessKey=a2V5;EntityPath=db\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.connections.len(), 1);
+        assert_eq!(cfg.client.ca_file.as_deref(), Some(std::path::Path::new("/etc/hyco/ca.pem")));
+        let e = ManagerConfig::from_toml("bogus = 1").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = ManagerConfig::from_toml("[[hybrid_connection]]\nconnection_string = \"Endpoint=x\"").unwrap_err().to_string();
+        assert!(e.contains("#1"), "{e}");
+    }
+}

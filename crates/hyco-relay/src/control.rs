@@ -1,0 +1,170 @@
+//! A listener's control channel, from 101 to close.
+//!
+//! The task sends `accept` commands queued by senders, answers pings, pings the listener and
+//! drops it when it stops answering, accepts `renewToken`, and closes with 1008 when the token
+//! expires past the grace window (protocol.md §3.4, §4.5, §5.5).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyco_io::ws::{Message, Role, WsConfig, WsError, WsStream};
+use hyco_proto::control::ListenerCommand;
+use hyco_proto::rights::Need;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use crate::registry::{ControlMsg, ListenerEntry};
+use crate::{unix_now, Shared};
+
+/// Everything the control task needs besides the socket.
+pub struct ControlChannel {
+    /// Relay state.
+    pub shared: Arc<Shared>,
+    /// Registry key of the hybrid connection.
+    pub hc_key: String,
+    /// Its name as addressed.
+    pub hc_name: String,
+    /// This listener's registry entry.
+    pub entry: Arc<ListenerEntry>,
+    /// Expiry of the token that opened (or last renewed) the channel.
+    pub expiry: u64,
+    /// Queue of commands for this listener.
+    pub rx: mpsc::Receiver<ControlMsg>,
+}
+
+fn deadline_for(expiry: u64, grace: Duration) -> Instant {
+    let left = expiry.saturating_sub(unix_now()) + grace.as_secs();
+    Instant::now() + Duration::from_secs(left)
+}
+
+impl ControlChannel {
+    /// Runs the channel until it closes, then unregisters the listener.
+    pub async fn run<S>(mut self, io: S, prefix: &[u8])
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let cfg = WsConfig {
+            max_message: 64 * 1024,
+            max_fragments: 64,
+            ..WsConfig::default()
+        };
+        let mut ws = WsStream::with_prefix(io, Role::Server, cfg, prefix);
+        let limits = self.shared.cfg.limits;
+        let mut expiry_at = deadline_for(self.expiry, limits.token_grace);
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.reset();
+        let mut seen = ws.frames_received();
+        let mut last_progress = Instant::now();
+        let shutdown = self.shared.shutdown.clone();
+        let why = loop {
+            tokio::select! {
+                msg = ws.recv() => match msg {
+                    Ok(Message::Text(t)) => {
+                        if let Some(code_reason) = self.on_text(&t, &mut expiry_at) {
+                            let _ = ws.send_close(code_reason.0, code_reason.1).await;
+                            break code_reason.1.to_string();
+                        }
+                    }
+                    Ok(Message::Binary(_)) => debug!("binary message on control channel ignored"),
+                    Ok(Message::Close(c)) => {
+                        let _ = ws.send_close(1000, "").await;
+                        break format!("listener closed: {c:?}");
+                    }
+                    Err(WsError::Protocol(e)) => {
+                        let _ = ws.flush_pending().await;
+                        break format!("protocol error: {e}");
+                    }
+                    Err(e) => break format!("{e}"),
+                },
+                cmd = self.rx.recv() => match cmd {
+                    Some(ControlMsg::Command(json)) => {
+                        if let Err(e) = ws.send_text(&json).await {
+                            break format!("write failed: {e}");
+                        }
+                    }
+                    Some(ControlMsg::Close(code, reason)) => {
+                        let _ = ws.send_close(code, reason).await;
+                        break reason.to_string();
+                    }
+                    None => break "registry dropped".into(),
+                },
+                _ = sleep_until(expiry_at) => {
+                    let _ = ws.send_close(1008, "The token has expired.").await;
+                    break "token expired".into();
+                }
+                _ = ping.tick() => {
+                    let now_seen = ws.frames_received();
+                    if now_seen != seen {
+                        seen = now_seen;
+                        last_progress = Instant::now();
+                    } else if last_progress.elapsed() >= limits.dead_after {
+                        break "no answer to pings".into();
+                    }
+                    if let Err(e) = ws.send_ping(b"").await {
+                        break format!("ping failed: {e}");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = ws.send_close(1001, "The relay is shutting down.").await;
+                    break "relay shutting down".into();
+                }
+            }
+        };
+        self.shared.registry.remove(&self.hc_key, self.entry.conn_id);
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
+        info!(
+            event = "ListenerUnregistered",
+            hc = %self.hc_name,
+            listener_id = %self.entry.listener_id,
+            peer = %self.entry.remote,
+            reason = %why,
+            "listener left"
+        );
+    }
+
+    /// Handles one text command; returns a close code and reason when the channel must end.
+    fn on_text(&mut self, text: &str, expiry_at: &mut Instant) -> Option<(u16, &'static str)> {
+        match ListenerCommand::parse(text) {
+            Ok(ListenerCommand::RenewToken(r)) => {
+                let ns = self.shared.store.snapshot();
+                let hc = ns.hcs.get(&self.hc_key);
+                match crate::auth::authorize(
+                    &ns,
+                    &self.shared.cfg.hostnames,
+                    Some((&self.hc_name, hc)),
+                    Some(&r.token),
+                    Need::Listen,
+                    unix_now(),
+                    0,
+                ) {
+                    Ok(grant) => {
+                        self.expiry = grant.expiry;
+                        *expiry_at = deadline_for(grant.expiry, self.shared.cfg.limits.token_grace);
+                        debug!(hc = %self.hc_name, "token renewed");
+                        None
+                    }
+                    Err(e) => {
+                        warn!(event = "InvalidSasToken", hc = %self.hc_name, error = %e, "renewToken refused");
+                        Some((1008, "The renewed token is invalid."))
+                    }
+                }
+            }
+            Ok(other) => {
+                debug!(hc = %self.hc_name, command = ?std::mem::discriminant(&other), "control command ignored");
+                None
+            }
+            Err(e) => {
+                use hyco_proto::control::ControlError;
+                match e {
+                    ControlError::TooLarge { .. } => Some((1009, "Control message too large.")),
+                    ControlError::TooDeep { .. } => Some((1008, "Control message nested too deeply.")),
+                    _ => {
+                        debug!(hc = %self.hc_name, error = %e, "control message ignored");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Relay errors and their one mapping to HTTP answers.
+//!
+//! Every refusal the relay makes goes through [`RelayError::into_response`]: the status, the
+//! reason phrase (Microsoft's clients build their exception text from it) and an Azure-shaped
+//! JSON body `{"error":{"code","message"}}` without internal details.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// The body type the relay answers with.
+pub type Body = Full<Bytes>;
+
+/// A refusal, tagged with who caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Malformed request (bad path, bad upgrade, bad query).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing, malformed, expired or wrongly signed token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// Valid token without the needed right, or too many listeners.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// No such hybrid connection, or nothing to route to.
+    #[error("{0}")]
+    NotFound(String),
+    /// A rendezvous address that is unknown, used or expired.
+    #[error("The rendezvous address is invalid, already used or expired.")]
+    RendezvousInvalid,
+    /// Name clash on create.
+    #[error("{0}")]
+    Conflict(String),
+    /// The listener refused the connection with this status and reason.
+    #[error("{reason}")]
+    ListenerRejected {
+        /// Status chosen by the listener (sanitized to 400..=599).
+        status: u16,
+        /// Reason chosen by the listener (sanitized).
+        reason: String,
+    },
+    /// The listener did not answer within the rendezvous deadline.
+    #[error("The listener did not accept the connection within {0} seconds.")]
+    ListenerTimeout(u64),
+    /// A feature this relay does not offer.
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// Overload or shutdown.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// Our own fault.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl RelayError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            RelayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            RelayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "TokenMissingOrInvalid"),
+            RelayError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            RelayError::NotFound(_) => (StatusCode::NOT_FOUND, "EndpointNotFound"),
+            RelayError::RendezvousInvalid => (StatusCode::FORBIDDEN, "RendezvousInvalid"),
+            RelayError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            RelayError::ListenerRejected { status, .. } => (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+                "ListenerRejected",
+            ),
+            RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
+            RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
+            RelayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+        }
+    }
+
+    /// Whether the peer (rather than the relay) is at fault: decides the log level.
+    pub fn is_peer_fault(&self) -> bool {
+        !matches!(self, RelayError::Internal(_) | RelayError::Unavailable(_))
+    }
+
+    /// The HTTP answer for this refusal.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let message = self.to_string();
+        error_response(status, code, &message)
+    }
+}
+
+/// An error answer: status, reason phrase = message, JSON body.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let reason = hyco_proto::address::sanitize_reason(message);
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Ok(rp) = hyper::ext::ReasonPhrase::try_from(reason.into_bytes()) {
+        resp.extensions_mut().insert(rp);
+    }
+    resp
+}

@@ -1,0 +1,347 @@
+//! The hyco relay: where a sender and a listener, both dialling out, meet.
+//!
+//! # Layout
+//! * [`Relay::prepare`] loads or creates the data folder (TLS material, store, root rule);
+//!   [`Relay::run`] serves a bound listener until shutdown.
+//! * [`service`]: routes each request (listen / connect / accept / entity GET / admin).
+//! * [`auth`]: token checks. [`store`]: the embedded store. [`registry`]: connected listeners.
+//!   [`rendezvous`]: senders waiting for a listener. [`control`]: a listener's control channel.
+//! * [`admin`]: the management API. [`error`]: the one mapping from refusals to answers.
+//!
+//! The data path is `hyco_io::splice`: frames go from one socket to the other, unmasked in place.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+pub mod control;
+pub mod error;
+pub mod registry;
+pub mod rendezvous;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyco_io::splice::SpliceConfig;
+use hyco_io::{CancellationToken, TaskTracker};
+use hyco_proto::Rights;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+pub use error::RelayError;
+
+/// The relay's side of a TLS connection.
+pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Name of the rule created on first start.
+pub const ROOT_RULE: &str = "RootManageSharedAccessKey";
+
+/// Limits and deadlines (attacks.md "default limits").
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TCP accept to the end of the request head, TLS included.
+    pub handshake_timeout: Duration,
+    /// How long a sender waits for its listener to accept or reject.
+    pub rendezvous_timeout: Duration,
+    /// How long a control channel outlives its token without a renewal.
+    pub token_grace: Duration,
+    /// Ping period on control channels.
+    pub ping_interval: Duration,
+    /// A control channel silent for this long is dropped.
+    pub dead_after: Duration,
+    /// Listeners per hybrid connection.
+    pub max_listeners_per_hc: usize,
+    /// Senders waiting for a listener, relay-wide.
+    pub max_pending: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            rendezvous_timeout: Duration::from_secs(30),
+            token_grace: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
+            max_listeners_per_hc: 25,
+            max_pending: 10_000,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Everything the relay is configured with.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Data folder: store, TLS material, root connection string.
+    pub data_dir: PathBuf,
+    /// Host names the namespace answers to (token audiences, certificate SANs).
+    pub hostnames: Vec<String>,
+    /// `host:port` clients use to reach the relay; goes into connection strings.
+    pub public_host: String,
+    /// Certificate and key PEM files; generated in the data folder when absent.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Limits and deadlines.
+    pub limits: Limits,
+    /// Splice buffers and write deadline.
+    pub splice: SpliceConfig,
+    /// How long running tunnels may drain after shutdown begins.
+    pub drain_grace: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults for a data folder and the address clients will use.
+    pub fn new(data_dir: impl Into<PathBuf>, public_host: impl Into<String>) -> Self {
+        RelayConfig {
+            data_dir: data_dir.into(),
+            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            public_host: public_host.into(),
+            tls_files: None,
+            limits: Limits::default(),
+            splice: SpliceConfig::default(),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by every connection task.
+pub struct Shared {
+    /// Configuration.
+    pub cfg: RelayConfig,
+    /// The store.
+    pub store: store::Store,
+    /// Connected listeners.
+    pub registry: registry::Registry,
+    /// Senders waiting for listeners.
+    pub rendezvous: Arc<rendezvous::Rendezvous>,
+    /// Fires when the relay stops accepting: control channels close with 1001.
+    pub shutdown: CancellationToken,
+    /// Fires when the drain grace is over: remaining tunnels are cut.
+    pub drain: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data folder could not be prepared.
+    #[error("data folder {path}: {source}")]
+    DataDir {
+        /// The folder or file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded or generated.
+    #[error(transparent)]
+    Tls(#[from] hyco_io::tls::TlsError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// A prepared relay, ready to serve.
+pub struct Relay {
+    shared: Arc<Shared>,
+    tls: tokio_rustls::TlsAcceptor,
+    /// The root rule's connection string.
+    pub root_connection_string: String,
+    /// True when this start created the namespace (print the string once).
+    pub first_start: bool,
+    /// The generated CA clients should trust, when the relay generated its certificate.
+    pub ca_file: Option<PathBuf>,
+}
+
+fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(if private { 0o600 } else { 0o644 });
+        }
+        let mut f = opts.open(&tmp).map_err(err)?;
+        f.write_all(data).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+impl Relay {
+    /// Loads or creates everything in the data folder. Binds nothing.
+    pub fn prepare(cfg: RelayConfig) -> Result<Relay, StartError> {
+        let dir = cfg.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let (tls_cfg, ca_file) = match &cfg.tls_files {
+            Some((cert, key)) => (hyco_io::tls::server_config_from_files(cert, key)?, None),
+            None => {
+                let cert = dir.join("server.pem");
+                let key = dir.join("server-key.pem");
+                if !cert.exists() || !key.exists() {
+                    let mut names = cfg.hostnames.clone();
+                    for n in ["localhost", "127.0.0.1"] {
+                        if !names.iter().any(|x| x == n) {
+                            names.push(n.into());
+                        }
+                    }
+                    let pki = hyco_io::tls::generate_pki(&names)?;
+                    write_file(&dir.join("ca.pem"), pki.ca_cert_pem.as_bytes(), false)?;
+                    write_file(&dir.join("ca-key.pem"), pki.ca_key_pem.as_bytes(), true)?;
+                    write_file(&key, pki.key_pem.as_bytes(), true)?;
+                    write_file(&cert, pki.cert_pem.as_bytes(), false)?;
+                    info!(ca = %dir.join("ca.pem").display(), "generated a CA and a server certificate");
+                }
+                (
+                    hyco_io::tls::server_config_from_files(&cert, &key)?,
+                    Some(dir.join("ca.pem")),
+                )
+            }
+        };
+        let store = store::Store::open(&dir)?;
+        let first_start = store.is_empty();
+        if first_start {
+            store.put_namespace_rule(store::Rule {
+                name: ROOT_RULE.into(),
+                rights: Rights {
+                    listen: true,
+                    send: true,
+                    manage: true,
+                },
+                primary_key: admin::new_key(),
+                secondary_key: admin::new_key(),
+            })?;
+        }
+        let shared = Arc::new(Shared {
+            cfg,
+            store,
+            registry: registry::Registry::default(),
+            rendezvous: Arc::new(rendezvous::Rendezvous::default()),
+            shutdown: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        let ns = shared.store.snapshot();
+        let root = ns
+            .rules
+            .iter()
+            .find(|r| r.name == ROOT_RULE)
+            .or(ns.rules.first())
+            .ok_or_else(|| store::StoreError::NotFound("the namespace root rule".into()))?;
+        let root_connection_string =
+            admin::connection_string(&shared, &root.name, &root.primary_key, None)
+                .map_err(|e| store::StoreError::Db(e.to_string()))?;
+        write_file(
+            &dir.join("root.connection-string"),
+            format!("{root_connection_string}\n").as_bytes(),
+            true,
+        )?;
+        Ok(Relay {
+            shared,
+            tls: tokio_rustls::TlsAcceptor::from(tls_cfg),
+            root_connection_string,
+            first_start,
+            ca_file,
+        })
+    }
+
+    /// Serves `listener` until `shutdown` fires, then drains for the configured grace.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let shared = self.shared;
+        let mut accept_backoff = Duration::from_millis(5);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => { accept_backoff = Duration::from_millis(5); x }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, never spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(accept_backoff).await;
+                        accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let tls = self.tls.clone();
+            let shared2 = Arc::clone(&shared);
+            shared.tracker.spawn(serve_connection(shared2, tls, tcp, peer));
+        }
+        drop(listener);
+        info!("relay stopping: no new connections; draining tunnels");
+        shared.shutdown.cancel();
+        shared.tracker.close();
+        if tokio::time::timeout(shared.cfg.drain_grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?shared.cfg.drain_grace, "drain grace over; cutting remaining tunnels");
+            shared.drain.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), shared.tracker.wait()).await;
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tls: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    let limits = shared.cfg.limits;
+    let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(peer = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(peer = %peer, "TLS handshake deadline passed");
+            return;
+        }
+    };
+    let svc_shared = Arc::clone(&shared);
+    let svc = hyper::service::service_fn(move |req| service::handle(Arc::clone(&svc_shared), peer, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(32 * 1024)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(peer = %peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = shared.drain.cancelled() => {}
+    }
+}

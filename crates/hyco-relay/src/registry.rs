@@ -1,0 +1,125 @@
+//! The listener registry: for each hybrid connection, its connected control channels.
+//!
+//! A sender is joined to one listener chosen at random among the eligible ones
+//! (protocol.md §5.1), honouring `Microsoft-Relay-AllowedListeners` / `DisallowedListeners`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
+
+/// A message for a listener's control channel task.
+#[derive(Debug)]
+pub enum ControlMsg {
+    /// A command JSON to send as one text message.
+    Command(String),
+    /// Close the control channel with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// One connected listener.
+#[derive(Debug)]
+pub struct ListenerEntry {
+    /// Relay-internal id, unique for the process lifetime.
+    pub conn_id: u64,
+    /// The listener's own id (`sb-hc-id`), used by the allowed/disallowed headers.
+    pub listener_id: String,
+    /// Socket peer of the control channel.
+    pub remote: SocketAddr,
+    /// When it registered.
+    pub since: SystemTime,
+    /// The Host the listener reached us by: rendezvous addresses use it, so its TLS name
+    /// check passes exactly as it did for the control channel.
+    pub host: String,
+    /// Queue to its control task.
+    pub tx: mpsc::Sender<ControlMsg>,
+}
+
+/// Why a listener was not registered.
+#[derive(Debug)]
+pub struct Full;
+
+/// All listeners of all hybrid connections.
+#[derive(Default)]
+pub struct Registry {
+    by_hc: Mutex<HashMap<String, Vec<Arc<ListenerEntry>>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// A fresh process-unique id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<ListenerEntry>>>> {
+        self.by_hc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a listener unless the hybrid connection already has `max`.
+    pub fn add(&self, hc: &str, entry: Arc<ListenerEntry>, max: usize) -> Result<(), Full> {
+        let mut g = self.lock();
+        let list = g.entry(hc.to_owned()).or_default();
+        if list.len() >= max {
+            return Err(Full);
+        }
+        list.push(entry);
+        Ok(())
+    }
+
+    /// Removes a listener.
+    pub fn remove(&self, hc: &str, conn_id: u64) {
+        let mut g = self.lock();
+        if let Some(list) = g.get_mut(hc) {
+            list.retain(|e| e.conn_id != conn_id);
+            if list.is_empty() {
+                g.remove(hc);
+            }
+        }
+    }
+
+    /// Number of listeners of a hybrid connection.
+    pub fn count(&self, hc: &str) -> usize {
+        self.lock().get(hc).map_or(0, Vec::len)
+    }
+
+    /// Picks one eligible listener at random.
+    pub fn pick(
+        &self,
+        hc: &str,
+        allowed: Option<&[String]>,
+        disallowed: &[String],
+    ) -> Option<Arc<ListenerEntry>> {
+        let g = self.lock();
+        let list = g.get(hc)?;
+        let eligible: Vec<&Arc<ListenerEntry>> = list
+            .iter()
+            .filter(|e| allowed.is_none_or(|a| a.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id))))
+            .filter(|e| !disallowed.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id)))
+            .collect();
+        eligible.choose(&mut rand::thread_rng()).map(|e| Arc::clone(e))
+    }
+
+    /// Asks every listener of a hybrid connection to close (the entity was deleted).
+    pub fn close_all(&self, hc: &str, code: u16, reason: &'static str) {
+        let g = self.lock();
+        for e in g.get(hc).into_iter().flatten() {
+            let _ = e.tx.try_send(ControlMsg::Close(code, reason));
+        }
+    }
+}
+
+/// Parses a comma-separated listener id header.
+pub fn id_list(v: Option<&http::HeaderValue>) -> Option<Vec<String>> {
+    let s = v?.to_str().ok()?;
+    Some(
+        s.split(',')
+            .map(|x| x.trim().to_owned())
+            .filter(|x| !x.is_empty())
+            .collect(),
+    )
+}

@@ -1,0 +1,107 @@
+//! Pending rendezvous: a sender waiting for its listener to dial back.
+//!
+//! Each entry is keyed by a 128-bit random capability (`sb-hc-rv` in the accept address),
+//! usable once, and removed when the sender's wait ends for any reason (accepted, rejected,
+//! timed out, sender gone): [`PendingGuard`] does that on drop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+/// What the listener did with the accept.
+pub enum Outcome {
+    /// It dialled the address: here is its upgrade and chosen sub-protocol.
+    Accepted {
+        /// Resolves to the listener's connection once its 101 is written.
+        upgrade: hyper::upgrade::OnUpgrade,
+        /// `Sec-WebSocket-Protocol` of the listener's handshake.
+        protocol: Option<String>,
+    },
+    /// It rejected with a status and reason for the sender.
+    Rejected {
+        /// Status for the sender.
+        status: u16,
+        /// Reason phrase for the sender.
+        reason: String,
+    },
+}
+
+struct Pending {
+    hc: String,
+    tx: oneshot::Sender<Outcome>,
+}
+
+/// The table of pending rendezvous.
+#[derive(Default)]
+pub struct Rendezvous {
+    map: Mutex<HashMap<String, Pending>>,
+}
+
+/// Removes its entry when dropped.
+pub struct PendingGuard {
+    table: Arc<Rendezvous>,
+    id: String,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+/// Why a rendezvous dial was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TakeError {
+    /// Unknown, used or expired id (or one for another hybrid connection).
+    Invalid,
+}
+
+impl Rendezvous {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a pending entry for `hc` under the capability `id`.
+    pub fn insert(
+        self: &Arc<Self>,
+        id: String,
+        hc: String,
+    ) -> (PendingGuard, oneshot::Receiver<Outcome>) {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id.clone(), Pending { hc, tx });
+        (
+            PendingGuard {
+                table: Arc::clone(self),
+                id,
+            },
+            rx,
+        )
+    }
+
+    /// Completes the entry `id` with `outcome`, once. An id for another hybrid connection leaves
+    /// the entry untouched for the right listener (attacks B4).
+    pub fn complete(&self, id: &str, hc: &str, outcome: Outcome) -> Result<(), TakeError> {
+        let pending = {
+            let mut g = self.lock();
+            match g.get(id) {
+                Some(p) if p.hc == hc => g.remove(id),
+                _ => None,
+            }
+        };
+        match pending {
+            Some(p) => p.tx.send(outcome).map_err(|_| TakeError::Invalid),
+            None => Err(TakeError::Invalid),
+        }
+    }
+
+    /// Number of pending entries.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

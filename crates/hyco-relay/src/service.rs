@@ -1,0 +1,554 @@
+//! Request routing: every HTTP request on the relay's port comes through [`handle`].
+//!
+//! * `/$hc/{hc}…` with an upgrade: `sb-hc-action` = listen, connect, accept (protocol.md §2).
+//! * `/$hyco/v1/…`: the admin API ([`crate::admin`]).
+//! * `GET /{hc}?api-version=…`: the entity description (§2.9).
+//! * other requests to `/{hc}…`: HTTP mode, not offered by this version (501).
+//! * anything else: a neutral 404.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hyco_io::splice::{splice, Counters, SpliceEnd};
+use hyco_io::ws::handshake::{check_upgrade, is_upgrade, switching_protocols};
+use hyco_proto::address::{self, Action, HcQuery};
+use hyco_proto::control::{AcceptCommand, ListenerCommand, RemoteEndpoint};
+use hyco_proto::rights::Need;
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::control::ControlChannel;
+use crate::error::{Body, RelayError};
+use crate::registry::{id_list, ControlMsg, ListenerEntry};
+use crate::rendezvous::Outcome;
+use crate::store::HybridConnection;
+use crate::{unix_now, ServerTls, Shared};
+
+/// Handles one request; never fails (errors become responses).
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let path = req.uri().path().to_owned();
+    let result = if path.starts_with("/$hyco/") {
+        crate::admin::handle(&shared, req).await
+    } else if is_hc_path(&path) {
+        if is_upgrade(&req) {
+            websocket(&shared, peer, req).await
+        } else {
+            Err(RelayError::BadRequest(
+                "The $hc endpoint only accepts WebSocket upgrades.".into(),
+            ))
+        }
+    } else if path == "/" || path.is_empty() {
+        Err(RelayError::NotFound("Not found.".into()))
+    } else {
+        entity_or_http(&shared, req).await
+    };
+    Ok(result.unwrap_or_else(|e| {
+        if e.is_peer_fault() {
+            debug!(peer = %peer, path = %path_for_log(&path), error = %e, "request refused");
+        } else {
+            warn!(peer = %peer, error = %e, "request failed");
+        }
+        e.into_response()
+    }))
+}
+
+fn is_hc_path(path: &str) -> bool {
+    path.len() >= 4 && path[..4].eq_ignore_ascii_case("/$hc") && (path.len() == 4 || path.as_bytes()[4] == b'/')
+}
+
+/// Paths may carry an application's arguments; keep log lines short.
+fn path_for_log(path: &str) -> &str {
+    let mut end = path.len().min(120);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+/// The longest existing hybrid connection that the segments start with, and the rest.
+fn resolve<'a>(
+    ns: &'a crate::store::Namespace,
+    segments: &[&str],
+) -> Option<(String, &'a HybridConnection, String)> {
+    for k in (1..=segments.len()).rev() {
+        let name = segments[..k].join("/");
+        if let Some(hc) = ns.hcs.get(&address::entity_key(&name)) {
+            let rest: String = segments[k..].iter().map(|s| format!("/{s}")).collect();
+            return Some((address::entity_key(&name), hc, rest));
+        }
+    }
+    None
+}
+
+fn host_of(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+async fn websocket(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
+    let uri = req.uri().clone();
+    let segments = address::split_hc_path(uri.path())
+        .map_err(|e| RelayError::BadRequest(format!("Bad hybrid connection path: {e}")))?;
+    let query = HcQuery::parse(uri.query().unwrap_or(""))
+        .map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
+    let action = query
+        .action
+        .ok_or_else(|| RelayError::BadRequest("sb-hc-action is required.".into()))?;
+    let accept_key = check_upgrade(&req).map_err(|e| RelayError::BadRequest(e.reason.into()))?;
+    let ns = shared.store.snapshot();
+    if action == Action::Accept {
+        return accept(shared, &segments, &query, &mut req, &accept_key);
+    }
+    if action == Action::Request {
+        return Err(RelayError::NotImplemented(
+            "HTTP request rendezvous is not supported by this relay version.",
+        ));
+    }
+    let host = host_of(&req);
+    let mut hosts = shared.cfg.hostnames.clone();
+    hosts.push(strip_port(&host).to_ascii_lowercase());
+    let resolved = resolve(&ns, &segments);
+    let entity_name = resolved
+        .as_ref()
+        .map(|(_, hc, _)| hc.name.clone())
+        .unwrap_or_else(|| segments.join("/"));
+    let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
+    let needs_auth = match (&action, &resolved) {
+        (Action::Connect, Some((_, hc, _))) => hc.requires_client_authorization,
+        _ => true,
+    };
+    let need = if action == Action::Listen { Need::Listen } else { Need::Send };
+    let grant = if needs_auth {
+        let g = crate::auth::authorize(
+            &ns,
+            &hosts,
+            Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
+            token,
+            need,
+            unix_now(),
+            0,
+        );
+        if let Err(e) = &g {
+            info!(event = "AuthorizationFailed", peer = %peer, hc = %entity_name, action = action.as_str(), reason = %e, "refused");
+        }
+        Some(g?)
+    } else {
+        None
+    };
+    let Some((hc_key, hc, suffix)) = resolved else {
+        return Err(RelayError::NotFound(format!(
+            "Endpoint does not exist. No hybrid connection '{entity_name}' in this namespace."
+        )));
+    };
+    match action {
+        Action::Listen => {
+            let expiry = grant.map(|g| g.expiry).unwrap_or(u64::MAX);
+            listen(shared, peer, req, &accept_key, hc_key, hc.name.clone(), host, query, expiry)
+        }
+        _ => connect(shared, peer, req, &accept_key, hc_key, hc.name.clone(), suffix, query).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn listen(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    accept_key: &str,
+    hc_key: String,
+    hc_name: String,
+    host: String,
+    query: HcQuery,
+    expiry: u64,
+) -> Result<Response<Body>, RelayError> {
+    let (tx, rx) = mpsc::channel(64);
+    let listener_id = query
+        .id
+        .clone()
+        .unwrap_or_else(|| address::new_connection_id(rand::random()));
+    let entry = Arc::new(ListenerEntry {
+        conn_id: shared.registry.next_conn_id(),
+        listener_id: listener_id.clone(),
+        remote: peer,
+        since: SystemTime::now(),
+        host,
+        tx,
+    });
+    shared
+        .registry
+        .add(&hc_key, Arc::clone(&entry), shared.cfg.limits.max_listeners_per_hc)
+        .map_err(|_| {
+            RelayError::Forbidden("MaximumListenersPerEndpoint: this hybrid connection has the maximum number of listeners.")
+        })?;
+    info!(event = "NewListenerRegistered", hc = %hc_name, listener_id = %listener_id, peer = %peer, "listener connected");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let channel = ControlChannel {
+        shared: Arc::clone(shared),
+        hc_key: hc_key.clone(),
+        hc_name,
+        entry: Arc::clone(&entry),
+        expiry,
+        rx,
+    };
+    let registry_shared = Arc::clone(shared);
+    shared.tracker.spawn(async move {
+        match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
+            Ok(Ok(parts)) => channel.run(parts.io.into_inner(), &parts.read_buf).await,
+            _ => {
+                registry_shared.registry.remove(&hc_key, entry.conn_id);
+                debug!("listener upgrade did not complete");
+            }
+        }
+    });
+    Ok(switching_protocols(accept_key, None))
+}
+
+/// Header names the way Microsoft's clients spell them (Java looks them up case-sensitively).
+fn canonical_header_name(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            if part.eq_ignore_ascii_case("websocket") {
+                "WebSocket".to_owned()
+            } else {
+                let mut c = part.chars();
+                match c.next() {
+                    Some(f) => f.to_ascii_uppercase().to_string() + &c.as_str().to_ascii_lowercase(),
+                    None => String::new(),
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// The sender's headers for `connectHeaders`: credentials and extensions removed, repeated
+/// headers joined with ", " (attacks A11).
+fn connect_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        if matches!(
+            n,
+            "servicebusauthorization"
+                | "authorization"
+                | "sec-websocket-extensions"
+                | "microsoft-relay-allowedlisteners"
+                | "microsoft-relay-disallowedlisteners"
+        ) {
+            continue;
+        }
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if !values.is_empty() {
+            out.push((canonical_header_name(n), values.join(", ")));
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    accept_key: &str,
+    hc_key: String,
+    hc_name: String,
+    suffix: String,
+    query: HcQuery,
+) -> Result<Response<Body>, RelayError> {
+    let started = Instant::now();
+    let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
+    let disallowed = id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
+    let listener = shared
+        .registry
+        .pick(&hc_key, allowed.as_deref(), &disallowed)
+        .ok_or_else(|| {
+            RelayError::NotFound(format!(
+                "Endpoint does not exist. No listener is connected for hybrid connection '{hc_name}'."
+            ))
+        })?;
+    if shared.rendezvous.len() >= shared.cfg.limits.max_pending {
+        return Err(RelayError::Unavailable("Too many connections are waiting for listeners."));
+    }
+    let rv = address::new_connection_id(rand::random());
+    let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
+    let mut address = format!("wss://{}/$hc/{}{}?", listener.host, hc_name, suffix);
+    if !query.app_query.is_empty() {
+        address.push_str(&query.app_query);
+        address.push('&');
+    }
+    address.push_str(&format!(
+        "sb-hc-action=accept&sb-hc-id={}&sb-hc-rv={rv}",
+        form_urlencoded::byte_serialize(conn_id.as_bytes()).collect::<String>()
+    ));
+    let cmd = ListenerCommand::Accept(AcceptCommand {
+        address,
+        id: conn_id.clone(),
+        connect_headers: connect_headers(req.headers()),
+        remote_endpoint: Some(RemoteEndpoint {
+            address: peer.ip().to_string(),
+            port: peer.port(),
+        }),
+    });
+    let (_guard, rx) = shared.rendezvous.insert(rv, hc_key.clone());
+    listener
+        .tx
+        .try_send(ControlMsg::Command(cmd.to_json()))
+        .map_err(|_| RelayError::Unavailable("The listener is not accepting connections right now."))?;
+    let deadline = shared.cfg.limits.rendezvous_timeout;
+    let outcome = match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(_)) => return Err(RelayError::Unavailable("The rendezvous was abandoned.")),
+        Err(_) => return Err(RelayError::ListenerTimeout(deadline.as_secs())),
+    };
+    match outcome {
+        Outcome::Rejected { status, reason } => {
+            info!(event = "ListenerRejectedConnection", hc = %hc_name, id = %conn_id, status, "listener rejected the sender");
+            let status = if (400..=599).contains(&status) { status } else { 502 };
+            Err(RelayError::ListenerRejected {
+                status,
+                reason: address::sanitize_reason(&reason),
+            })
+        }
+        Outcome::Accepted { upgrade, protocol } => {
+            let sender_upgrade = hyper::upgrade::on(&mut req);
+            let shared2 = Arc::clone(shared);
+            let listener_id = listener.listener_id.clone();
+            let span = tracing::info_span!("tunnel", hc = %hc_name, id = %conn_id, listener_id = %listener_id, peer = %peer);
+            shared.tracker.spawn(
+                async move {
+                    let (s, l) = tokio::join!(sender_upgrade, upgrade);
+                    let (Ok(s), Ok(l)) = (s, l) else {
+                        debug!("an upgrade did not complete");
+                        return;
+                    };
+                    let (Ok(s), Ok(l)) = (s.downcast::<TokioIo<ServerTls>>(), l.downcast::<TokioIo<ServerTls>>()) else {
+                        warn!("unexpected transport after upgrade");
+                        return;
+                    };
+                    info!(event = "SenderListenerConnectionEstablished", setup_ms = started.elapsed().as_millis() as u64, "tunnel open");
+                    let counters = Counters::default();
+                    let opened = Instant::now();
+                    let a = Prefixed::new(s.io.into_inner(), s.read_buf);
+                    let b = Prefixed::new(l.io.into_inner(), l.read_buf);
+                    let end = tokio::select! {
+                        end = splice(a, b, shared2.cfg.splice, &counters) => end,
+                        _ = shared2.drain.cancelled() => SpliceEnd::Aborted { side: hyco_io::splice::Side::A, error: std::io::Error::other("relay stopped") },
+                    };
+                    let (up, down) = (
+                        counters.a_to_b.load(std::sync::atomic::Ordering::Relaxed),
+                        counters.b_to_a.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    info!(
+                        role = "tunnel",
+                        bytes_sender_to_listener = up,
+                        bytes_listener_to_sender = down,
+                        duration_ms = opened.elapsed().as_millis() as u64,
+                        end = ?end,
+                        "tunnel closed"
+                    );
+                }
+                .instrument(span),
+            );
+            Ok(switching_protocols(accept_key, protocol.as_deref()))
+        }
+    }
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    segments: &[&str],
+    query: &HcQuery,
+    req: &mut Request<Incoming>,
+    accept_key: &str,
+) -> Result<Response<Body>, RelayError> {
+    let rv = query
+        .extra_sb
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("sb-hc-rv"))
+        .map(|(_, v)| v.clone())
+        .ok_or(RelayError::RendezvousInvalid)?;
+    let ns = shared.store.snapshot();
+    let (hc_key, _, _) = resolve(&ns, segments).ok_or(RelayError::RendezvousInvalid)?;
+    let status = query
+        .status_code
+        .as_deref()
+        .or(query.node_status_code.as_deref());
+    if let Some(status) = status {
+        let reason = query
+            .status_description
+            .as_deref()
+            .or(query.node_status_description.as_deref())
+            .unwrap_or("Rejected by the listener")
+            .to_owned();
+        let status = status.trim().parse::<u16>().unwrap_or(502);
+        shared
+            .rendezvous
+            .complete(&rv, &hc_key, Outcome::Rejected { status, reason })
+            .map_err(|_| RelayError::RendezvousInvalid)?;
+        let mut resp = Response::new(Body::default());
+        *resp.status_mut() = StatusCode::GONE;
+        return Ok(resp);
+    }
+    let protocol = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_owned());
+    let upgrade = hyper::upgrade::on(req);
+    shared
+        .rendezvous
+        .complete(&rv, &hc_key, Outcome::Accepted { upgrade, protocol: protocol.clone() })
+        .map_err(|_| RelayError::RendezvousInvalid)?;
+    Ok(switching_protocols(accept_key, protocol.as_deref()))
+}
+
+async fn entity_or_http(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
+    let segments = address::split_http_path(req.uri().path())
+        .map_err(|e| RelayError::BadRequest(format!("Bad path: {e}")))?;
+    let raw_query = req.uri().query().unwrap_or("");
+    let is_entity_get = req.method() == http::Method::GET
+        && form_urlencoded::parse(raw_query.as_bytes()).any(|(k, _)| k == "api-version");
+    if !is_entity_get {
+        return Err(RelayError::NotImplemented(
+            "HTTP request mode is not supported by this relay version; use a WebSocket connection.",
+        ));
+    }
+    let ns = shared.store.snapshot();
+    let resolved = resolve(&ns, &segments).filter(|(_, _, rest)| rest.is_empty());
+    let name = resolved
+        .as_ref()
+        .map(|(_, hc, _)| hc.name.clone())
+        .unwrap_or_else(|| segments.join("/"));
+    let host = host_of(&req);
+    let mut hosts = shared.cfg.hostnames.clone();
+    hosts.push(strip_port(&host).to_ascii_lowercase());
+    let query = HcQuery::parse(raw_query).map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
+    let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
+    // Any of Listen, Send, Manage may read the description (the manager has Listen only).
+    let mut last = None;
+    for need in [Need::Listen, Need::Send] {
+        match crate::auth::authorize(&ns, &hosts, Some((&name, resolved.as_ref().map(|r| r.1))), token, need, unix_now(), 0) {
+            Ok(_) => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    let Some((key, hc, _)) = resolved else {
+        return Err(RelayError::NotFound(format!("Endpoint does not exist. No hybrid connection '{name}'.")));
+    };
+    let desc = hyco_proto::entity::EntityDescription {
+        name: hc.name.clone(),
+        created_at: hc.created_at.clone(),
+        updated_at: hc.updated_at.clone(),
+        requires_client_authorization: hc.requires_client_authorization,
+        user_metadata: hc.user_metadata.clone(),
+        listener_count: shared.registry.count(&key) as u32,
+    };
+    let id_url = format!("https://{}/{}?api-version=2016-07", host, hc.name);
+    let xml = hyco_proto::entity::render_entity_atom(&id_url, &desc);
+    let mut resp = Response::new(Body::new(bytes::Bytes::from(xml)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/atom+xml;type=entry;charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+/// A stream with bytes that hyper read past the handshake put back in front.
+pub struct Prefixed<S> {
+    prefix: bytes::Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Wraps `inner`, reading `prefix` first.
+    pub fn new(inner: S, prefix: bytes::Bytes) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

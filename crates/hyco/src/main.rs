@@ -1,0 +1,310 @@
+//! `hyco`: one binary for every role. Parses arguments, sets up tracing, binds, and calls the
+//! library `run` of the role. No logic of its own; a bad configuration exits with 64.
+
+mod admin;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hyco_io::CancellationToken;
+use hyco_proto::ConnectionString;
+use tracing::{error, info};
+
+/// Self-hosted Hybrid Connections: relay, manager, forwarder and admin in one binary.
+#[derive(Parser)]
+#[command(name = "hyco", version, about)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay.
+    Relay(RelayArgs),
+    /// The Hybrid Connection Manager.
+    Manager {
+        #[command(subcommand)]
+        cmd: ManagerCmd,
+    },
+    /// Expose hybrid connections as local TCP ports.
+    Forward(ForwardArgs),
+    /// Manage hybrid connections and keys on a relay.
+    Admin(admin::AdminArgs),
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:9443", env = "HYCO_LISTEN")]
+    listen: SocketAddr,
+    /// Data folder (store, generated certificate, root connection string).
+    #[arg(long, default_value = "hyco-data", env = "HYCO_DATA")]
+    data: PathBuf,
+    /// Host name clients use for this relay (repeatable); certificate SAN and token audience.
+    #[arg(long = "hostname")]
+    hostnames: Vec<String>,
+    /// `host:port` written into connection strings [default: first --hostname or localhost, with the bound port].
+    #[arg(long)]
+    public_host: Option<String>,
+    /// Certificate chain (PEM). Without it a CA and certificate are generated in the data folder.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Seconds a sender waits for a listener to accept.
+    #[arg(long, default_value_t = 30)]
+    rendezvous_timeout: u64,
+    /// Seconds a control channel outlives its token without renewal.
+    #[arg(long, default_value_t = 300)]
+    token_grace: u64,
+    /// Seconds running tunnels may drain after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    drain_grace: u64,
+}
+
+#[derive(Subcommand)]
+enum ManagerCmd {
+    /// Run the manager in the foreground.
+    Run(ManagerRunArgs),
+}
+
+#[derive(Args)]
+struct ManagerRunArgs {
+    /// A hybrid connection's connection string with EntityPath and a Listen key (repeatable).
+    #[arg(long = "connection-string")]
+    connection_strings: Vec<String>,
+    /// TOML configuration file (`[[hybrid_connection]] connection_string = "…"`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Extra CA certificate to trust (PEM), besides the system roots.
+    #[arg(long, env = "HYCO_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// `[BIND:]PORT:HC` (repeatable): listen on BIND:PORT (default 127.0.0.1) and carry each
+    /// connection to hybrid connection HC.
+    #[arg(short = 'L', long = "local", required = true)]
+    locals: Vec<String>,
+    /// Connection string with a Send key (EntityPath is replaced by each HC).
+    #[arg(long, env = "HYCO_CONNECTION_STRING")]
+    connection_string: String,
+    /// Extra CA certificate to trust (PEM), besides the system roots.
+    #[arg(long, env = "HYCO_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HYCO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C and cancels `token`.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        info!("signal received; shutting down");
+        token.cancel();
+    });
+}
+
+/// A usage error: exit 64 (EX_USAGE).
+#[derive(Debug)]
+struct Usage(String);
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Usage {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage(msg.into()).into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Relay(a) => relay(a).await,
+        Cmd::Manager { cmd: ManagerCmd::Run(a) } => manager(a).await,
+        Cmd::Forward(a) => forward(a).await,
+        Cmd::Admin(a) => admin::run(a).await,
+    }
+}
+
+async fn relay(a: RelayArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let bound = listener.local_addr()?;
+    let public_host = a.public_host.clone().unwrap_or_else(|| {
+        let host = a.hostnames.first().map(String::as_str).unwrap_or("localhost");
+        format!("{host}:{}", bound.port())
+    });
+    let mut cfg = hyco_relay::RelayConfig::new(&a.data, public_host);
+    for h in &a.hostnames {
+        let h = h.to_ascii_lowercase();
+        if !cfg.hostnames.contains(&h) {
+            cfg.hostnames.push(h);
+        }
+    }
+    cfg.tls_files = a.cert.clone().zip(a.key.clone());
+    cfg.limits.rendezvous_timeout = Duration::from_secs(a.rendezvous_timeout);
+    cfg.limits.token_grace = Duration::from_secs(a.token_grace);
+    cfg.drain_grace = Duration::from_secs(a.drain_grace);
+    let relay = hyco_relay::Relay::prepare(cfg).context("cannot prepare the relay")?;
+    if relay.first_start {
+        println!("Namespace created. Root connection string (also in {}):", a.data.join("root.connection-string").display());
+        println!("{}", relay.root_connection_string);
+        if let Some(ca) = &relay.ca_file {
+            println!("Clients must trust the generated CA: --ca-file {} (or HYCO_CA_FILE)", ca.display());
+        }
+    }
+    info!(listen = %bound, data = %a.data.display(), "relay listening");
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone());
+    relay.run(listener, shutdown).await;
+    Ok(())
+}
+
+fn client_options(ca_file: Option<PathBuf>) -> hyco_client::ClientOptions {
+    hyco_client::ClientOptions {
+        ca_file,
+        ..hyco_client::ClientOptions::default()
+    }
+}
+
+async fn manager(a: ManagerRunArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?;
+            hyco_manager::ManagerConfig::from_toml(&text)
+                .map_err(|e| usage(format!("{}: {e}", path.display())))?
+        }
+        None => hyco_manager::ManagerConfig::default(),
+    };
+    for (i, s) in a.connection_strings.iter().enumerate() {
+        let cs = ConnectionString::parse(s)
+            .map_err(|e| usage(format!("--connection-string #{}: {e}", i + 1)))?;
+        cfg.connections.push(cs);
+    }
+    if a.ca_file.is_some() {
+        cfg.client.ca_file = a.ca_file.clone();
+    }
+    if cfg.connections.is_empty() {
+        return Err(usage("no hybrid connection: give --connection-string or --config"));
+    }
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone());
+    hyco_manager::run(cfg, shutdown).await.context("manager failed")
+}
+
+/// Parses `[BIND:]PORT:HC`.
+fn parse_local(spec: &str) -> Result<(SocketAddr, String)> {
+    let (addr, hc) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| usage(format!("-L {spec}: expected [BIND:]PORT:HC")))?;
+    if hc.is_empty() {
+        return Err(usage(format!("-L {spec}: the hybrid connection name is empty")));
+    }
+    let addr: SocketAddr = if let Ok(port) = addr.parse::<u16>() {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    } else {
+        addr.parse()
+            .map_err(|_| usage(format!("-L {spec}: '{addr}' is not PORT or BIND:PORT")))?
+    };
+    Ok((addr, hc.to_owned()))
+}
+
+async fn forward(a: ForwardArgs) -> Result<()> {
+    let cs = ConnectionString::parse(&a.connection_string)
+        .map_err(|e| usage(format!("--connection-string: {e}")))?;
+    let mut rules = Vec::new();
+    for spec in &a.locals {
+        let (addr, hc) = parse_local(spec)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        info!(local = %listener.local_addr()?, hc = %hc, "forwarding");
+        rules.push(hyco_client::ForwardRule {
+            listener,
+            cs: cs.with_entity(&hc),
+        });
+    }
+    let connector = client_options(a.ca_file).connector()?;
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone());
+    if let Err(e) = hyco_client::run_forward(rules, connector, shutdown).await {
+        error!(error = %e, "forwarder failed");
+        bail!("forwarder failed: {e}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_specs() {
+        assert_eq!(parse_local("5432:db").unwrap(), ("127.0.0.1:5432".parse().unwrap(), "db".into()));
+        assert_eq!(parse_local("0.0.0.0:80:web").unwrap(), ("0.0.0.0:80".parse().unwrap(), "web".into()));
+        assert!(parse_local("db").is_err());
+        assert!(parse_local("x:db").is_err());
+        assert!(parse_local("80:").is_err());
+    }
+}
