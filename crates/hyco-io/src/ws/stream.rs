@@ -139,6 +139,16 @@ pub struct WsStream<S> {
     frames: u64,
 }
 
+impl<S> std::fmt::Debug for WsStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsStream")
+            .field("role", &self.role)
+            .field("peer_closed", &self.peer_closed.is_some())
+            .field("sent_close", &self.sent_close)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Wraps a stream on which the WebSocket handshake is complete.
     pub fn new(io: S, role: Role, cfg: WsConfig) -> Self {

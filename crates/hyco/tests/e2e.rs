@@ -1,0 +1,269 @@
+//! End to end with real processes: `hyco relay`, `hyco manager`, `hyco forward`, `hyco admin`,
+//! real TCP services on 127.0.0.1, real TLS with the generated CA.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyco_client::{connect_with, ClientOptions, ConnectOptions};
+use hyco_proto::ConnectionString;
+use hyco_testkit::{dead_port, echo_server, eventually, field, run, Proc, TempDir};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(20);
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hyco"))
+}
+
+struct Relay {
+    proc: Proc,
+    dir: TempDir,
+    port: u16,
+    root: String,
+}
+
+impl Relay {
+    async fn start(dir: TempDir, port: u16) -> Relay {
+        let listen = format!("127.0.0.1:{port}");
+        let data = dir.0.join("data");
+        let proc = Proc::spawn(
+            "relay",
+            &bin(),
+            &["relay", "--listen", &listen, "--data", data.to_str().unwrap()],
+            &[],
+        );
+        let line = proc.wait_line("relay listening", T).await;
+        let port: u16 = field(&line, "listen").unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        let root = std::fs::read_to_string(data.join("root.connection-string")).unwrap().trim().to_owned();
+        Relay { proc, dir, port, root }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.0.join("data/ca.pem").display().to_string()
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![("HYCO_CA_FILE", self.ca()), ("HYCO_CONNECTION_STRING", self.root.clone())]
+    }
+
+    async fn admin(&self, args: &[&str]) -> (i32, String, String) {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut full = vec!["admin"];
+        full.extend_from_slice(args);
+        run(&bin(), &full, &env, T).await
+    }
+
+    /// Creates an HC for `endpoint` and returns (listen cs, send cs).
+    async fn hc(&self, name: &str, endpoint: &str) -> (String, String) {
+        let (code, _, err) = self.admin(&["hc", "create", name, "--endpoint", endpoint]).await;
+        assert_eq!(code, 0, "{err}");
+        let (code, l, err) = self.admin(&["rule", "create", "l", "--hc", name, "--rights", "listen"]).await;
+        assert_eq!(code, 0, "{err}");
+        let (code, s, err) = self.admin(&["rule", "create", "s", "--hc", name, "--rights", "send"]).await;
+        assert_eq!(code, 0, "{err}");
+        (l.trim().to_owned(), s.trim().to_owned())
+    }
+
+    fn manager(&self, tag: &str, cs: &str) -> Proc {
+        Proc::spawn(tag, &bin(), &["manager", "run", "--connection-string", cs, "--ca-file", &self.ca()], &[])
+    }
+
+    async fn forward(&self, hc: &str, cs: &str) -> (Proc, u16) {
+        let spec = format!("127.0.0.1:0:{hc}");
+        let p = Proc::spawn("forward", &bin(), &["forward", "-L", &spec, "--connection-string", cs, "--ca-file", &self.ca()], &[]);
+        let line = p.wait_line("forwarding", T).await;
+        let port = field(&line, "local").unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        (p, port)
+    }
+
+    async fn listeners(&self, hc: &str) -> u64 {
+        let (_, out, _) = self.admin(&["hc", "list"]).await;
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(hc))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn wait_listeners(&self, hc: &str, n: u64) {
+        eventually(&format!("{n} listener(s) on {hc}"), T, || async { self.listeners(hc).await == n }).await;
+    }
+
+    fn connector(&self) -> hyco_client::Connector {
+        ClientOptions { ca_file: Some(PathBuf::from(self.ca())), ..ClientOptions::default() }
+            .connector()
+            .unwrap()
+    }
+}
+
+async fn relay(tag: &str) -> Relay {
+    Relay::start(TempDir::new(tag), 0).await
+}
+
+/// Sends `len` random bytes and reads the echo concurrently; returns (sent hash, received hash).
+async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize) {
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rng.fill_bytes(&mut buf[..n]);
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n]).await.unwrap();
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        <[u8; 32]>::from(h.finalize())
+    });
+    let mut h = Sha256::new();
+    let mut total = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf)).await.expect("echo stalled").unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+    (writer.await.unwrap(), h.finalize().into(), total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_carries_64_mib_each_way_with_half_close() {
+    let r = relay("bulk").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("echo", &echo.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("echo", 1).await;
+    let (_f, port) = r.forward("echo", &s).await;
+    // 64 MiB out, the same 64 MiB back; the client half-closes after writing and still
+    // receives everything the echo server sends after that.
+    let (sent, got, n) = echo_roundtrip(port, 64 << 20).await;
+    assert_eq!(n, 64 << 20);
+    assert_eq!(sent, got, "SHA-256 of what came back differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_the_documented_status() {
+    let r = relay("refuse").await;
+    let down = dead_port().await;
+    let (l, s) = r.hc("down", &down.to_string()).await;
+    let connector = r.connector();
+    let cs = ConnectionString::parse(&s).unwrap();
+
+    // (e) no listener yet.
+    let e = connect_with(&cs, &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert!(e.to_string().contains("No listener"), "{e}");
+
+    // (d) endpoint down: 502 with the manager's reason.
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("down", 1).await;
+    let e = connect_with(&cs, &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    assert!(e.to_string().contains(&format!("Endpoint {down} unreachable")), "{e}");
+
+    // (f) wrong key, Listen key used to send, expired token.
+    let wrong = s.replace(s.split("SharedAccessKey=").nth(1).unwrap().split(';').next().unwrap(), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+    let e = connect_with(&ConnectionString::parse(&wrong).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    let e = connect_with(&ConnectionString::parse(&l).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let hyco_proto::ConnectionStringAuth::Key { name, key } = &cs.auth else { panic!() };
+    let expired = hyco_proto::sas::sign(&hyco_proto::sas::resource_uri("localhost", Some("down")), name, key, 1_000_000);
+    let with_sas = format!("Endpoint=sb://localhost:{}/;SharedAccessSignature={};EntityPath=down", r.port, expired.as_str());
+    let e = connect_with(&ConnectionString::parse(&with_sas).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    // Unknown hybrid connection with a valid namespace token: 404 after authorization.
+    let root = ConnectionString::parse(&r.root).unwrap().with_entity("nope");
+    let e = connect_with(&root, &connector, &ConnectOptions::default()).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+
+    // Bad admin input: a clear error and a non-zero exit.
+    let (code, _, err) = r.admin(&["hc", "create", "x", "--endpoint", "nohost"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--endpoint"), "{err}");
+    let (code, _, err) = run(&bin(), &["admin", "hc", "list"], &[("HYCO_CONNECTION_STRING", "Endpoint=sb://x/;Bogus=1")], T).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("Bogus"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_managers_both_receive_connections() {
+    let r = relay("ha").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("ha", &echo.to_string()).await;
+    let m1 = r.manager("manager-1", &l);
+    let m2 = r.manager("manager-2", &l);
+    r.wait_listeners("ha", 2).await;
+    let (_f, port) = r.forward("ha", &s).await;
+    for i in 0..24u32 {
+        let (a, b, n) = echo_roundtrip(port, 1000 + i as usize).await;
+        assert_eq!((a, n), (b, 1000 + i as usize));
+    }
+    eventually("24 connections served", T, || async {
+        m1.count("connection served") + m2.count("connection served") == 24
+    })
+    .await;
+    assert!(m1.count("connection served") > 0, "manager-1 got none");
+    assert!(m2.count("connection served") > 0, "manager-2 got none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_keeps_state_and_managers_reconnect() {
+    let mut r = relay("restart").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("svc", &echo.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("svc", 1).await;
+    let (_f, port) = r.forward("svc", &s).await;
+    let (a, b, _) = echo_roundtrip(port, 10_000).await;
+    assert_eq!(a, b);
+
+    r.proc.kill().await;
+    let relay_port = r.port;
+    let Relay { dir, .. } = r;
+    let r = Relay::start(dir, relay_port).await;
+    // Same keys, same hybrid connection; the manager comes back by itself.
+    r.wait_listeners("svc", 1).await;
+    let (a, b, n) = echo_roundtrip(port, 100_000).await;
+    assert_eq!((a, n), (b, 100_000));
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).map(|d| d.join(name)).find(|c| Path::new(c).is_file())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_through_the_tunnel() {
+    let server = which("redis-server").expect("redis-server is required (scripts/test installs it)");
+    let cli = which("redis-cli").expect("redis-cli is required (scripts/test installs it)");
+    let rport = dead_port().await.port().to_string();
+    let redis = Proc::spawn("redis", &server, &["--port", &rport, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], &[]);
+    redis.wait_line("Ready to accept connections", T).await;
+    let r = relay("redis").await;
+    let (l, s) = r.hc("redis", &format!("127.0.0.1:{rport}")).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("redis", 1).await;
+    let (_f, port) = r.forward("redis", &s).await;
+    let p = port.to_string();
+    let (code, out, err) = run(&cli, &["-h", "127.0.0.1", "-p", &p, "SET", "hyco", "through the relay"], &[], T).await;
+    assert_eq!((code, out.trim()), (0, "OK"), "{err}");
+    let (code, out, _) = run(&cli, &["-h", "127.0.0.1", "-p", &p, "GET", "hyco"], &[], T).await;
+    assert_eq!((code, out.trim()), (0, "through the relay"));
+    let (_, out, _) = run(&cli, &["-h", "127.0.0.1", "-p", &rport, "GET", "hyco"], &[], T).await;
+    assert_eq!(out.trim(), "through the relay", "the value reached the real server");
+}
