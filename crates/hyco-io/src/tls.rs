@@ -154,9 +154,10 @@ pub fn generate_pki(names: &[String]) -> Result<GeneratedPki, TlsError> {
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names.to_vec())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("hyco"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map(String::as_str).unwrap_or("hyco"),
+    );
     params.not_after = rcgen::date_time_ymd(2045, 1, 1);
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
     Ok(GeneratedPki {

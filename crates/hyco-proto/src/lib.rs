@@ -8,7 +8,7 @@
 //! * [`secret`]: key and token newtypes that never print themselves; constant-time compare.
 //! * [`rights`]: Listen / Send / Manage.
 //! * [`sas`]: tokens and audiences (protocol.md §3.1–3.5).
-//! * [`connection_string`]: §3.7.
+//! * [`connection_string`]: connection strings (§3.7).
 //! * [`address`]: paths, queries, rendezvous ids, host:port (§2).
 //! * [`control`]: `accept`, `request`, `response`, `renewToken` (§4).
 //! * [`entity`]: endpoint metadata and the Atom entity description (§6).

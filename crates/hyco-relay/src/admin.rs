@@ -36,7 +36,7 @@ struct HcCreate {
     user_metadata: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RuleCreate {
     rights: Rights,
@@ -83,22 +83,21 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Result<Response<Body>, Relay
     Ok(resp)
 }
 
-async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, RelayError> {
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(
+    req: Request<Incoming>,
+) -> Result<T, RelayError> {
     let body = Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
-        .map_err(|_| RelayError::BadRequest("Request body too large or broken (64 KiB max).".into()))?
+        .map_err(|_| {
+            RelayError::BadRequest("Request body too large or broken (64 KiB max).".into())
+        })?
         .to_bytes();
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| RelayError::BadRequest(format!("Invalid JSON body: {e}")))
-}
-
-impl Default for RuleCreate {
-    fn default() -> Self {
-        RuleCreate { rights: Rights::default() }
-    }
+    serde_json::from_slice(&body)
+        .map_err(|e| RelayError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
 /// A fresh key: base64 of 256 random bits, like Azure's.
@@ -107,7 +106,12 @@ pub fn new_key() -> String {
 }
 
 /// Renders a connection string for a rule.
-pub fn connection_string(shared: &Shared, rule: &str, key: &str, entity: Option<&str>) -> Result<String, RelayError> {
+pub fn connection_string(
+    shared: &Shared,
+    rule: &str,
+    key: &str,
+    entity: Option<&str>,
+) -> Result<String, RelayError> {
     let mut s = format!(
         "Endpoint=sb://{}/;SharedAccessKeyName={rule};SharedAccessKey={key}",
         shared.cfg.public_host
@@ -119,7 +123,9 @@ pub fn connection_string(shared: &Shared, rule: &str, key: &str, entity: Option<
     // Round-trip through the parser so we never print a string our clients refuse.
     ConnectionString::parse(&s)
         .map(|cs| cs.render())
-        .map_err(|e| RelayError::Internal(format!("rendered connection string does not parse: {e}")))
+        .map_err(|e| {
+            RelayError::Internal(format!("rendered connection string does not parse: {e}"))
+        })
 }
 
 fn now_rfc3339() -> String {
@@ -129,7 +135,10 @@ fn now_rfc3339() -> String {
 }
 
 /// Handles `/$hyco/v1/…`.
-pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+pub async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
     let path = req.uri().path().to_owned();
     let rest = path
         .strip_prefix("/$hyco/v1/")
@@ -150,12 +159,24 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Resp
         .unwrap_or("")
         .to_owned();
     let mut hosts = shared.cfg.hostnames.clone();
-    hosts.push(host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_ascii_lowercase());
+    hosts.push(
+        host.rsplit_once(':')
+            .map_or(host.as_str(), |(h, _)| h)
+            .to_ascii_lowercase(),
+    );
     let token = crate::auth::find_token(None, req.headers(), true);
     if let Err(e) = crate::auth::authorize(&ns, &hosts, None, token, Need::Manage, unix_now(), 0) {
         match entity {
             Some(name) => {
-                crate::auth::authorize(&ns, &hosts, Some((name, hc)), token, Need::Manage, unix_now(), 0)?;
+                crate::auth::authorize(
+                    &ns,
+                    &hosts,
+                    Some((name, hc)),
+                    token,
+                    Need::Manage,
+                    unix_now(),
+                    0,
+                )?;
             }
             None => return Err(e),
         }
@@ -167,16 +188,21 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Resp
         }
         (Method::GET, ["hybridconnections", name]) => {
             let key = hyco_proto::address::entity_key(name);
-            let hc = ns.hcs.get(&key).ok_or_else(|| RelayError::NotFound(format!("Hybrid connection '{name}' does not exist.")))?;
+            let hc = ns.hcs.get(&key).ok_or_else(|| {
+                RelayError::NotFound(format!("Hybrid connection '{name}' does not exist."))
+            })?;
             json(StatusCode::OK, &view(shared, &key, hc))
         }
         (Method::PUT, ["hybridconnections", name]) => {
-            hyco_proto::address::validate_entity_name(name)
-                .map_err(|e| RelayError::BadRequest(format!("Invalid hybrid connection name '{name}': {e}")))?;
+            hyco_proto::address::validate_entity_name(name).map_err(|e| {
+                RelayError::BadRequest(format!("Invalid hybrid connection name '{name}': {e}"))
+            })?;
             let body: HcCreate = read_json(req).await?;
             if let Some(m) = &body.user_metadata {
                 if m.len() > 1024 {
-                    return Err(RelayError::BadRequest("userMetadata is limited to 1024 characters.".into()));
+                    return Err(RelayError::BadRequest(
+                        "userMetadata is limited to 1024 characters.".into(),
+                    ));
                 }
             }
             let now = now_rfc3339();
@@ -224,8 +250,13 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Resp
                 .await
                 .map_err(|e| RelayError::Internal(e.to_string()))?
                 .map_err(store_err)?;
-            let entity = hc.map(|h| h.name.clone()).unwrap_or_else(|| (*name).to_owned());
-            json(StatusCode::CREATED, &keys_view(shared, &rule, Some(&entity))?)
+            let entity = hc
+                .map(|h| h.name.clone())
+                .unwrap_or_else(|| (*name).to_owned());
+            json(
+                StatusCode::CREATED,
+                &keys_view(shared, &rule, Some(&entity))?,
+            )
         }
         (Method::PUT, ["authorizationrules", rule]) => {
             let body: RuleCreate = read_json(req).await?;
@@ -245,7 +276,9 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Resp
 fn make_rule(name: &str, body: RuleCreate) -> Result<Rule, RelayError> {
     if name.is_empty()
         || name.len() > 256
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(RelayError::BadRequest(format!(
             "Invalid rule name '{}': use 1-256 letters, digits, '-', '_' or '.'.",
@@ -253,7 +286,9 @@ fn make_rule(name: &str, body: RuleCreate) -> Result<Rule, RelayError> {
         )));
     }
     if body.rights == Rights::default() {
-        return Err(RelayError::BadRequest("A rule needs at least one right (Listen, Send, Manage).".into()));
+        return Err(RelayError::BadRequest(
+            "A rule needs at least one right (Listen, Send, Manage).".into(),
+        ));
     }
     Ok(Rule {
         name: name.to_owned(),
@@ -280,7 +315,17 @@ fn keys_view(shared: &Shared, rule: &Rule, entity: Option<&str>) -> Result<RuleK
         rights: rule.rights,
         primary_key: rule.primary_key.clone(),
         secondary_key: rule.secondary_key.clone(),
-        primary_connection_string: connection_string(shared, &rule.name, &rule.primary_key, entity)?,
-        secondary_connection_string: connection_string(shared, &rule.name, &rule.secondary_key, entity)?,
+        primary_connection_string: connection_string(
+            shared,
+            &rule.name,
+            &rule.primary_key,
+            entity,
+        )?,
+        secondary_connection_string: connection_string(
+            shared,
+            &rule.name,
+            &rule.secondary_key,
+            entity,
+        )?,
     })
 }

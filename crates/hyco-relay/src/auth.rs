@@ -53,7 +53,9 @@ pub fn authorize(
     now: u64,
     grace: u64,
 ) -> Result<Grant, RelayError> {
-    let token = token.ok_or(RelayError::Unauthorized("A SharedAccessSignature token is required."))?;
+    let token = token.ok_or(RelayError::Unauthorized(
+        "A SharedAccessSignature token is required.",
+    ))?;
     let parsed = ParsedToken::parse(token)
         .map_err(|_| RelayError::Unauthorized("The token is malformed."))?;
     let rule = find_rule(ns, entity.and_then(|(_, hc)| hc), parsed.key_name());
@@ -67,16 +69,22 @@ pub fn authorize(
         .unwrap_or_default();
     let key_refs: Vec<&SecretKey> = keys.iter().collect();
     if !parsed.verify_signature(&key_refs) || rule.is_none() {
-        return Err(RelayError::Unauthorized("The token has an invalid signature."));
+        return Err(RelayError::Unauthorized(
+            "The token has an invalid signature.",
+        ));
     }
-    let rule = rule.ok_or(RelayError::Unauthorized("The token has an invalid signature."))?;
+    let rule = rule.ok_or(RelayError::Unauthorized(
+        "The token has an invalid signature.",
+    ))?;
     if parsed.is_expired(now, grace) {
         return Err(RelayError::Unauthorized("The token is expired."));
     }
-    let audience = parsed
-        .audience()
-        .map_err(|_| RelayError::Unauthorized("InvalidAudience: The token audience is malformed."))?;
-    let host_ok = hosts.iter().any(|h| h.eq_ignore_ascii_case(audience.host()));
+    let audience = parsed.audience().map_err(|_| {
+        RelayError::Unauthorized("InvalidAudience: The token audience is malformed.")
+    })?;
+    let host_ok = hosts
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(audience.host()));
     let path_ok = match entity {
         Some((name, _)) => audience.covers(audience.host(), name),
         None => audience.is_namespace_root(),

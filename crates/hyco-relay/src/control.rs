@@ -111,7 +111,9 @@ impl ControlChannel {
                 }
             }
         };
-        self.shared.registry.remove(&self.hc_key, self.entry.conn_id);
+        self.shared
+            .registry
+            .remove(&self.hc_key, self.entry.conn_id);
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
         info!(
             event = "ListenerUnregistered",
@@ -158,7 +160,7 @@ impl ControlChannel {
                 use hyco_proto::control::ControlError;
                 match e {
                     ControlError::TooLarge { .. } => Some((1009, "Control message too large.")),
-                    ControlError::TooDeep { .. } => Some((1008, "Control message nested too deeply.")),
+                    ControlError::TooDeep => Some((1008, "Control message nested too deeply.")),
                     _ => {
                         debug!(hc = %self.hc_name, error = %e, "control message ignored");
                         None

@@ -290,7 +290,9 @@ impl Relay {
             };
             let tls = self.tls.clone();
             let shared2 = Arc::clone(&shared);
-            shared.tracker.spawn(serve_connection(shared2, tls, tcp, peer));
+            shared
+                .tracker
+                .spawn(serve_connection(shared2, tls, tcp, peer));
         }
         drop(listener);
         info!("relay stopping: no new connections; draining tunnels");
@@ -327,7 +329,8 @@ async fn serve_connection(
         }
     };
     let svc_shared = Arc::clone(&shared);
-    let svc = hyper::service::service_fn(move |req| service::handle(Arc::clone(&svc_shared), peer, req));
+    let svc =
+        hyper::service::service_fn(move |req| service::handle(Arc::clone(&svc_shared), peer, req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)

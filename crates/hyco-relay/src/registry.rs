@@ -98,10 +98,18 @@ impl Registry {
         let list = g.get(hc)?;
         let eligible: Vec<&Arc<ListenerEntry>> = list
             .iter()
-            .filter(|e| allowed.is_none_or(|a| a.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id))))
-            .filter(|e| !disallowed.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id)))
+            .filter(|e| {
+                allowed.is_none_or(|a| a.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id)))
+            })
+            .filter(|e| {
+                !disallowed
+                    .iter()
+                    .any(|id| id.eq_ignore_ascii_case(&e.listener_id))
+            })
             .collect();
-        eligible.choose(&mut rand::thread_rng()).map(|e| Arc::clone(e))
+        eligible
+            .choose(&mut rand::thread_rng())
+            .map(|e| Arc::clone(e))
     }
 
     /// Asks every listener of a hybrid connection to close (the entity was deleted).

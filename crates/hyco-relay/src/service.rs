@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use http::{header, Request, Response, StatusCode};
 use hyco_io::splice::{splice, Counters, SpliceEnd};
 use hyco_io::ws::handshake::{check_upgrade, is_upgrade, switching_protocols};
 use hyco_proto::address::{self, Action, HcQuery};
 use hyco_proto::control::{AcceptCommand, ListenerCommand, RemoteEndpoint};
 use hyco_proto::rights::Need;
-use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
@@ -62,7 +62,9 @@ pub async fn handle(
 }
 
 fn is_hc_path(path: &str) -> bool {
-    path.len() >= 4 && path[..4].eq_ignore_ascii_case("/$hc") && (path.len() == 4 || path.as_bytes()[4] == b'/')
+    path.len() >= 4
+        && path[..4].eq_ignore_ascii_case("/$hc")
+        && (path.len() == 4 || path.as_bytes()[4] == b'/')
 }
 
 /// Paths may carry an application's arguments; keep log lines short.
@@ -141,7 +143,11 @@ async fn websocket(
         (Action::Connect, Some((_, hc, _))) => hc.requires_client_authorization,
         _ => true,
     };
-    let need = if action == Action::Listen { Need::Listen } else { Need::Send };
+    let need = if action == Action::Listen {
+        Need::Listen
+    } else {
+        Need::Send
+    };
     let grant = if needs_auth {
         let g = crate::auth::authorize(
             &ns,
@@ -167,9 +173,31 @@ async fn websocket(
     match action {
         Action::Listen => {
             let expiry = grant.map(|g| g.expiry).unwrap_or(u64::MAX);
-            listen(shared, peer, req, &accept_key, hc_key, hc.name.clone(), host, query, expiry)
+            listen(
+                shared,
+                peer,
+                req,
+                &accept_key,
+                hc_key,
+                hc.name.clone(),
+                host,
+                query,
+                expiry,
+            )
         }
-        _ => connect(shared, peer, req, &accept_key, hc_key, hc.name.clone(), suffix, query).await,
+        _ => {
+            connect(
+                shared,
+                peer,
+                req,
+                &accept_key,
+                hc_key,
+                hc.name.clone(),
+                suffix,
+                query,
+            )
+            .await
+        }
     }
 }
 
@@ -236,7 +264,9 @@ fn canonical_header_name(name: &str) -> String {
             } else {
                 let mut c = part.chars();
                 match c.next() {
-                    Some(f) => f.to_ascii_uppercase().to_string() + &c.as_str().to_ascii_lowercase(),
+                    Some(f) => {
+                        f.to_ascii_uppercase().to_string() + &c.as_str().to_ascii_lowercase()
+                    }
                     None => String::new(),
                 }
             }
@@ -286,7 +316,8 @@ async fn connect(
 ) -> Result<Response<Body>, RelayError> {
     let started = Instant::now();
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
-    let disallowed = id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
+    let disallowed =
+        id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
     let listener = shared
         .registry
         .pick(&hc_key, allowed.as_deref(), &disallowed)
@@ -296,7 +327,9 @@ async fn connect(
             ))
         })?;
     if shared.rendezvous.len() >= shared.cfg.limits.max_pending {
-        return Err(RelayError::Unavailable("Too many connections are waiting for listeners."));
+        return Err(RelayError::Unavailable(
+            "Too many connections are waiting for listeners.",
+        ));
     }
     let rv = address::new_connection_id(rand::random());
     let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
@@ -322,7 +355,9 @@ async fn connect(
     listener
         .tx
         .try_send(ControlMsg::Command(cmd.to_json()))
-        .map_err(|_| RelayError::Unavailable("The listener is not accepting connections right now."))?;
+        .map_err(|_| {
+            RelayError::Unavailable("The listener is not accepting connections right now.")
+        })?;
     let deadline = shared.cfg.limits.rendezvous_timeout;
     let outcome = match tokio::time::timeout(deadline, rx).await {
         Ok(Ok(o)) => o,
@@ -332,7 +367,11 @@ async fn connect(
     match outcome {
         Outcome::Rejected { status, reason } => {
             info!(event = "ListenerRejectedConnection", hc = %hc_name, id = %conn_id, status, "listener rejected the sender");
-            let status = if (400..=599).contains(&status) { status } else { 502 };
+            let status = if (400..=599).contains(&status) {
+                status
+            } else {
+                502
+            };
             Err(RelayError::ListenerRejected {
                 status,
                 reason: address::sanitize_reason(&reason),
@@ -427,7 +466,14 @@ fn accept(
     let upgrade = hyper::upgrade::on(req);
     shared
         .rendezvous
-        .complete(&rv, &hc_key, Outcome::Accepted { upgrade, protocol: protocol.clone() })
+        .complete(
+            &rv,
+            &hc_key,
+            Outcome::Accepted {
+                upgrade,
+                protocol: protocol.clone(),
+            },
+        )
         .map_err(|_| RelayError::RendezvousInvalid)?;
     Ok(switching_protocols(accept_key, protocol.as_deref()))
 }
@@ -455,12 +501,21 @@ async fn entity_or_http(
     let host = host_of(&req);
     let mut hosts = shared.cfg.hostnames.clone();
     hosts.push(strip_port(&host).to_ascii_lowercase());
-    let query = HcQuery::parse(raw_query).map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
+    let query =
+        HcQuery::parse(raw_query).map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
     let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
     // Any of Listen, Send, Manage may read the description (the manager has Listen only).
     let mut last = None;
     for need in [Need::Listen, Need::Send] {
-        match crate::auth::authorize(&ns, &hosts, Some((&name, resolved.as_ref().map(|r| r.1))), token, need, unix_now(), 0) {
+        match crate::auth::authorize(
+            &ns,
+            &hosts,
+            Some((&name, resolved.as_ref().map(|r| r.1))),
+            token,
+            need,
+            unix_now(),
+            0,
+        ) {
             Ok(_) => {
                 last = None;
                 break;
@@ -472,7 +527,9 @@ async fn entity_or_http(
         return Err(e);
     }
     let Some((key, hc, _)) = resolved else {
-        return Err(RelayError::NotFound(format!("Endpoint does not exist. No hybrid connection '{name}'.")));
+        return Err(RelayError::NotFound(format!(
+            "Endpoint does not exist. No hybrid connection '{name}'."
+        )));
     };
     let desc = hyco_proto::entity::EntityDescription {
         name: hc.name.clone(),

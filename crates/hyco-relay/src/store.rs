@@ -187,7 +187,10 @@ impl Store {
         let key = hyco_proto::address::entity_key(&hc.name);
         self.update(|ns| {
             if ns.hcs.contains_key(&key) {
-                return Err(StoreError::Exists(format!("hybrid connection '{}'", hc.name)));
+                return Err(StoreError::Exists(format!(
+                    "hybrid connection '{}'",
+                    hc.name
+                )));
             }
             ns.hcs.insert(key.clone(), hc.clone());
             Ok((hc, vec![Change::Hc(key)]))
@@ -212,7 +215,9 @@ impl Store {
                 hc.rules.push(rule.clone());
                 Ok((rule, vec![Change::Hc(key)]))
             }
-            None => Err(StoreError::NotFound(format!("hybrid connection '{hc_name}'"))),
+            None => Err(StoreError::NotFound(format!(
+                "hybrid connection '{hc_name}'"
+            ))),
         })
     }
 }

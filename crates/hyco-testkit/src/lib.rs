@@ -37,12 +37,20 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let changed = Arc::new(Notify::new());
         for stream in [
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
         ]
         .into_iter()
         .flatten()
@@ -105,14 +113,24 @@ impl Proc {
     /// SIGTERM (graceful), then wait for exit up to `within`.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
-        tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// Waits for exit and returns the status.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 
@@ -151,7 +169,12 @@ pub async fn dead_port() -> SocketAddr {
 }
 
 /// Runs a command to completion with a deadline; returns (status code, stdout, stderr).
-pub async fn run(bin: &Path, args: &[&str], env: &[(&str, &str)], within: Duration) -> (i32, String, String) {
+pub async fn run(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> (i32, String, String) {
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
     for (k, v) in env {
@@ -159,7 +182,12 @@ pub async fn run(bin: &Path, args: &[&str], env: &[(&str, &str)], within: Durati
     }
     let out = tokio::time::timeout(within, cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within {within:?}", bin.display()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} did not finish within {within:?}",
+                bin.display()
+            )
+        })
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
     (
         out.status.code().unwrap_or(-1),
@@ -179,7 +207,10 @@ where
         if check().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "not reached within {within:?}: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reached within {within:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -197,7 +228,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     /// A fresh folder under the system temp dir.
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("hyco-test-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        let p = std::env::temp_dir().join(format!(
+            "hyco-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
     }
@@ -205,7 +240,10 @@ impl TempDir {
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl Drop for TempDir {

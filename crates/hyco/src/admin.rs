@@ -14,7 +14,12 @@ use crate::usage;
 #[derive(Args)]
 pub struct AdminArgs {
     /// Connection string of a rule with Manage rights (the root one, for instance).
-    #[arg(long, env = "HYCO_CONNECTION_STRING", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HYCO_CONNECTION_STRING",
+        global = true,
+        hide_env_values = true
+    )]
     connection_string: Option<String>,
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE", global = true)]
@@ -81,7 +86,12 @@ struct Api {
 }
 
 impl Api {
-    async fn call(&self, method: http::Method, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
         let url = format!("{}{}", self.base, path);
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let ans = self
@@ -89,7 +99,10 @@ impl Api {
             .https_request(
                 method,
                 &url,
-                &[("Authorization", &self.auth), ("Content-Type", "application/json")],
+                &[
+                    ("Authorization", &self.auth),
+                    ("Content-Type", "application/json"),
+                ],
                 body,
                 1 << 20,
             )
@@ -101,7 +114,10 @@ impl Api {
             serde_json::from_slice(&ans.body).unwrap_or(serde_json::Value::Null)
         };
         if !(200..300).contains(&ans.status) {
-            let msg = v["error"]["message"].as_str().map(str::to_owned).unwrap_or(ans.reason);
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or(ans.reason);
             bail!("relay answered {}: {msg}", ans.status);
         }
         Ok(v)
@@ -109,15 +125,24 @@ impl Api {
 }
 
 pub async fn run(a: AdminArgs) -> Result<()> {
-    let raw = a
-        .connection_string
-        .ok_or_else(|| usage("give --connection-string or set HYCO_CONNECTION_STRING (a rule with Manage)"))?;
-    let cs = ConnectionString::parse(&raw).map_err(|e| usage(format!("--connection-string: {e}")))?;
+    let raw = a.connection_string.ok_or_else(|| {
+        usage("give --connection-string or set HYCO_CONNECTION_STRING (a rule with Manage)")
+    })?;
+    let cs =
+        ConnectionString::parse(&raw).map_err(|e| usage(format!("--connection-string: {e}")))?;
     let ConnectionStringAuth::Key { name, key } = &cs.auth else {
-        return Err(usage("the admin connection string must carry SharedAccessKeyName and SharedAccessKey"));
+        return Err(usage(
+            "the admin connection string must carry SharedAccessKeyName and SharedAccessKey",
+        ));
     };
-    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + Duration::from_secs(600).as_secs();
-    let token = hyco_proto::sas::sign(&hyco_proto::sas::resource_uri(&cs.endpoint.host, None), name, key, expiry);
+    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()
+        + Duration::from_secs(600).as_secs();
+    let token = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri(&cs.endpoint.host, None),
+        name,
+        key,
+        expiry,
+    );
     let connector = crate::client_options(a.ca_file).connector()?;
     let api = Api {
         base: format!("https://{}/$hyco/v1", cs.endpoint.host_port()),
@@ -125,7 +150,14 @@ pub async fn run(a: AdminArgs) -> Result<()> {
         connector,
     };
     match a.cmd {
-        AdminCmd::Hc { cmd: HcCmd::Create { name, endpoint, no_client_auth } } => {
+        AdminCmd::Hc {
+            cmd:
+                HcCmd::Create {
+                    name,
+                    endpoint,
+                    no_client_auth,
+                },
+        } => {
             let hp: HostPort = endpoint
                 .parse()
                 .map_err(|e| usage(format!("--endpoint {endpoint}: {e}")))?;
@@ -139,11 +171,19 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                     })),
                 )
                 .await?;
-            eprintln!("created hybrid connection {} -> {hp}", v["name"].as_str().unwrap_or(&name));
+            eprintln!(
+                "created hybrid connection {} -> {hp}",
+                v["name"].as_str().unwrap_or(&name)
+            );
         }
         AdminCmd::Hc { cmd: HcCmd::List } => {
-            let v = api.call(http::Method::GET, "/hybridconnections", None).await?;
-            println!("{:<32} {:<28} {:>9} {:>11}", "NAME", "ENDPOINT", "LISTENERS", "CLIENT-AUTH");
+            let v = api
+                .call(http::Method::GET, "/hybridconnections", None)
+                .await?;
+            println!(
+                "{:<32} {:<28} {:>9} {:>11}",
+                "NAME", "ENDPOINT", "LISTENERS", "CLIENT-AUTH"
+            );
             for hc in v["value"].as_array().into_iter().flatten() {
                 let endpoint = hc["userMetadata"]
                     .as_str()
@@ -155,22 +195,40 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                     hc["name"].as_str().unwrap_or("?"),
                     endpoint,
                     hc["listenerCount"].as_u64().unwrap_or(0),
-                    if hc["requiresClientAuthorization"].as_bool().unwrap_or(true) { "required" } else { "off" }
+                    if hc["requiresClientAuthorization"].as_bool().unwrap_or(true) {
+                        "required"
+                    } else {
+                        "off"
+                    }
                 );
             }
         }
-        AdminCmd::Hc { cmd: HcCmd::Delete { name } } => {
-            api.call(http::Method::DELETE, &format!("/hybridconnections/{name}"), None).await?;
+        AdminCmd::Hc {
+            cmd: HcCmd::Delete { name },
+        } => {
+            api.call(
+                http::Method::DELETE,
+                &format!("/hybridconnections/{name}"),
+                None,
+            )
+            .await?;
             eprintln!("deleted hybrid connection {name}");
         }
-        AdminCmd::Rule { cmd: RuleCmd::Create { name, hc, rights } } => {
-            let r = hyco_proto::Rights::parse_list(&rights).map_err(|e| usage(format!("--rights {rights}: {e}")))?;
+        AdminCmd::Rule {
+            cmd: RuleCmd::Create { name, hc, rights },
+        } => {
+            let r = hyco_proto::Rights::parse_list(&rights)
+                .map_err(|e| usage(format!("--rights {rights}: {e}")))?;
             let path = match &hc {
                 Some(hc) => format!("/hybridconnections/{hc}/authorizationrules/{name}"),
                 None => format!("/authorizationrules/{name}"),
             };
             let v = api
-                .call(http::Method::PUT, &path, Some(serde_json::json!({ "rights": r })))
+                .call(
+                    http::Method::PUT,
+                    &path,
+                    Some(serde_json::json!({ "rights": r })),
+                )
                 .await?;
             let s = v["primaryConnectionString"]
                 .as_str()

@@ -160,7 +160,10 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -183,7 +186,9 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Relay(a) => relay(a).await,
-        Cmd::Manager { cmd: ManagerCmd::Run(a) } => manager(a).await,
+        Cmd::Manager {
+            cmd: ManagerCmd::Run(a),
+        } => manager(a).await,
         Cmd::Forward(a) => forward(a).await,
         Cmd::Admin(a) => admin::run(a).await,
     }
@@ -195,7 +200,11 @@ async fn relay(a: RelayArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let bound = listener.local_addr()?;
     let public_host = a.public_host.clone().unwrap_or_else(|| {
-        let host = a.hostnames.first().map(String::as_str).unwrap_or("localhost");
+        let host = a
+            .hostnames
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost");
         format!("{host}:{}", bound.port())
     });
     let mut cfg = hyco_relay::RelayConfig::new(&a.data, public_host);
@@ -211,10 +220,16 @@ async fn relay(a: RelayArgs) -> Result<()> {
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
     let relay = hyco_relay::Relay::prepare(cfg).context("cannot prepare the relay")?;
     if relay.first_start {
-        println!("Namespace created. Root connection string (also in {}):", a.data.join("root.connection-string").display());
+        println!(
+            "Namespace created. Root connection string (also in {}):",
+            a.data.join("root.connection-string").display()
+        );
         println!("{}", relay.root_connection_string);
         if let Some(ca) = &relay.ca_file {
-            println!("Clients must trust the generated CA: --ca-file {} (or HYCO_CA_FILE)", ca.display());
+            println!(
+                "Clients must trust the generated CA: --ca-file {} (or HYCO_CA_FILE)",
+                ca.display()
+            );
         }
     }
     info!(listen = %bound, data = %a.data.display(), "relay listening");
@@ -250,11 +265,15 @@ async fn manager(a: ManagerRunArgs) -> Result<()> {
         cfg.client.ca_file = a.ca_file.clone();
     }
     if cfg.connections.is_empty() {
-        return Err(usage("no hybrid connection: give --connection-string or --config"));
+        return Err(usage(
+            "no hybrid connection: give --connection-string or --config",
+        ));
     }
     let shutdown = CancellationToken::new();
     on_signals(shutdown.clone());
-    hyco_manager::run(cfg, shutdown).await.context("manager failed")
+    hyco_manager::run(cfg, shutdown)
+        .await
+        .context("manager failed")
 }
 
 /// Parses `[BIND:]PORT:HC`.
@@ -263,7 +282,9 @@ fn parse_local(spec: &str) -> Result<(SocketAddr, String)> {
         .rsplit_once(':')
         .ok_or_else(|| usage(format!("-L {spec}: expected [BIND:]PORT:HC")))?;
     if hc.is_empty() {
-        return Err(usage(format!("-L {spec}: the hybrid connection name is empty")));
+        return Err(usage(format!(
+            "-L {spec}: the hybrid connection name is empty"
+        )));
     }
     let addr: SocketAddr = if let Ok(port) = addr.parse::<u16>() {
         SocketAddr::from(([127, 0, 0, 1], port))
@@ -305,8 +326,14 @@ mod tests {
 
     #[test]
     fn local_specs() {
-        assert_eq!(parse_local("5432:db").unwrap(), ("127.0.0.1:5432".parse().unwrap(), "db".into()));
-        assert_eq!(parse_local("0.0.0.0:80:web").unwrap(), ("0.0.0.0:80".parse().unwrap(), "web".into()));
+        assert_eq!(
+            parse_local("5432:db").unwrap(),
+            ("127.0.0.1:5432".parse().unwrap(), "db".into())
+        );
+        assert_eq!(
+            parse_local("0.0.0.0:80:web").unwrap(),
+            ("0.0.0.0:80".parse().unwrap(), "web".into())
+        );
         assert!(parse_local("db").is_err());
         assert!(parse_local("x:db").is_err());
         assert!(parse_local("80:").is_err());

@@ -1,6 +1,8 @@
 //! End to end with real processes: `hyco relay`, `hyco manager`, `hyco forward`, `hyco admin`,
 //! real TCP services on 127.0.0.1, real TLS with the generated CA.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,13 +34,33 @@ impl Relay {
         let proc = Proc::spawn(
             "relay",
             &bin(),
-            &["relay", "--listen", &listen, "--data", data.to_str().unwrap()],
+            &[
+                "relay",
+                "--listen",
+                &listen,
+                "--data",
+                data.to_str().unwrap(),
+            ],
             &[],
         );
         let line = proc.wait_line("relay listening", T).await;
-        let port: u16 = field(&line, "listen").unwrap().rsplit(':').next().unwrap().parse().unwrap();
-        let root = std::fs::read_to_string(data.join("root.connection-string")).unwrap().trim().to_owned();
-        Relay { proc, dir, port, root }
+        let port: u16 = field(&line, "listen")
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let root = std::fs::read_to_string(data.join("root.connection-string"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Relay {
+            proc,
+            dir,
+            port,
+            root,
+        }
     }
 
     fn ca(&self) -> String {
@@ -46,7 +68,10 @@ impl Relay {
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![("HYCO_CA_FILE", self.ca()), ("HYCO_CONNECTION_STRING", self.root.clone())]
+        vec![
+            ("HYCO_CA_FILE", self.ca()),
+            ("HYCO_CONNECTION_STRING", self.root.clone()),
+        ]
     }
 
     async fn admin(&self, args: &[&str]) -> (i32, String, String) {
@@ -59,24 +84,61 @@ impl Relay {
 
     /// Creates an HC for `endpoint` and returns (listen cs, send cs).
     async fn hc(&self, name: &str, endpoint: &str) -> (String, String) {
-        let (code, _, err) = self.admin(&["hc", "create", name, "--endpoint", endpoint]).await;
+        let (code, _, err) = self
+            .admin(&["hc", "create", name, "--endpoint", endpoint])
+            .await;
         assert_eq!(code, 0, "{err}");
-        let (code, l, err) = self.admin(&["rule", "create", "l", "--hc", name, "--rights", "listen"]).await;
+        let (code, l, err) = self
+            .admin(&["rule", "create", "l", "--hc", name, "--rights", "listen"])
+            .await;
         assert_eq!(code, 0, "{err}");
-        let (code, s, err) = self.admin(&["rule", "create", "s", "--hc", name, "--rights", "send"]).await;
+        let (code, s, err) = self
+            .admin(&["rule", "create", "s", "--hc", name, "--rights", "send"])
+            .await;
         assert_eq!(code, 0, "{err}");
         (l.trim().to_owned(), s.trim().to_owned())
     }
 
     fn manager(&self, tag: &str, cs: &str) -> Proc {
-        Proc::spawn(tag, &bin(), &["manager", "run", "--connection-string", cs, "--ca-file", &self.ca()], &[])
+        Proc::spawn(
+            tag,
+            &bin(),
+            &[
+                "manager",
+                "run",
+                "--connection-string",
+                cs,
+                "--ca-file",
+                &self.ca(),
+            ],
+            &[],
+        )
     }
 
     async fn forward(&self, hc: &str, cs: &str) -> (Proc, u16) {
         let spec = format!("127.0.0.1:0:{hc}");
-        let p = Proc::spawn("forward", &bin(), &["forward", "-L", &spec, "--connection-string", cs, "--ca-file", &self.ca()], &[]);
+        let p = Proc::spawn(
+            "forward",
+            &bin(),
+            &[
+                "forward",
+                "-L",
+                &spec,
+                "--connection-string",
+                cs,
+                "--ca-file",
+                &self.ca(),
+            ],
+            &[],
+        );
         let line = p.wait_line("forwarding", T).await;
-        let port = field(&line, "local").unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        let port = field(&line, "local")
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         (p, port)
     }
 
@@ -90,13 +152,19 @@ impl Relay {
     }
 
     async fn wait_listeners(&self, hc: &str, n: u64) {
-        eventually(&format!("{n} listener(s) on {hc}"), T, || async { self.listeners(hc).await == n }).await;
+        eventually(&format!("{n} listener(s) on {hc}"), T, || async {
+            self.listeners(hc).await == n
+        })
+        .await;
     }
 
     fn connector(&self) -> hyco_client::Connector {
-        ClientOptions { ca_file: Some(PathBuf::from(self.ca())), ..ClientOptions::default() }
-            .connector()
-            .unwrap()
+        ClientOptions {
+            ca_file: Some(PathBuf::from(self.ca())),
+            ..ClientOptions::default()
+        }
+        .connector()
+        .unwrap()
     }
 }
 
@@ -127,7 +195,10 @@ async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize) {
     let mut total = 0;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf)).await.expect("echo stalled").unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .expect("echo stalled")
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -161,40 +232,97 @@ async fn refusals_have_the_documented_status() {
     let cs = ConnectionString::parse(&s).unwrap();
 
     // (e) no listener yet.
-    let e = connect_with(&cs, &connector, &ConnectOptions::default()).await.unwrap_err();
+    let e = connect_with(&cs, &connector, &ConnectOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), Some(404), "{e}");
     assert!(e.to_string().contains("No listener"), "{e}");
 
     // (d) endpoint down: 502 with the manager's reason.
     let _m = r.manager("manager", &l);
     r.wait_listeners("down", 1).await;
-    let e = connect_with(&cs, &connector, &ConnectOptions::default()).await.unwrap_err();
+    let e = connect_with(&cs, &connector, &ConnectOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), Some(502), "{e}");
-    assert!(e.to_string().contains(&format!("Endpoint {down} unreachable")), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("Endpoint {down} unreachable")),
+        "{e}"
+    );
 
     // (f) wrong key, Listen key used to send, expired token.
-    let wrong = s.replace(s.split("SharedAccessKey=").nth(1).unwrap().split(';').next().unwrap(), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-    let e = connect_with(&ConnectionString::parse(&wrong).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    let wrong = s.replace(
+        s.split("SharedAccessKey=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap(),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    );
+    let e = connect_with(
+        &ConnectionString::parse(&wrong).unwrap(),
+        &connector,
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.status(), Some(401), "{e}");
-    let e = connect_with(&ConnectionString::parse(&l).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    let e = connect_with(
+        &ConnectionString::parse(&l).unwrap(),
+        &connector,
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
-    let hyco_proto::ConnectionStringAuth::Key { name, key } = &cs.auth else { panic!() };
-    let expired = hyco_proto::sas::sign(&hyco_proto::sas::resource_uri("localhost", Some("down")), name, key, 1_000_000);
-    let with_sas = format!("Endpoint=sb://localhost:{}/;SharedAccessSignature={};EntityPath=down", r.port, expired.as_str());
-    let e = connect_with(&ConnectionString::parse(&with_sas).unwrap(), &connector, &ConnectOptions::default()).await.unwrap_err();
+    let hyco_proto::ConnectionStringAuth::Key { name, key } = &cs.auth else {
+        panic!()
+    };
+    let expired = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri("localhost", Some("down")),
+        name,
+        key,
+        1_000_000,
+    );
+    let with_sas = format!(
+        "Endpoint=sb://localhost:{}/;SharedAccessSignature={};EntityPath=down",
+        r.port,
+        expired.as_str()
+    );
+    let e = connect_with(
+        &ConnectionString::parse(&with_sas).unwrap(),
+        &connector,
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.status(), Some(401), "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
 
     // Unknown hybrid connection with a valid namespace token: 404 after authorization.
-    let root = ConnectionString::parse(&r.root).unwrap().with_entity("nope");
-    let e = connect_with(&root, &connector, &ConnectOptions::default()).await.unwrap_err();
+    let root = ConnectionString::parse(&r.root)
+        .unwrap()
+        .with_entity("nope");
+    let e = connect_with(&root, &connector, &ConnectOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), Some(404), "{e}");
 
     // Bad admin input: a clear error and a non-zero exit.
-    let (code, _, err) = r.admin(&["hc", "create", "x", "--endpoint", "nohost"]).await;
+    let (code, _, err) = r
+        .admin(&["hc", "create", "x", "--endpoint", "nohost"])
+        .await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--endpoint"), "{err}");
-    let (code, _, err) = run(&bin(), &["admin", "hc", "list"], &[("HYCO_CONNECTION_STRING", "Endpoint=sb://x/;Bogus=1")], T).await;
+    let (code, _, err) = run(
+        &bin(),
+        &["admin", "hc", "list"],
+        &[("HYCO_CONNECTION_STRING", "Endpoint=sb://x/;Bogus=1")],
+        T,
+    )
+    .await;
     assert_eq!(code, 64);
     assert!(err.contains("Bogus"), "{err}");
 }
@@ -243,16 +371,33 @@ async fn relay_restart_keeps_state_and_managers_reconnect() {
 
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p).map(|d| d.join(name)).find(|c| Path::new(c).is_file())
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|c| Path::new(c).is_file())
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_through_the_tunnel() {
-    let server = which("redis-server").expect("redis-server is required (scripts/test installs it)");
+    let server =
+        which("redis-server").expect("redis-server is required (scripts/test installs it)");
     let cli = which("redis-cli").expect("redis-cli is required (scripts/test installs it)");
     let rport = dead_port().await.port().to_string();
-    let redis = Proc::spawn("redis", &server, &["--port", &rport, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], &[]);
+    let redis = Proc::spawn(
+        "redis",
+        &server,
+        &[
+            "--port",
+            &rport,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        &[],
+    );
     redis.wait_line("Ready to accept connections", T).await;
     let r = relay("redis").await;
     let (l, s) = r.hc("redis", &format!("127.0.0.1:{rport}")).await;
@@ -260,10 +405,34 @@ async fn redis_through_the_tunnel() {
     r.wait_listeners("redis", 1).await;
     let (_f, port) = r.forward("redis", &s).await;
     let p = port.to_string();
-    let (code, out, err) = run(&cli, &["-h", "127.0.0.1", "-p", &p, "SET", "hyco", "through the relay"], &[], T).await;
+    let (code, out, err) = run(
+        &cli,
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &p,
+            "SET",
+            "hyco",
+            "through the relay",
+        ],
+        &[],
+        T,
+    )
+    .await;
     assert_eq!((code, out.trim()), (0, "OK"), "{err}");
     let (code, out, _) = run(&cli, &["-h", "127.0.0.1", "-p", &p, "GET", "hyco"], &[], T).await;
     assert_eq!((code, out.trim()), (0, "through the relay"));
-    let (_, out, _) = run(&cli, &["-h", "127.0.0.1", "-p", &rport, "GET", "hyco"], &[], T).await;
-    assert_eq!(out.trim(), "through the relay", "the value reached the real server");
+    let (_, out, _) = run(
+        &cli,
+        &["-h", "127.0.0.1", "-p", &rport, "GET", "hyco"],
+        &[],
+        T,
+    )
+    .await;
+    assert_eq!(
+        out.trim(),
+        "through the relay",
+        "the value reached the real server"
+    );
 }

@@ -86,9 +86,10 @@ async fn abort_is_mirrored_as_abort() {
 async fn unmasked_frame_gets_1002_and_the_other_side_is_dropped() {
     let (ca, ra) = duplex(1024);
     let (cb, rb) = duplex(1024);
-    let task = tokio::spawn(async move {
-        splice(ra, rb, SpliceConfig::default(), &Counters::default()).await
-    });
+    let task =
+        tokio::spawn(
+            async move { splice(ra, rb, SpliceConfig::default(), &Counters::default()).await },
+        );
     let mut raw = ca;
     raw.write_all(&[0x82, 0x01, 0x55]).await.unwrap();
     let mut back = Vec::new();
@@ -109,16 +110,21 @@ async fn unmasked_frame_gets_1002_and_the_other_side_is_dropped() {
 async fn pings_are_answered_by_the_relay_not_forwarded() {
     let (ca, ra) = duplex(1024);
     let (cb, rb) = duplex(1024);
-    let _task = tokio::spawn(async move {
-        splice(ra, rb, SpliceConfig::default(), &Counters::default()).await
-    });
+    let _task =
+        tokio::spawn(
+            async move { splice(ra, rb, SpliceConfig::default(), &Counters::default()).await },
+        );
     let mut raw = ca;
     // Masked ping "hi" with a zero key.
-    raw.write_all(&[0x89, 0x82, 0, 0, 0, 0, b'h', b'i']).await.unwrap();
+    raw.write_all(&[0x89, 0x82, 0, 0, 0, 0, b'h', b'i'])
+        .await
+        .unwrap();
     let mut pong = [0u8; 4];
     raw.read_exact(&mut pong).await.unwrap();
     assert_eq!(pong, [0x8A, 0x02, b'h', b'i']);
     let mut b = WsStream::new(cb, Role::Client, WsConfig::default());
-    raw.write_all(&[0x81, 0x81, 0, 0, 0, 0, b'z']).await.unwrap();
+    raw.write_all(&[0x81, 0x81, 0, 0, 0, 0, b'z'])
+        .await
+        .unwrap();
     assert_eq!(b.recv().await.unwrap(), Message::Text("z".into()));
 }

@@ -323,15 +323,33 @@ mod tests {
 
     #[test]
     fn rejects_violations_before_any_payload() {
-        assert_eq!(FrameHeader::parse(&[0xC2, 0x80]), Err(FrameError::ReservedBits));
-        assert_eq!(FrameHeader::parse(&[0x83, 0x80]), Err(FrameError::UnknownOpcode(3)));
-        assert_eq!(FrameHeader::parse(&[0x8B, 0x80]), Err(FrameError::UnknownOpcode(0xB)));
-        assert_eq!(FrameHeader::parse(&[0x09, 0x80]), Err(FrameError::BadControlFrame));
-        assert_eq!(FrameHeader::parse(&[0x89, 0xFE, 0, 126]), Err(FrameError::BadControlFrame));
+        assert_eq!(
+            FrameHeader::parse(&[0xC2, 0x80]),
+            Err(FrameError::ReservedBits)
+        );
+        assert_eq!(
+            FrameHeader::parse(&[0x83, 0x80]),
+            Err(FrameError::UnknownOpcode(3))
+        );
+        assert_eq!(
+            FrameHeader::parse(&[0x8B, 0x80]),
+            Err(FrameError::UnknownOpcode(0xB))
+        );
+        assert_eq!(
+            FrameHeader::parse(&[0x09, 0x80]),
+            Err(FrameError::BadControlFrame)
+        );
+        assert_eq!(
+            FrameHeader::parse(&[0x89, 0xFE, 0, 126]),
+            Err(FrameError::BadControlFrame)
+        );
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(FrameHeader::parse(&huge), Err(FrameError::LengthTopBit));
-        assert_eq!(FrameHeader::parse(&[0x82, 126, 0, 5]), Err(FrameError::NonMinimalLength));
+        assert_eq!(
+            FrameHeader::parse(&[0x82, 126, 0, 5]),
+            Err(FrameError::NonMinimalLength)
+        );
     }
 
     #[test]
@@ -354,10 +372,17 @@ mod tests {
         assert_eq!(parse_close(&[]), Ok(None));
         assert_eq!(parse_close(&[3]), Err(FrameError::BadClose));
         for bad in [999u16, 1004, 1005, 1006, 1015, 5000] {
-            assert_eq!(parse_close(&bad.to_be_bytes()), Err(FrameError::BadClose), "{bad}");
+            assert_eq!(
+                parse_close(&bad.to_be_bytes()),
+                Err(FrameError::BadClose),
+                "{bad}"
+            );
         }
         assert_eq!(parse_close(&[0x03, 0xE8, 0xff]), Err(FrameError::BadUtf8));
-        assert_eq!(parse_close(&close_payload(1000, "bye")), Ok(Some((1000, "bye"))));
+        assert_eq!(
+            parse_close(&close_payload(1000, "bye")),
+            Ok(Some((1000, "bye")))
+        );
         let long = "é".repeat(100);
         let p = close_payload(1001, &long);
         assert!(p.len() <= 125);

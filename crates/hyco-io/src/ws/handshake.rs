@@ -320,7 +320,12 @@ impl Connector {
         let parts = upgraded
             .downcast::<TokioIo<ClientTls>>()
             .map_err(|_| ConnectError::BadHandshake("unexpected transport after upgrade"))?;
-        let ws = WsStream::with_prefix(parts.io.into_inner(), Role::Client, self.ws, &parts.read_buf);
+        let ws = WsStream::with_prefix(
+            parts.io.into_inner(),
+            Role::Client,
+            self.ws,
+            &parts.read_buf,
+        );
         Ok(Connected { ws, protocol })
     }
 }
@@ -475,6 +480,9 @@ mod tests {
         assert_eq!(t.port, 9443);
         assert_eq!(t.path_and_query, "/$hc/hyco?sb-hc-action=listen");
         assert!(Target::parse("ws://relay/").is_err());
-        assert_eq!(Target::parse("wss://[::1]/x").unwrap().host_header(), "[::1]");
+        assert_eq!(
+            Target::parse("wss://[::1]/x").unwrap().host_header(),
+            "[::1]"
+        );
     }
 }

@@ -103,6 +103,9 @@ impl WsError {
     }
 }
 
+/// A peer's Close: code and reason, or `None` when it carried no status.
+pub type CloseInfo = Option<(u16, String)>;
+
 struct Current {
     header: FrameHeader,
     remaining: u64,
@@ -132,7 +135,7 @@ pub struct WsStream<S> {
     /// The latest unanswered ping's payload; one slot, so floods cost nothing.
     pending_pong: Option<Vec<u8>>,
     /// Set once the peer's Close arrived.
-    peer_closed: Option<Option<(u16, String)>>,
+    peer_closed: Option<CloseInfo>,
     /// Set once our Close is queued; nothing may be written after it.
     sent_close: bool,
     /// Frames read so far (pongs included): liveness for ping deadlines.
@@ -185,7 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     }
 
     /// The peer's Close, once it arrived.
-    pub fn peer_close(&self) -> Option<&Option<(u16, String)>> {
+    pub fn peer_close(&self) -> Option<&CloseInfo> {
         self.peer_closed.as_ref()
     }
 
@@ -239,7 +242,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     fn fail(&mut self, e: FrameError) -> io::Error {
         if !self.sent_close {
-            self.queue_frame(OpCode::Close, true, &close_payload(e.close_code(), &e.to_string()));
+            self.queue_frame(
+                OpCode::Close,
+                true,
+                &close_payload(e.close_code(), &e.to_string()),
+            );
             self.sent_close = true;
         }
         io::Error::new(io::ErrorKind::InvalidData, e)
@@ -295,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         &mut self,
         cx: &mut Context<'_>,
         h: FrameHeader,
-    ) -> Poll<io::Result<Option<Option<(u16, String)>>>> {
+    ) -> Poll<io::Result<Option<CloseInfo>>> {
         let len = h.len as usize;
         if !ready!(self.poll_need(cx, len))? {
             return Poll::Ready(Err(aborted()));
@@ -574,7 +581,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.sent_close {
             return Poll::Ready(Err(closed_for_writing()));

@@ -1,7 +1,12 @@
 use super::*;
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
-fn pair(cfg: WsConfig) -> (WsStream<tokio::io::DuplexStream>, WsStream<tokio::io::DuplexStream>) {
+fn pair(
+    cfg: WsConfig,
+) -> (
+    WsStream<tokio::io::DuplexStream>,
+    WsStream<tokio::io::DuplexStream>,
+) {
     let (a, b) = duplex(256 * 1024);
     (
         WsStream::new(a, Role::Client, cfg),
@@ -90,12 +95,18 @@ async fn fragmented_messages_reassemble_and_bad_order_is_refused() {
     let (mut raw, b) = duplex(1024);
     let mut s = WsStream::new(b, Role::Server, WsConfig::default());
     // "hel" (text, no FIN) + ping + "lo" (continuation, FIN), all masked with a zero key.
-    raw.write_all(&[0x01, 0x83, 0, 0, 0, 0, b'h', b'e', b'l']).await.unwrap();
+    raw.write_all(&[0x01, 0x83, 0, 0, 0, 0, b'h', b'e', b'l'])
+        .await
+        .unwrap();
     raw.write_all(&[0x89, 0x80, 0, 0, 0, 0]).await.unwrap();
-    raw.write_all(&[0x80, 0x82, 0, 0, 0, 0, b'l', b'o']).await.unwrap();
+    raw.write_all(&[0x80, 0x82, 0, 0, 0, 0, b'l', b'o'])
+        .await
+        .unwrap();
     assert_eq!(s.recv().await.unwrap(), Message::Text("hello".into()));
     // A continuation with no message started.
-    raw.write_all(&[0x80, 0x81, 0, 0, 0, 0, b'x']).await.unwrap();
+    raw.write_all(&[0x80, 0x81, 0, 0, 0, 0, b'x'])
+        .await
+        .unwrap();
     assert!(matches!(
         s.recv().await,
         Err(WsError::Protocol(FrameError::BadFragmentation))
