@@ -17,6 +17,9 @@ pub enum RelayError {
     /// Malformed request (bad path, bad upgrade, bad query).
     #[error("{0}")]
     BadRequest(String),
+    /// A WebSocket version other than 13.
+    #[error("Sec-WebSocket-Version must be 13")]
+    UpgradeRequired,
     /// Missing, malformed, expired or wrongly signed token.
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -58,6 +61,7 @@ impl RelayError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             RelayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            RelayError::UpgradeRequired => (StatusCode::UPGRADE_REQUIRED, "BadRequest"),
             RelayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "TokenMissingOrInvalid"),
             RelayError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             RelayError::NotFound(_) => (StatusCode::NOT_FOUND, "EndpointNotFound"),
@@ -83,7 +87,14 @@ impl RelayError {
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
-        error_response(status, code, &message)
+        let mut resp = error_response(status, code, &message);
+        if matches!(self, RelayError::UpgradeRequired) {
+            resp.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        resp
     }
 }
 

@@ -120,7 +120,13 @@ async fn websocket(
     let action = query
         .action
         .ok_or_else(|| RelayError::BadRequest("sb-hc-action is required.".into()))?;
-    let accept_key = check_upgrade(&req).map_err(|e| RelayError::BadRequest(e.reason.into()))?;
+    let accept_key = check_upgrade(&req).map_err(|e| {
+        if e.status == StatusCode::UPGRADE_REQUIRED {
+            RelayError::UpgradeRequired
+        } else {
+            RelayError::BadRequest(e.reason.into())
+        }
+    })?;
     let ns = shared.store.snapshot();
     if action == Action::Accept {
         return accept(shared, &segments, &query, &mut req, &accept_key);

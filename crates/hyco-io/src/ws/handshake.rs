@@ -216,6 +216,7 @@ impl Target {
 }
 
 /// A completed client handshake.
+#[derive(Debug)]
 pub struct Connected {
     /// The WebSocket, client role.
     pub ws: WsStream<ClientTls>,

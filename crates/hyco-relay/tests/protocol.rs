@@ -1,0 +1,576 @@
+//! The relay against raw protocol peers, in-process: what Microsoft's clients rely on
+//! (protocol.md §2–§5) and the refusals of attacks.md that belong to the core.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyco_io::ws::{ConnectError, Connected, Connector, Message};
+use hyco_io::CancellationToken;
+use hyco_proto::control::ListenerCommand;
+use hyco_proto::{ConnectionString, ConnectionStringAuth, SecretKey};
+use hyco_relay::{Relay, RelayConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(10);
+
+struct Env {
+    port: u16,
+    ca: PathBuf,
+    key_name: String,
+    key: SecretKey,
+    dir: PathBuf,
+    connector: Connector,
+    stop: CancellationToken,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
+    let dir = std::env::temp_dir().join(format!(
+        "hyco-relay-{tag}-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = RelayConfig::new(&dir, format!("localhost:{port}"));
+    tweak(&mut cfg);
+    let relay = Relay::prepare(cfg).unwrap();
+    let cs = ConnectionString::parse(&relay.root_connection_string).unwrap();
+    let ConnectionStringAuth::Key { name, key } = cs.auth else {
+        panic!("root has a key")
+    };
+    let ca = relay.ca_file.clone().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(listener, stop.clone()));
+    let tls = hyco_io::tls::client_config(Some(&ca)).unwrap();
+    let mut connector = Connector::new(Arc::clone(&tls));
+    connector.timeout = T;
+    let env = Env {
+        port,
+        ca,
+        key_name: name,
+        key,
+        dir,
+        connector,
+        stop,
+    };
+    env.admin(
+        http::Method::PUT,
+        "/hybridconnections/hc1",
+        r#"{"userMetadata":"[{\"key\":\"endpoint\",\"value\":\"127.0.0.1:9\"}]"}"#,
+    )
+    .await;
+    env.admin(http::Method::PUT, "/hybridconnections/hc10", "{}")
+        .await;
+    env
+}
+
+impl Env {
+    fn token(&self, entity: Option<&str>, expiry: u64) -> String {
+        hyco_proto::sas::sign(
+            &hyco_proto::sas::resource_uri("localhost", entity),
+            &self.key_name,
+            &self.key,
+            expiry,
+        )
+        .as_str()
+        .to_owned()
+    }
+
+    async fn admin(&self, method: http::Method, path: &str, body: &str) -> (u16, String) {
+        let t = self.token(None, now() + 600);
+        let a = self
+            .connector
+            .https_request(
+                method,
+                &format!("https://localhost:{}/$hyco/v1{path}", self.port),
+                &[("Authorization", &t)],
+                bytes::Bytes::from(body.to_owned()),
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        (a.status, String::from_utf8_lossy(&a.body).into_owned())
+    }
+
+    /// A rule on `hc` with `rights`; returns (name, key).
+    async fn rule(&self, hc: &str, name: &str, rights: &str) -> (String, SecretKey) {
+        let (s, body) = self
+            .admin(
+                http::Method::PUT,
+                &format!("/hybridconnections/{hc}/authorizationrules/{name}"),
+                &format!(r#"{{"rights":{rights}}}"#),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (
+            name.to_owned(),
+            SecretKey::new(v["primaryKey"].as_str().unwrap()),
+        )
+    }
+
+    fn url(&self, hc: &str, action: &str, extra: &str) -> String {
+        format!(
+            "wss://localhost:{}/$hc/{hc}?{extra}sb-hc-action={action}&sb-hc-id=test-{action}",
+            self.port
+        )
+    }
+
+    async fn listen(&self, hc: &str) -> Connected {
+        let t = self.token(Some(hc), now() + 600);
+        self.connector
+            .connect(
+                &self.url(hc, "listen", ""),
+                &[("ServiceBusAuthorization", &t)],
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn connect(&self, hc: &str, headers: &[(&str, &str)]) -> Result<Connected, ConnectError> {
+        let t = self.token(Some(hc), now() + 600);
+        let mut h = headers.to_vec();
+        h.push(("ServiceBusAuthorization", &t));
+        self.connector
+            .connect(&self.url(hc, "connect", "app=1&"), &h)
+            .await
+    }
+}
+
+async fn next_accept(l: &mut Connected) -> hyco_proto::control::AcceptCommand {
+    match tokio::time::timeout(T, l.ws.recv()).await.unwrap().unwrap() {
+        Message::Text(t) => match ListenerCommand::parse(&t).unwrap() {
+            ListenerCommand::Accept(a) => a,
+            other => panic!("expected accept, got {other:?}"),
+        },
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn accept_carries_headers_and_the_rendezvous_is_single_use() {
+    let env = start("accept", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let env = Arc::new(env);
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move {
+        let mut s = e2
+            .connect(
+                "hc1",
+                &[("X-Tenant", "blue"), ("Sec-WebSocket-Protocol", "chat.v2")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            s.protocol.as_deref(),
+            Some("chat.v2"),
+            "listener's sub-protocol echoed"
+        );
+        s.ws.write_all(b"ping").await.unwrap();
+        s.ws.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.ws.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let a = next_accept(&mut l).await;
+    let h = |n: &str| {
+        a.connect_headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(h("X-Tenant").as_deref(), Some("blue"));
+    assert!(
+        h("Sec-WebSocket-Key").is_some() && h("Sec-WebSocket-Version").as_deref() == Some("13")
+    );
+    assert!(h("Host").is_some());
+    assert!(
+        h("Servicebusauthorization").is_none() && h("ServiceBusAuthorization").is_none(),
+        "credentials never forwarded"
+    );
+    assert!(!a.address.contains("sb-hc-token"));
+    assert!(
+        a.address.contains("app=1&"),
+        "the sender's query is kept: {}",
+        a.address
+    );
+    assert_eq!(a.remote_endpoint.as_ref().unwrap().address, "127.0.0.1");
+    let mut r = env
+        .connector
+        .connect(&a.address, &[("Sec-WebSocket-Protocol", "chat.v2")])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    r.ws.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"ping");
+    r.ws.write_all(b"pong").await.unwrap();
+    r.ws.shutdown().await.unwrap();
+    assert_eq!(sender.await.unwrap(), b"pong");
+    // B1: the address works once.
+    let again = env.connector.connect(&a.address, &[]).await.unwrap_err();
+    assert_eq!(again.status(), Some(403));
+    // B2: a made-up capability.
+    let forged = a.address.split("sb-hc-rv=").next().unwrap().to_owned()
+        + "sb-hc-rv=00000000000000000000000000000000";
+    assert_eq!(
+        env.connector
+            .connect(&forged, &[])
+            .await
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn reject_reaches_the_sender_and_the_listener_gets_410() {
+    let env = Arc::new(start("reject", |_| {}).await);
+    let mut l = env.listen("hc1").await;
+    for (status, reason, node_style, expect_status) in [
+        (418u16, "I'm a teapot today", false, 418u16),
+        (404, "no such room", true, 404),
+        (200, "fake success", false, 502),
+    ] {
+        let e2 = Arc::clone(&env);
+        let sender =
+            tokio::spawn(async move { e2.connect("hc1", &[]).await.map(|_| ()).unwrap_err() });
+        let a = next_accept(&mut l).await;
+        let url = if node_style {
+            format!(
+                "{}&statusCode={status}&statusDescription={}",
+                a.address,
+                reason.replace(' ', "%20")
+            )
+        } else {
+            hyco_proto::address::reject_url(&a.address, status, reason)
+        };
+        let ans = env.connector.connect(&url, &[]).await.unwrap_err();
+        assert_eq!(ans.status(), Some(410), "reject delivered");
+        match sender.await.unwrap() {
+            ConnectError::Rejected {
+                status, reason: r, ..
+            } => {
+                assert_eq!(status, expect_status);
+                assert_eq!(r, reason);
+            }
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_listener_that_never_answers_gives_504() {
+    let env = start("timeout", |c| {
+        c.limits.rendezvous_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let mut l = env.listen("hc1").await;
+    let (e, _) = tokio::join!(env.connect("hc1", &[]), next_accept(&mut l));
+    let e = e.map(|_| ()).unwrap_err();
+    assert_eq!(e.status(), Some(504), "{e}");
+}
+
+#[tokio::test]
+async fn rights_audience_and_existence_are_checked_in_order() {
+    let env = start("auth", |_| {}).await;
+    let (sn, sk) = env.rule("hc1", "send-only", r#"["Send"]"#).await;
+    let send_token = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri("localhost", Some("hc1")),
+        &sn,
+        &sk,
+        now() + 600,
+    );
+    // A4: Send-only token cannot listen, and nothing is registered.
+    let e = env
+        .connector
+        .connect(
+            &env.url("hc1", "listen", ""),
+            &[("ServiceBusAuthorization", send_token.as_str())],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert_eq!(
+        env.connect("hc1", &[])
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .status(),
+        Some(404),
+        "still no listener"
+    );
+    // A1: a token for hc1 does not open hc10.
+    let t = env.token(Some("hc1"), now() + 600);
+    let e = env
+        .connector
+        .connect(
+            &env.url("hc10", "listen", ""),
+            &[("ServiceBusAuthorization", &t)],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    // A8: a bad token to a missing HC is 401, like to an existing one; 404 only after auth.
+    let bad = t.replace("sig=", "sig=AA");
+    for hc in ["hc1", "missing"] {
+        let e = env
+            .connector
+            .connect(
+                &env.url(hc, "listen", ""),
+                &[("ServiceBusAuthorization", &bad)],
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.status(), Some(401), "{hc}: {e}");
+    }
+    let root = env.token(None, now() + 600);
+    let e = env
+        .connector
+        .connect(
+            &env.url("missing", "listen", ""),
+            &[("ServiceBusAuthorization", &root)],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    // The token may come in the query instead, form-encoded (.NET style).
+    let q = format!(
+        "sb-hc-token={}&",
+        form_urlencoded::byte_serialize(root.as_bytes()).collect::<String>()
+    );
+    env.connector
+        .connect(&env.url("hc1", "listen", &q), &[])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn control_channel_closes_1008_on_expiry_unless_renewed() {
+    let env = start("renew", |c| c.limits.token_grace = Duration::from_secs(1)).await;
+    let short = env.token(Some("hc1"), now() + 2);
+    let mut quiet = env
+        .connector
+        .connect(
+            &env.url("hc1", "listen", ""),
+            &[("ServiceBusAuthorization", &short)],
+        )
+        .await
+        .unwrap();
+    let mut renewing = env
+        .connector
+        .connect(
+            &env.url("hc1", "listen", ""),
+            &[("ServiceBusAuthorization", &short)],
+        )
+        .await
+        .unwrap();
+    let fresh = env.token(Some("hc1"), now() + 600);
+    let renew =
+        ListenerCommand::RenewToken(hyco_proto::control::RenewTokenCommand { token: fresh })
+            .to_json();
+    renewing.ws.send_text(&renew).await.unwrap();
+    match tokio::time::timeout(T, quiet.ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Close(Some((code, _))) => assert_eq!(code, 1008),
+        other => panic!("expected 1008, got {other:?}"),
+    }
+    // The renewed one is still listed as a listener.
+    let (s, body) = env
+        .admin(http::Method::GET, "/hybridconnections/hc1", "")
+        .await;
+    assert_eq!(s, 200);
+    assert!(body.contains(r#""listenerCount":1"#), "{body}");
+    // An invalid renewal closes at once with 1008.
+    let bad = ListenerCommand::RenewToken(hyco_proto::control::RenewTokenCommand {
+        token: "SharedAccessSignature sr=x&sig=AA%3D&se=1&skn=k".into(),
+    })
+    .to_json();
+    renewing.ws.send_text(&bad).await.unwrap();
+    match tokio::time::timeout(T, renewing.ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Close(Some((code, _))) => assert_eq!(code, 1008),
+        other => panic!("expected 1008, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_hybrid_connection_closes_its_listeners_with_1001() {
+    let env = start("delete", |_| {}).await;
+    let mut l = env.listen("hc10").await;
+    let (s, _) = env
+        .admin(http::Method::DELETE, "/hybridconnections/hc10", "")
+        .await;
+    assert_eq!(s, 204);
+    match tokio::time::timeout(T, l.ws.recv()).await.unwrap().unwrap() {
+        Message::Close(Some((code, _))) => assert_eq!(code, 1001),
+        other => panic!("expected 1001, got {other:?}"),
+    }
+    let (s, body) = env
+        .admin(http::Method::DELETE, "/hybridconnections/hc10", "")
+        .await;
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains(r#""error""#), "{body}");
+}
+
+#[tokio::test]
+async fn entity_get_with_a_listen_key_shows_metadata_and_live_listeners() {
+    let env = start("entity", |_| {}).await;
+    let (ln, lk) = env.rule("hc1", "listen-only", r#"["Listen"]"#).await;
+    let _l = env.listen("hc1").await;
+    let t = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri("localhost", Some("hc1")),
+        &ln,
+        &lk,
+        now() + 600,
+    );
+    let a = env
+        .connector
+        .https_request(
+            http::Method::GET,
+            &format!("https://localhost:{}/hc1?api-version=2016-07", env.port),
+            &[("Authorization", t.as_str())],
+            bytes::Bytes::new(),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    let d = hyco_proto::entity::parse_entity_atom(&String::from_utf8_lossy(&a.body)).unwrap();
+    assert_eq!(d.listener_count, 1);
+    assert_eq!(
+        hyco_proto::entity::parse_endpoint_metadata(d.user_metadata.as_deref().unwrap())
+            .unwrap()
+            .to_string(),
+        "127.0.0.1:9"
+    );
+}
+
+/// Sends a raw request head over TLS and returns the status line.
+async fn raw(env: &Env, head: &str) -> String {
+    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn bad_upgrades_get_clear_statuses_and_disturb_nothing() {
+    let env = start("bad", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let up = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n")
+    };
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        (
+            up(
+                "/$hc/hc1?sb-hc-action=connect",
+                &format!("{key}Sec-WebSocket-Version: 8\r\n"),
+            ),
+            "426",
+        ),
+        (
+            up(
+                "/$hc/hc1?sb-hc-action=connect",
+                "Sec-WebSocket-Version: 13\r\n",
+            ),
+            "400",
+        ),
+        (
+            up("/$hc/hc1", &format!("{key}Sec-WebSocket-Version: 13\r\n")),
+            "400",
+        ),
+        (
+            up(
+                "/$hc//hc1?sb-hc-action=listen",
+                &format!("{key}Sec-WebSocket-Version: 13\r\n"),
+            ),
+            "400",
+        ),
+        (
+            up(
+                "/$hc/hc1?sb-hc-action=fly",
+                &format!("{key}Sec-WebSocket-Version: 13\r\n"),
+            ),
+            "400",
+        ),
+        (
+            up(
+                "/$hc/hc1?sb-hc-action=listen",
+                &format!("{key}Sec-WebSocket-Version: 13\r\nServiceBusAuthorization: Bearer x\r\n"),
+            ),
+            "401",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_owned(),
+            "404",
+        ),
+        (
+            format!(
+                "GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(64 * 1024)
+            ),
+            "431",
+        ),
+    ];
+    for (head, want) in &cases {
+        let line = raw(&env, head).await;
+        assert!(
+            line.contains(want),
+            "{} -> {line}",
+            head.lines().next().unwrap()
+        );
+    }
+    // The listener that was connected all along still works.
+    let e2 = Arc::new(env);
+    let e3 = Arc::clone(&e2);
+    let s = tokio::spawn(async move { e3.connect("hc1", &[]).await.map(|_| ()) });
+    let a = next_accept(&mut l).await;
+    e2.connector.connect(&a.address, &[]).await.unwrap();
+    s.await.unwrap().unwrap();
+}
