@@ -110,6 +110,17 @@ impl Proc {
         let _ = self.child.kill().await;
     }
 
+    /// Sends SIGTERM without waiting.
+    pub async fn signal_term(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+    }
+
     /// SIGTERM (graceful), then wait for exit up to `within`.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {

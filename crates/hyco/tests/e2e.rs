@@ -436,3 +436,52 @@ async fn redis_through_the_tunnel() {
         "the value reached the real server"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_running_tunnels_without_losing_bytes() {
+    let mut r = relay("drain").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("drain", &echo.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("drain", 1).await;
+    let (_f, port) = r.forward("drain", &s).await;
+
+    // A transfer in flight: 16 MiB written in two halves, with the SIGTERM in between.
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut data = vec![0u8; 16 << 20];
+    rand::thread_rng().fill_bytes(&mut data);
+    let want: [u8; 32] = Sha256::digest(&data).into();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(16 << 20);
+        tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    });
+    wr.write_all(&data[..8 << 20]).await.unwrap();
+    r.proc.wait_line("tunnel open", T).await;
+    r.proc.signal_term().await;
+    r.proc.wait_line("relay stopping", T).await;
+    // The relay no longer accepts; the running tunnel goes on.
+    assert!(
+        TcpStream::connect(("127.0.0.1", r.port)).await.is_err(),
+        "relay still accepting"
+    );
+    wr.write_all(&data[8 << 20..]).await.unwrap();
+    wr.shutdown().await.unwrap();
+    let got = reader.await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(
+        <[u8; 32]>::from(Sha256::digest(&got)),
+        want,
+        "bytes lost or changed during the drain"
+    );
+    let st = r
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("relay did not exit within the drain grace");
+    assert!(st.success(), "relay exit status {st:?}");
+}
