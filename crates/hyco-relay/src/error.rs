@@ -43,6 +43,9 @@ pub enum RelayError {
         /// Reason chosen by the listener (sanitized).
         reason: String,
     },
+    /// The chosen listeners disconnected before answering.
+    #[error("The listener went away before accepting the connection.")]
+    ListenerGone,
     /// The listener did not answer within the rendezvous deadline.
     #[error("The listener did not accept the connection within {0} seconds.")]
     ListenerTimeout(u64),
@@ -71,6 +74,7 @@ impl RelayError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
                 "ListenerRejected",
             ),
+            RelayError::ListenerGone => (StatusCode::BAD_GATEWAY, "ListenerGone"),
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),

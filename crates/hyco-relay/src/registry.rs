@@ -87,12 +87,13 @@ impl Registry {
         self.lock().get(hc).map_or(0, Vec::len)
     }
 
-    /// Picks one eligible listener at random.
+    /// Picks one eligible listener at random, skipping the `tried` ones.
     pub fn pick(
         &self,
         hc: &str,
         allowed: Option<&[String]>,
         disallowed: &[String],
+        tried: &[u64],
     ) -> Option<Arc<ListenerEntry>> {
         let g = self.lock();
         let list = g.get(hc)?;
@@ -106,6 +107,7 @@ impl Registry {
                     .iter()
                     .any(|id| id.eq_ignore_ascii_case(&e.listener_id))
             })
+            .filter(|e| !tried.contains(&e.conn_id))
             .collect();
         eligible
             .choose(&mut rand::thread_rng())

@@ -324,51 +324,75 @@ async fn connect(
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
         id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
-    let listener = shared
-        .registry
-        .pick(&hc_key, allowed.as_deref(), &disallowed)
-        .ok_or_else(|| {
-            RelayError::NotFound(format!(
-                "Endpoint does not exist. No listener is connected for hybrid connection '{hc_name}'."
-            ))
-        })?;
     if shared.rendezvous.len() >= shared.cfg.limits.max_pending {
         return Err(RelayError::Unavailable(
             "Too many connections are waiting for listeners.",
         ));
     }
-    let rv = address::new_connection_id(rand::random());
-    let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
-    let mut address = format!("wss://{}/$hc/{}{}?", listener.host, hc_name, suffix);
-    if !query.app_query.is_empty() {
-        address.push_str(&query.app_query);
-        address.push('&');
-    }
-    address.push_str(&format!(
-        "sb-hc-action=accept&sb-hc-id={}&sb-hc-rv={rv}",
-        form_urlencoded::byte_serialize(conn_id.as_bytes()).collect::<String>()
-    ));
-    let cmd = ListenerCommand::Accept(AcceptCommand {
-        address,
-        id: conn_id.clone(),
-        connect_headers: connect_headers(req.headers()),
-        remote_endpoint: Some(RemoteEndpoint {
-            address: peer.ip().to_string(),
-            port: peer.port(),
-        }),
-    });
-    let (_guard, rx) = shared.rendezvous.insert(rv, hc_key.clone());
-    listener
-        .tx
-        .try_send(ControlMsg::Command(cmd.to_json()))
-        .map_err(|_| {
-            RelayError::Unavailable("The listener is not accepting connections right now.")
-        })?;
-    let deadline = shared.cfg.limits.rendezvous_timeout;
-    let outcome = match tokio::time::timeout(deadline, rx).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(_)) => return Err(RelayError::Unavailable("The rendezvous was abandoned.")),
-        Err(_) => return Err(RelayError::ListenerTimeout(deadline.as_secs())),
+    let headers = connect_headers(req.headers());
+    let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
+    // A listener that leaves before answering does not cost the sender the whole deadline:
+    // the accept is offered to another one (at most three), or the sender learns at once.
+    let mut tried: Vec<u64> = Vec::new();
+    let (listener, conn_id, outcome) = loop {
+        let Some(listener) = shared
+            .registry
+            .pick(&hc_key, allowed.as_deref(), &disallowed, &tried)
+        else {
+            return Err(if tried.is_empty() {
+                RelayError::NotFound(format!(
+                    "Endpoint does not exist. No listener is connected for hybrid connection '{hc_name}'."
+                ))
+            } else {
+                RelayError::ListenerGone
+            });
+        };
+        if tried.len() >= 3 {
+            return Err(RelayError::ListenerGone);
+        }
+        tried.push(listener.conn_id);
+        let rv = address::new_connection_id(rand::random());
+        let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
+        let mut address = format!("wss://{}/$hc/{}{}?", listener.host, hc_name, suffix);
+        if !query.app_query.is_empty() {
+            address.push_str(&query.app_query);
+            address.push('&');
+        }
+        address.push_str(&format!(
+            "sb-hc-action=accept&sb-hc-id={}&sb-hc-rv={rv}",
+            form_urlencoded::byte_serialize(conn_id.as_bytes()).collect::<String>()
+        ));
+        let cmd = ListenerCommand::Accept(AcceptCommand {
+            address,
+            id: conn_id.clone(),
+            connect_headers: headers.clone(),
+            remote_endpoint: Some(RemoteEndpoint {
+                address: peer.ip().to_string(),
+                port: peer.port(),
+            }),
+        });
+        let (_guard, rx) = shared.rendezvous.insert(rv, hc_key.clone());
+        if listener
+            .tx
+            .try_send(ControlMsg::Command(cmd.to_json()))
+            .is_err()
+        {
+            continue;
+        }
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx) => match r {
+                Ok(Ok(o)) => break (listener, conn_id, o),
+                Ok(Err(_)) => return Err(RelayError::Unavailable("The rendezvous was abandoned.")),
+                Err(_) => {
+                    return Err(RelayError::ListenerTimeout(
+                        shared.cfg.limits.rendezvous_timeout.as_secs(),
+                    ))
+                }
+            },
+            _ = listener.tx.closed() => {
+                info!(hc = %hc_name, listener_id = %listener.listener_id, "listener left before answering; offering to another");
+            }
+        }
     };
     match outcome {
         Outcome::Rejected { status, reason } => {

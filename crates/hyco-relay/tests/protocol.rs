@@ -574,3 +574,34 @@ async fn bad_upgrades_get_clear_statuses_and_disturb_nothing() {
     e2.connector.connect(&a.address, &[]).await.unwrap();
     s.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_listener_that_leaves_before_answering_hands_the_sender_to_another() {
+    let env = Arc::new(start("failover", |_| {}).await);
+    let mut first = env.listen("hc1").await;
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move { e2.connect("hc1", &[]).await.map(|c| c.protocol) });
+    // The only listener gets the accept and disappears without answering.
+    let _ = next_accept(&mut first).await;
+    let mut second = env.listen("hc1").await;
+    drop(first);
+    // The sender is offered to the second listener well before the 30 s deadline.
+    let a = next_accept(&mut second).await;
+    env.connector.connect(&a.address, &[]).await.unwrap();
+    tokio::time::timeout(T, sender)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // With no listener left to try, the sender learns at once: 502.
+    let e3 = Arc::clone(&env);
+    let sender = tokio::spawn(async move { e3.connect("hc1", &[]).await.map(|_| ()) });
+    let _ = next_accept(&mut second).await;
+    drop(second);
+    let e = tokio::time::timeout(T, sender)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+}
