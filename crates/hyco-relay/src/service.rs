@@ -176,49 +176,54 @@ async fn websocket(
             "Endpoint does not exist. No hybrid connection '{entity_name}' in this namespace."
         )));
     };
+    let route = Route {
+        accept_key,
+        hc_key,
+        hc_name: hc.name.clone(),
+        suffix,
+        host,
+        query,
+    };
     match action {
         Action::Listen => {
             let expiry = grant.map(|g| g.expiry).unwrap_or(u64::MAX);
-            listen(
-                shared,
-                peer,
-                req,
-                &accept_key,
-                hc_key,
-                hc.name.clone(),
-                host,
-                query,
-                expiry,
-            )
+            listen(shared, peer, req, route, expiry)
         }
-        _ => {
-            connect(
-                shared,
-                peer,
-                req,
-                &accept_key,
-                hc_key,
-                hc.name.clone(),
-                suffix,
-                query,
-            )
-            .await
-        }
+        _ => connect(shared, peer, req, route).await,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where an authorized listen or connect goes.
+struct Route {
+    /// `Sec-WebSocket-Accept` for the 101.
+    accept_key: String,
+    /// Registry key of the hybrid connection.
+    hc_key: String,
+    /// Its name as created.
+    hc_name: String,
+    /// Path after the entity name (senders' arguments).
+    suffix: String,
+    /// The Host the request came in with.
+    host: String,
+    /// The `sb-hc-*` parameters and the application's query.
+    query: HcQuery,
+}
+
 fn listen(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-    accept_key: &str,
-    hc_key: String,
-    hc_name: String,
-    host: String,
-    query: HcQuery,
+    route: Route,
     expiry: u64,
 ) -> Result<Response<Body>, RelayError> {
+    let Route {
+        accept_key,
+        hc_key,
+        hc_name,
+        host,
+        query,
+        ..
+    } = route;
     let (tx, rx) = mpsc::channel(64);
     let listener_id = query
         .id
@@ -258,7 +263,7 @@ fn listen(
             }
         }
     });
-    Ok(switching_protocols(accept_key, None))
+    Ok(switching_protocols(&accept_key, None))
 }
 
 /// Header names the way Microsoft's clients spell them (Java looks them up case-sensitively).
@@ -309,17 +314,20 @@ fn connect_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn connect(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-    accept_key: &str,
-    hc_key: String,
-    hc_name: String,
-    suffix: String,
-    query: HcQuery,
+    route: Route,
 ) -> Result<Response<Body>, RelayError> {
+    let Route {
+        accept_key,
+        hc_key,
+        hc_name,
+        suffix,
+        query,
+        ..
+    } = route;
     let started = Instant::now();
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
@@ -447,7 +455,7 @@ async fn connect(
                 }
                 .instrument(span),
             );
-            Ok(switching_protocols(accept_key, protocol.as_deref()))
+            Ok(switching_protocols(&accept_key, protocol.as_deref()))
         }
     }
 }

@@ -135,6 +135,18 @@ impl Env {
         )
     }
 
+    /// The status a listen attempt with `token` is refused with.
+    async fn listen_refused(&self, hc: &str, token: &str) -> ConnectError {
+        self.connector
+            .connect(
+                &self.url(hc, "listen", ""),
+                &[("ServiceBusAuthorization", token)],
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err()
+    }
+
     async fn listen(&self, hc: &str) -> Connected {
         let t = self.token(Some(hc), now() + 600);
         self.connector
@@ -321,40 +333,16 @@ async fn rights_audience_and_existence_are_checked_in_order() {
     );
     // A1: a token for hc1 does not open hc10.
     let t = env.token(Some("hc1"), now() + 600);
-    let e = env
-        .connector
-        .connect(
-            &env.url("hc10", "listen", ""),
-            &[("ServiceBusAuthorization", &t)],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let e = env.listen_refused("hc10", &t).await;
     assert_eq!(e.status(), Some(401), "{e}");
     // A8: a bad token to a missing HC is 401, like to an existing one; 404 only after auth.
     let bad = t.replace("sig=", "sig=AA");
     for hc in ["hc1", "missing"] {
-        let e = env
-            .connector
-            .connect(
-                &env.url(hc, "listen", ""),
-                &[("ServiceBusAuthorization", &bad)],
-            )
-            .await
-            .map(|_| ())
-            .unwrap_err();
+        let e = env.listen_refused(hc, &bad).await;
         assert_eq!(e.status(), Some(401), "{hc}: {e}");
     }
     let root = env.token(None, now() + 600);
-    let e = env
-        .connector
-        .connect(
-            &env.url("missing", "listen", ""),
-            &[("ServiceBusAuthorization", &root)],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let e = env.listen_refused("missing", &root).await;
     assert_eq!(e.status(), Some(404), "{e}");
     // The token may come in the query instead, form-encoded (.NET style).
     let q = format!(

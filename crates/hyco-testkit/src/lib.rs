@@ -123,13 +123,7 @@ impl Proc {
 
     /// SIGTERM (graceful), then wait for exit up to `within`.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
+        self.signal_term().await;
         tokio::time::timeout(within, self.child.wait())
             .await
             .ok()

@@ -223,6 +223,17 @@ async fn tunnel_carries_64_mib_each_way_with_half_close() {
     assert_eq!(sent, got, "SHA-256 of what came back differs");
 }
 
+/// The error a sender with connection string `cs` is refused with.
+async fn refused(cs: &str, connector: &hyco_client::Connector) -> hyco_client::ClientError {
+    connect_with(
+        &ConnectionString::parse(cs).unwrap(),
+        connector,
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_have_the_documented_status() {
     let r = relay("refuse").await;
@@ -261,21 +272,9 @@ async fn refusals_have_the_documented_status() {
             .unwrap(),
         "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
     );
-    let e = connect_with(
-        &ConnectionString::parse(&wrong).unwrap(),
-        &connector,
-        &ConnectOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = refused(&wrong, &connector).await;
     assert_eq!(e.status(), Some(401), "{e}");
-    let e = connect_with(
-        &ConnectionString::parse(&l).unwrap(),
-        &connector,
-        &ConnectOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = refused(&l, &connector).await;
     assert_eq!(e.status(), Some(403), "{e}");
     let hyco_proto::ConnectionStringAuth::Key { name, key } = &cs.auth else {
         panic!()
@@ -291,13 +290,7 @@ async fn refusals_have_the_documented_status() {
         r.port,
         expired.as_str()
     );
-    let e = connect_with(
-        &ConnectionString::parse(&with_sas).unwrap(),
-        &connector,
-        &ConnectOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = refused(&with_sas, &connector).await;
     assert_eq!(e.status(), Some(401), "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
 

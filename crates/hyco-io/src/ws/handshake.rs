@@ -31,6 +31,15 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(h.finalize())
 }
 
+/// The reason phrase as the server sent it (the relay explains refusals there), or the
+/// canonical one.
+fn reason_phrase<B>(resp: &Response<B>) -> String {
+    resp.extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+        .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned())
+}
+
 /// Whether a request asks for a protocol upgrade at all (routing decision).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(header::UPGRADE)
@@ -283,11 +292,7 @@ impl Connector {
         let resp = sender.send_request(req).await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status().as_u16();
-            let reason = resp
-                .extensions()
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
-                .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned());
+            let reason = reason_phrase(&resp);
             let body = match tokio::time::timeout(
                 Duration::from_secs(2),
                 Limited::new(resp.into_body(), 4096).collect(),
@@ -375,11 +380,7 @@ impl Connector {
                 .map_err(|_| ConnectError::BadUrl("invalid request header".into()))?;
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
-            let reason = resp
-                .extensions()
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
-                .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned());
+            let reason = reason_phrase(&resp);
             let headers = resp.headers().clone();
             let body = Limited::new(resp.into_body(), limit)
                 .collect()
