@@ -58,6 +58,10 @@ pub struct Limits {
     pub max_listeners_per_hc: usize,
     /// Senders waiting for a listener, relay-wide.
     pub max_pending: usize,
+    /// Senders waiting for a listener of one hybrid connection.
+    pub max_pending_per_hc: usize,
+    /// Connections from one IP address that have not yet completed a request head.
+    pub max_handshakes_per_ip: usize,
     /// Most request headers.
     pub max_headers: usize,
 }
@@ -72,6 +76,8 @@ impl Default for Limits {
             dead_after: Duration::from_secs(30),
             max_listeners_per_hc: 25,
             max_pending: 10_000,
+            max_pending_per_hc: 1_000,
+            max_handshakes_per_ip: 64,
             max_headers: 100,
         }
     }
@@ -127,6 +133,45 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Connections per IP still in their handshake (attacks C9).
+    handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A connection's place in its IP's handshake quota; released on drop.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl HandshakeSlot {
+    fn acquire(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut g = shared.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(ip).or_default();
+        if *n >= shared.cfg.limits.max_handshakes_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            shared: Arc::clone(shared),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = self
+            .shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Seconds since the epoch.
@@ -245,6 +290,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            handshakes: Default::default(),
         });
         let ns = shared.store.snapshot();
         let root = ns
@@ -288,11 +334,15 @@ impl Relay {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            let Some(slot) = HandshakeSlot::acquire(&shared, peer.ip()) else {
+                debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
+                continue;
+            };
             let tls = self.tls.clone();
             let shared2 = Arc::clone(&shared);
             shared
                 .tracker
-                .spawn(serve_connection(shared2, tls, tcp, peer));
+                .spawn(serve_connection(shared2, tls, tcp, peer, slot));
         }
         drop(listener);
         info!("relay stopping: no new connections; draining tunnels");
@@ -309,15 +359,20 @@ impl Relay {
     }
 }
 
+/// One TCP connection: TLS, then HTTP/1.1 with upgrades. The TLS handshake and the first
+/// request head must be done within `handshake_timeout` in total (slowloris, attacks C1-C3);
+/// until then the connection holds one of its IP's handshake slots.
 async fn serve_connection(
     shared: Arc<Shared>,
     tls: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: HandshakeSlot,
 ) {
     let _ = tcp.set_nodelay(true);
     let limits = shared.cfg.limits;
-    let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let stream = match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -328,9 +383,16 @@ async fn serve_connection(
             return;
         }
     };
+    let (first_tx, mut first_rx) = tokio::sync::oneshot::channel::<()>();
+    let pending_first = Arc::new(std::sync::Mutex::new(Some((slot, first_tx))));
     let svc_shared = Arc::clone(&shared);
-    let svc =
-        hyper::service::service_fn(move |req| service::handle(Arc::clone(&svc_shared), peer, req));
+    let svc = hyper::service::service_fn(move |req| {
+        // The first request head is in: the handshake phase is over.
+        if let Ok(mut g) = pending_first.lock() {
+            g.take();
+        }
+        service::handle(Arc::clone(&svc_shared), peer, req)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
@@ -339,12 +401,21 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                debug!(peer = %peer, error = %e, "HTTP connection ended with an error");
+    let mut first_seen = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(peer = %peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
             }
+            _ = &mut first_rx, if !first_seen => first_seen = true,
+            _ = tokio::time::sleep_until(deadline), if !first_seen => {
+                debug!(peer = %peer, "request head not complete within the handshake deadline");
+                return;
+            }
+            _ = shared.drain.cancelled() => return,
         }
-        _ = shared.drain.cancelled() => {}
     }
 }

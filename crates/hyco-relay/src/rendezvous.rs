@@ -32,10 +32,30 @@ struct Pending {
     tx: oneshot::Sender<Outcome>,
 }
 
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<String, Pending>,
+    /// Entries per hybrid connection, for the per-HC cap (attacks E2).
+    per_hc: HashMap<String, usize>,
+}
+
+impl Inner {
+    fn remove(&mut self, id: &str) -> Option<Pending> {
+        let p = self.by_id.remove(id)?;
+        if let Some(n) = self.per_hc.get_mut(&p.hc) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_hc.remove(&p.hc);
+            }
+        }
+        Some(p)
+    }
+}
+
 /// The table of pending rendezvous.
 #[derive(Default)]
 pub struct Rendezvous {
-    map: Mutex<HashMap<String, Pending>>,
+    inner: Mutex<Inner>,
 }
 
 /// Removes its entry when dropped.
@@ -50,33 +70,55 @@ impl Drop for PendingGuard {
     }
 }
 
-/// Why a rendezvous dial was refused.
+/// Why a rendezvous was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TakeError {
     /// Unknown, used or expired id (or one for another hybrid connection).
     Invalid,
 }
 
+/// Too many senders are already waiting.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// Relay-wide cap.
+    Relay,
+    /// This hybrid connection's cap.
+    HybridConnection,
+}
+
 impl Rendezvous {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a pending entry for `hc` under the capability `id`.
+    /// Adds a pending entry for `hc` under the capability `id`, unless a cap is reached.
     pub fn insert(
         self: &Arc<Self>,
         id: String,
         hc: String,
-    ) -> (PendingGuard, oneshot::Receiver<Outcome>) {
+        max_total: usize,
+        max_per_hc: usize,
+    ) -> Result<(PendingGuard, oneshot::Receiver<Outcome>), Busy> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id.clone(), Pending { hc, tx });
-        (
+        {
+            let mut g = self.lock();
+            if g.by_id.len() >= max_total {
+                return Err(Busy::Relay);
+            }
+            let n = g.per_hc.entry(hc.clone()).or_default();
+            if *n >= max_per_hc {
+                return Err(Busy::HybridConnection);
+            }
+            *n += 1;
+            g.by_id.insert(id.clone(), Pending { hc, tx });
+        }
+        Ok((
             PendingGuard {
                 table: Arc::clone(self),
                 id,
             },
             rx,
-        )
+        ))
     }
 
     /// Completes the entry `id` with `outcome`, once. An id for another hybrid connection leaves
@@ -84,7 +126,7 @@ impl Rendezvous {
     pub fn complete(&self, id: &str, hc: &str, outcome: Outcome) -> Result<(), TakeError> {
         let pending = {
             let mut g = self.lock();
-            match g.get(id) {
+            match g.by_id.get(id) {
                 Some(p) if p.hc == hc => g.remove(id),
                 _ => None,
             }
@@ -97,7 +139,7 @@ impl Rendezvous {
 
     /// Number of pending entries.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     /// Whether nothing is pending.

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::control::ControlChannel;
 use crate::error::{Body, RelayError};
 use crate::registry::{id_list, ControlMsg, ListenerEntry};
-use crate::rendezvous::Outcome;
+use crate::rendezvous::{Busy, Outcome};
 use crate::store::HybridConnection;
 use crate::{unix_now, ServerTls, Shared};
 
@@ -332,11 +332,6 @@ async fn connect(
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
         id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
-    if shared.rendezvous.len() >= shared.cfg.limits.max_pending {
-        return Err(RelayError::Unavailable(
-            "Too many connections are waiting for listeners.",
-        ));
-    }
     let headers = connect_headers(req.headers());
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
     // A listener that leaves before answering does not cost the sender the whole deadline:
@@ -379,7 +374,23 @@ async fn connect(
                 port: peer.port(),
             }),
         });
-        let (_guard, rx) = shared.rendezvous.insert(rv, hc_key.clone());
+        let limits = &shared.cfg.limits;
+        let (_guard, rx) = shared
+            .rendezvous
+            .insert(
+                rv,
+                hc_key.clone(),
+                limits.max_pending,
+                limits.max_pending_per_hc,
+            )
+            .map_err(|b| {
+                RelayError::Unavailable(match b {
+                    Busy::Relay => "Too many connections are waiting for listeners.",
+                    Busy::HybridConnection => {
+                        "Too many connections are waiting for this hybrid connection's listeners."
+                    }
+                })
+            })?;
         if listener
             .tx
             .try_send(ControlMsg::Command(cmd.to_json()))

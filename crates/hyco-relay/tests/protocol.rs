@@ -593,3 +593,206 @@ async fn a_listener_that_leaves_before_answering_hands_the_sender_to_another() {
         .unwrap_err();
     assert_eq!(e.status(), Some(502), "{e}");
 }
+
+/// A TLS connection from `source` (a loopback address) that sends `head` and reads the answer;
+/// returns the status line, or "" when the relay closed without one.
+async fn raw_from(env: &Env, source: &str, head: &str) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = sock
+        .connect(format!("127.0.0.1:{}", env.port).parse().unwrap())
+        .await
+        .unwrap();
+    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(mut s) = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+    else {
+        return String::new();
+    };
+    if s.write_all(head.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(T, s.read(&mut buf)).await.unwrap() {
+        Ok(n) => String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Reads until the relay closes; returns how long that took.
+async fn time_to_close(mut s: impl tokio::io::AsyncRead + Unpin) -> Duration {
+    let t0 = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("relay never closed")
+        {
+            Ok(0) | Err(_) => return t0.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_or_silent_clients_are_cut_at_the_handshake_deadline() {
+    let env = start("slowloris", |c| {
+        c.limits.handshake_timeout = Duration::from_secs(1)
+    })
+    .await;
+    // C1: TCP and then nothing.
+    let silent = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    // C3: TLS done, request head one byte at a time.
+    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut drip = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let dripper = tokio::spawn(async move {
+        let t0 = tokio::time::Instant::now();
+        for b in b"GET /$hc/hc1?sb-hc-action=listen HTTP/1.1\r\nHost: localhost\r\n"
+            .iter()
+            .cycle()
+            .take(200)
+        {
+            if drip.write_all(&[*b]).await.is_err() || drip.flush().await.is_err() {
+                return t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("still accepted bytes after 20 s");
+    });
+    // Meanwhile a normal client is served.
+    let _l = env.listen("hc1").await;
+    let silent_closed = time_to_close(silent).await;
+    assert!(silent_closed < Duration::from_secs(3), "{silent_closed:?}");
+    let drip_cut = dripper.await.unwrap();
+    assert!(drip_cut < Duration::from_secs(4), "{drip_cut:?}");
+}
+
+#[tokio::test]
+async fn unfinished_handshakes_are_capped_per_address() {
+    let env = start("perip", |c| c.limits.max_handshakes_per_ip = 4).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+                .await
+                .unwrap(),
+        );
+    }
+    // The fifth from the same address is closed at once.
+    let fifth = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    assert!(time_to_close(fifth).await < Duration::from_secs(2));
+    // Another address is unaffected.
+    let other = raw_from(
+        &env,
+        "127.0.0.2",
+        "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert!(other.contains("404"), "{other:?}");
+    // Released slots are reusable.
+    drop(idle);
+    let env_ref = &env;
+    eventually(|| async move {
+        raw_from(
+            env_ref,
+            "127.0.0.1",
+            "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        )
+        .await
+        .contains("404")
+    })
+    .await;
+}
+
+async fn eventually<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached within 5 s");
+}
+
+#[tokio::test]
+async fn pending_senders_are_capped_per_hybrid_connection() {
+    let env = Arc::new(start("pending", |c| c.limits.max_pending_per_hc = 2).await);
+    let _silent_listener = env.listen("hc1").await;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let e = Arc::clone(&env);
+        waiting.push(tokio::spawn(async move {
+            e.connect("hc1", &[]).await.map(|_| ())
+        }));
+    }
+    // Let the two reach the pending table, then the third is refused at once.
+    let e = Arc::clone(&env);
+    eventually(|| {
+        let e = Arc::clone(&e);
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), e.connect("hc1", &[])).await {
+                Ok(Err(err)) => err.status() == Some(503),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_sender_that_stops_reading_is_cut_after_the_write_timeout() {
+    let env = Arc::new(
+        start("stall", |c| {
+            c.splice.write_timeout = Duration::from_secs(1);
+        })
+        .await,
+    );
+    let mut l = env.listen("hc1").await;
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move {
+        let c = e2.connect("hc1", &[]).await.unwrap();
+        // Hold the connection open and never read.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(c);
+    });
+    let a = next_accept(&mut l).await;
+    let mut r = env.connector.connect(&a.address, &[]).await.unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let flood = async {
+        for _ in 0..8192 {
+            if r.ws.write_all(&chunk).await.is_err() || r.ws.flush().await.is_err() {
+                return true;
+            }
+        }
+        false
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(20), flood)
+        .await
+        .expect("listener never blocked and was never cut");
+    assert!(cut, "512 MiB went into a sender that never reads");
+    sender.abort();
+}
