@@ -738,7 +738,7 @@ where
 #[tokio::test]
 async fn pending_senders_are_capped_per_hybrid_connection() {
     let env = Arc::new(start("pending", |c| c.limits.max_pending_per_hc = 2).await);
-    let _silent_listener = env.listen("hc1").await;
+    let mut silent_listener = env.listen("hc1").await;
     let mut waiting = Vec::new();
     for _ in 0..2 {
         let e = Arc::clone(&env);
@@ -746,18 +746,18 @@ async fn pending_senders_are_capped_per_hybrid_connection() {
             e.connect("hc1", &[]).await.map(|_| ())
         }));
     }
-    // Let the two reach the pending table, then the third is refused at once.
-    let e = Arc::clone(&env);
-    eventually(|| {
-        let e = Arc::clone(&e);
-        async move {
-            match tokio::time::timeout(Duration::from_secs(2), e.connect("hc1", &[])).await {
-                Ok(Err(err)) => err.status() == Some(503),
-                _ => false,
-            }
-        }
-    })
-    .await;
+    // Both are pending once the listener has their accepts; the third is refused at once.
+    next_accept(&mut silent_listener).await;
+    next_accept(&mut silent_listener).await;
+    let e = tokio::time::timeout(Duration::from_secs(5), env.connect("hc1", &[]))
+        .await
+        .expect("the third sender was not refused at once")
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    for w in &waiting {
+        assert!(!w.is_finished(), "a pending sender was dropped");
+    }
     for w in waiting {
         w.abort();
     }
