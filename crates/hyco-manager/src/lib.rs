@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyco_client::{get_entity, ClientOptions, Connector, HybridListener, Incoming, ListenerOptions, ListenerStatus};
+use hyco_client::{
+    get_entity, ClientOptions, Connector, HybridListener, Incoming, ListenerOptions, ListenerStatus,
+};
 use hyco_io::backoff::Backoff;
 use hyco_io::CancellationToken;
 use hyco_proto::address::HostPort;
@@ -31,6 +33,8 @@ pub struct ManagerConfig {
     pub client: ClientOptions,
     /// Deadline for the TCP connect to the endpoint.
     pub dial_timeout: Duration,
+    /// Lifetime of the listener tokens minted from the keys (renewed before expiry).
+    pub token_lifetime: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -39,6 +43,7 @@ impl Default for ManagerConfig {
             connections: Vec::new(),
             client: ClientOptions::default(),
             dial_timeout: Duration::from_secs(10),
+            token_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -72,7 +77,8 @@ pub enum ManagerError {
 impl ManagerConfig {
     /// Parses the TOML configuration file.
     pub fn from_toml(text: &str) -> Result<ManagerConfig, ManagerError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ManagerError::Config(e.to_string()))?;
+        let f: FileConfig =
+            toml::from_str(text).map_err(|e| ManagerError::Config(e.to_string()))?;
         let mut cfg = ManagerConfig {
             client: ClientOptions {
                 ca_file: f.ca_file,
@@ -96,13 +102,26 @@ impl ManagerConfig {
 pub async fn run(cfg: ManagerConfig, shutdown: CancellationToken) -> Result<(), ManagerError> {
     for (i, cs) in cfg.connections.iter().enumerate() {
         if cs.entity_path.is_none() {
-            return Err(ManagerError::Config(format!("connection string #{} has no EntityPath", i + 1)));
+            return Err(ManagerError::Config(format!(
+                "connection string #{} has no EntityPath",
+                i + 1
+            )));
         }
     }
     let connector = cfg.client.connector()?;
     let mut tasks = Vec::new();
     for cs in cfg.connections.clone() {
-        tasks.push(tokio::spawn(supervise(cs, connector.clone(), cfg.dial_timeout, shutdown.clone())));
+        let opts = ListenerOptions {
+            token_lifetime: cfg.token_lifetime,
+            ..ListenerOptions::default()
+        };
+        tasks.push(tokio::spawn(supervise(
+            cs,
+            connector.clone(),
+            opts,
+            cfg.dial_timeout,
+            shutdown.clone(),
+        )));
     }
     for t in tasks {
         let _ = t.await;
@@ -119,7 +138,13 @@ async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<HostPor
     hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())
 }
 
-async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Duration, shutdown: CancellationToken) {
+async fn supervise(
+    cs: ConnectionString,
+    connector: Connector,
+    opts: ListenerOptions,
+    dial_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let hc = cs.entity_path.clone().unwrap_or_default();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let endpoint: Arc<Mutex<Option<HostPort>>> = Arc::new(Mutex::new(None));
@@ -143,7 +168,7 @@ async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Dur
         }
     }
     let (listener, mut incoming) =
-        match HybridListener::start(cs.clone(), connector.clone(), ListenerOptions::default(), shutdown.clone()) {
+        match HybridListener::start(cs.clone(), connector.clone(), opts, shutdown.clone()) {
             Ok(x) => x,
             Err(e) => {
                 warn!(hc = %hc, error = %e, "cannot start the listener");
@@ -152,7 +177,12 @@ async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Dur
         };
     // Refresh the endpoint every time the control channel comes (back) up.
     let mut status = listener.status_watch();
-    let (cs2, conn2, ep2, hc2) = (cs.clone(), connector.clone(), Arc::clone(&endpoint), hc.clone());
+    let (cs2, conn2, ep2, hc2) = (
+        cs.clone(),
+        connector.clone(),
+        Arc::clone(&endpoint),
+        hc.clone(),
+    );
     tokio::spawn(async move {
         while status.changed().await.is_ok() {
             let s = status.borrow_and_update().clone();
@@ -166,7 +196,9 @@ async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Dur
                             *g = Some(hp);
                         }
                     }
-                    Err(e) => warn!(hc = %hc2, error = %e, "endpoint refresh failed; keeping the previous one"),
+                    Err(e) => {
+                        warn!(hc = %hc2, error = %e, "endpoint refresh failed; keeping the previous one")
+                    }
                 }
             }
         }
@@ -190,7 +222,11 @@ async fn supervise(cs: ConnectionString, connector: Connector, dial_timeout: Dur
 async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, hc: &str) {
     let started = Instant::now();
     let id = inc.id().to_owned();
-    let dial = tokio::time::timeout(dial_timeout, TcpStream::connect((target.host.as_str(), target.port))).await;
+    let dial = tokio::time::timeout(
+        dial_timeout,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await;
     let mut tcp = match dial {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -200,7 +236,10 @@ async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, hc: &st
             return;
         }
         Err(_) => {
-            let reason = format!("Endpoint {target} did not answer within {}s", dial_timeout.as_secs());
+            let reason = format!(
+                "Endpoint {target} did not answer within {}s",
+                dial_timeout.as_secs()
+            );
             warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
             let _ = inc.reject(504, &reason).await;
             return;
@@ -234,10 +273,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.connections.len(), 1);
-        assert_eq!(cfg.client.ca_file.as_deref(), Some(std::path::Path::new("/etc/hyco/ca.pem")));
-        let e = ManagerConfig::from_toml("bogus = 1").unwrap_err().to_string();
+        assert_eq!(
+            cfg.client.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/hyco/ca.pem"))
+        );
+        let e = ManagerConfig::from_toml("bogus = 1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = ManagerConfig::from_toml("[[hybrid_connection]]\nconnection_string = \"Endpoint=x\"").unwrap_err().to_string();
+        let e =
+            ManagerConfig::from_toml("[[hybrid_connection]]\nconnection_string = \"Endpoint=x\"")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("#1"), "{e}");
     }
 }

@@ -88,6 +88,10 @@ struct ManagerRunArgs {
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Lifetime in seconds of the listener tokens minted from the keys; they are renewed on the
+    /// open control channel before they expire.
+    #[arg(long, default_value_t = 3600)]
+    token_lifetime: u64,
 }
 
 #[derive(Args)]
@@ -264,6 +268,10 @@ async fn manager(a: ManagerRunArgs) -> Result<()> {
     if a.ca_file.is_some() {
         cfg.client.ca_file = a.ca_file.clone();
     }
+    if a.token_lifetime < 2 {
+        return Err(usage("--token-lifetime must be at least 2 seconds"));
+    }
+    cfg.token_lifetime = Duration::from_secs(a.token_lifetime);
     if cfg.connections.is_empty() {
         return Err(usage(
             "no hybrid connection: give --connection-string or --config",

@@ -29,6 +29,10 @@ struct Relay {
 
 impl Relay {
     async fn start(dir: TempDir, port: u16) -> Relay {
+        Self::start_with(dir, port, &[]).await
+    }
+
+    async fn start_with(dir: TempDir, port: u16, extra: &[&str]) -> Relay {
         let listen = format!("127.0.0.1:{port}");
         let data = dir.0.join("data");
         let proc = Proc::spawn(
@@ -477,4 +481,49 @@ async fn sigterm_drains_running_tunnels_without_losing_bytes() {
         .await
         .expect("relay did not exit within the drain grace");
     assert!(st.success(), "relay exit status {st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_keeps_listening_across_many_token_renewals() {
+    // Tokens live 4 s and the relay allows 1 s of grace: without renewals the control channel
+    // would be closed (1008) after 5 s.
+    let r = Relay::start_with(TempDir::new("renew"), 0, &["--token-grace", "1"]).await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("renew", &echo.to_string()).await;
+    let m = Proc::spawn(
+        "manager",
+        &bin(),
+        &[
+            "manager",
+            "run",
+            "--connection-string",
+            &l,
+            "--ca-file",
+            &r.ca(),
+            "--token-lifetime",
+            "4",
+        ],
+        &[("HYCO_LOG", "info,hyco_client=debug")],
+    );
+    r.wait_listeners("renew", 1).await;
+    let (_f, port) = r.forward("renew", &s).await;
+    // Wait for several renewals (every ~2 s), checking the tunnel between them.
+    for n in 1..=4 {
+        eventually(&format!("{n} renewals"), T, || async {
+            m.count("token renewed") >= n
+        })
+        .await;
+        let (a, b, _) = echo_roundtrip(port, 1000).await;
+        assert_eq!(a, b);
+    }
+    assert_eq!(
+        r.proc.count("token expired"),
+        0,
+        "the relay closed a renewing listener"
+    );
+    assert_eq!(
+        m.count("control channel down"),
+        0,
+        "the manager had to reconnect"
+    );
 }
