@@ -35,18 +35,15 @@ impl Relay {
     async fn start_with(dir: TempDir, port: u16, extra: &[&str]) -> Relay {
         let listen = format!("127.0.0.1:{port}");
         let data = dir.0.join("data");
-        let proc = Proc::spawn(
+        let mut args = vec![
             "relay",
-            &bin(),
-            &[
-                "relay",
-                "--listen",
-                &listen,
-                "--data",
-                data.to_str().unwrap(),
-            ],
-            &[],
-        );
+            "--listen",
+            &listen,
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("relay", &bin(), &args, &[]);
         let line = proc.wait_line("relay listening", T).await;
         let port: u16 = field(&line, "listen")
             .unwrap()
