@@ -50,6 +50,11 @@ impl ControlChannel {
             ..WsConfig::default()
         };
         let mut ws = WsStream::with_prefix(io, Role::Server, cfg, prefix);
+        self.shared
+            .metrics
+            .active_listeners
+            .get_or_create(&crate::metrics::Hc::new(Some(&self.hc_key)))
+            .inc();
         let limits = self.shared.cfg.limits;
         let mut expiry_at = deadline_for(self.expiry, limits.token_grace);
         let mut ping = tokio::time::interval(limits.ping_interval);
@@ -114,6 +119,17 @@ impl ControlChannel {
         self.shared
             .registry
             .remove(&self.hc_key, self.entry.conn_id);
+        let label = crate::metrics::Hc::new(Some(&self.hc_key));
+        self.shared
+            .metrics
+            .active_listeners
+            .get_or_create(&label)
+            .dec();
+        self.shared
+            .metrics
+            .listener_disconnects
+            .get_or_create(&label)
+            .inc();
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
         info!(
             event = "ListenerUnregistered",

@@ -82,6 +82,11 @@ impl RelayError {
         }
     }
 
+    /// The HTTP status this refusal is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     /// Whether the peer (rather than the relay) is at fault: decides the log level.
     pub fn is_peer_fault(&self) -> bool {
         !matches!(self, RelayError::Internal(_) | RelayError::Unavailable(_))

@@ -16,9 +16,11 @@ pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod rendezvous;
 pub mod service;
+pub mod status;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -133,8 +135,27 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
+    /// Open tunnels, for live views.
+    pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
     handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// An open tunnel, as live views see it.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Registry key of its hybrid connection.
+    pub hc_key: String,
+    /// Connection id.
+    pub id: String,
+    /// The sender's address.
+    pub peer: SocketAddr,
+    /// When it opened.
+    pub since: SystemTime,
+    /// Bytes so far: `a_to_b` is sender to listener.
+    pub counters: hyco_io::splice::Counters,
 }
 
 /// A connection's place in its IP's handshake quota; released on drop.
@@ -291,6 +312,8 @@ impl Relay {
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
             handshakes: Default::default(),
+            metrics: metrics::Metrics::default(),
+            tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();
         let root = ns
@@ -314,6 +337,21 @@ impl Relay {
             first_start,
             ca_file,
         })
+    }
+
+    /// Serves the status page, `/api/status`, `/api/events` and `/metrics` on `listener` (keep it
+    /// on loopback) until the relay stops accepting.
+    pub fn serve_status(&self, listener: TcpListener) {
+        let s1 = Arc::clone(&self.shared);
+        let s2 = Arc::clone(&self.shared);
+        let snapshot: hyco_io::status::Snapshot = Arc::new(move || status::snapshot(&s1));
+        let metrics: hyco_io::status::Snapshot = Arc::new(move || s2.metrics.encode());
+        tokio::spawn(hyco_io::status::serve(
+            listener,
+            snapshot,
+            metrics,
+            self.shared.shutdown.clone(),
+        ));
     }
 
     /// Serves `listener` until `shutdown` fires, then drains for the configured grace.

@@ -82,6 +82,11 @@ impl Registry {
         }
     }
 
+    /// The listeners of a hybrid connection.
+    pub fn list(&self, hc: &str) -> Vec<Arc<ListenerEntry>> {
+        self.lock().get(hc).cloned().unwrap_or_default()
+    }
+
     /// Number of listeners of a hybrid connection.
     pub fn count(&self, hc: &str) -> usize {
         self.lock().get(hc).map_or(0, Vec::len)

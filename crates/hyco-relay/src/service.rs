@@ -24,6 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::control::ControlChannel;
 use crate::error::{Body, RelayError};
+use crate::metrics::Hc;
 use crate::registry::{id_list, ControlMsg, ListenerEntry};
 use crate::rendezvous::{Busy, Outcome};
 use crate::store::HybridConnection;
@@ -40,7 +41,16 @@ pub async fn handle(
         crate::admin::handle(&shared, req).await
     } else if is_hc_path(&path) {
         if is_upgrade(&req) {
-            websocket(&shared, peer, req).await
+            let counted = metric_label(&shared, &req);
+            let r = websocket(&shared, peer, req).await;
+            if let Some((listen, hc)) = counted {
+                let status = match &r {
+                    Ok(resp) => resp.status().as_u16(),
+                    Err(e) => e.status().as_u16(),
+                };
+                shared.metrics.record_upgrade(listen, &hc, status);
+            }
+            r
         } else {
             Err(RelayError::BadRequest(
                 "The $hc endpoint only accepts WebSocket upgrades.".into(),
@@ -59,6 +69,21 @@ pub async fn handle(
         }
         e.into_response()
     }))
+}
+
+/// For listen and connect upgrades: whether it is a listen, and the metric label.
+fn metric_label(shared: &Shared, req: &Request<Incoming>) -> Option<(bool, Hc)> {
+    let q = HcQuery::parse(req.uri().query().unwrap_or("")).ok()?;
+    let listen = match q.action? {
+        Action::Listen => true,
+        Action::Connect => false,
+        _ => return None,
+    };
+    let ns = shared.store.snapshot();
+    let key = address::split_hc_path(req.uri().path())
+        .ok()
+        .and_then(|segs| resolve(&ns, &segs).map(|(k, _, _)| k));
+    Some((listen, Hc::new(key.as_deref())))
 }
 
 fn is_hc_path(path: &str) -> bool {
@@ -443,12 +468,26 @@ async fn connect(
                         return;
                     };
                     info!(event = "SenderListenerConnectionEstablished", setup_ms = started.elapsed().as_millis() as u64, "tunnel open");
-                    let counters = Counters::default();
+                    let label = Hc::new(Some(&hc_key));
+                    let m = &shared2.metrics;
+                    m.sender_success.get_or_create(&label).inc();
+                    m.active_connections.get_or_create(&label).inc();
+                    m.connect_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+                    let tunnel_id = shared2.registry.next_conn_id();
+                    let tunnel = Arc::new(crate::Tunnel {
+                        hc_key: hc_key.clone(),
+                        id: conn_id.clone(),
+                        peer,
+                        since: SystemTime::now(),
+                        counters: Counters::default(),
+                    });
+                    lock(&shared2.tunnels).insert(tunnel_id, Arc::clone(&tunnel));
+                    let counters = &tunnel.counters;
                     let opened = Instant::now();
                     let a = Prefixed::new(s.io.into_inner(), s.read_buf);
                     let b = Prefixed::new(l.io.into_inner(), l.read_buf);
                     let end = tokio::select! {
-                        end = splice(a, b, shared2.cfg.splice, &counters) => end,
+                        end = splice(a, b, shared2.cfg.splice, counters) => end,
                         _ = shared2.drain.cancelled() => SpliceEnd::Aborted { side: hyco_io::splice::Side::A, error: std::io::Error::other("relay stopped") },
                     };
                     let (up, down) = (
@@ -463,6 +502,10 @@ async fn connect(
                         end = ?end,
                         "tunnel closed"
                     );
+                    lock(&shared2.tunnels).remove(&tunnel_id);
+                    m.active_connections.get_or_create(&label).dec();
+                    m.sender_disconnects.get_or_create(&label).inc();
+                    m.bytes_transferred.get_or_create(&label).inc_by(up + down);
                 }
                 .instrument(span),
             );
@@ -596,6 +639,12 @@ async fn entity_or_http(
         http::HeaderValue::from_static("application/atom+xml;type=entry;charset=utf-8"),
     );
     Ok(resp)
+}
+
+/// Locks a std mutex, recovering from poisoning (the data stays consistent: every critical
+/// section here is a single insert or remove).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A stream with bytes that hyper read past the handshake put back in front.

@@ -17,6 +17,7 @@ const T: Duration = Duration::from_secs(10);
 
 struct Env {
     port: u16,
+    status_port: u16,
     ca: PathBuf,
     key_name: String,
     key: SecretKey,
@@ -58,6 +59,9 @@ async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
         panic!("root has a key")
     };
     let ca = relay.ca_file.clone().unwrap();
+    let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let status_port = status.local_addr().unwrap().port();
+    relay.serve_status(status);
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(listener, stop.clone()));
     let tls = hyco_io::tls::client_config(Some(&ca)).unwrap();
@@ -65,6 +69,7 @@ async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
     connector.timeout = T;
     let env = Env {
         port,
+        status_port,
         ca,
         key_name: name,
         key,
@@ -795,4 +800,109 @@ async fn a_sender_that_stops_reading_is_cut_after_the_write_timeout() {
         .expect("listener never blocked and was never cut");
     assert!(cut, "512 MiB went into a sender that never reads");
     sender.abort();
+}
+
+/// GETs a path from the status server (plain HTTP on loopback) and returns the body.
+async fn status_get(env: &Env, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.status_port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of one series in a Prometheus text exposition (0 when absent).
+fn series(text: &str, name: &str, hc: &str) -> f64 {
+    let prefix = format!("{name}{{hybrid_connection=\"{hc}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_what_happened() {
+    let env = Arc::new(start("metrics", |_| {}).await);
+    let before = status_get(&env, "/metrics").await;
+    let mut l = env.listen("hc1").await;
+    // One refused sender (bad token): a client error.
+    let bad = env
+        .token(Some("hc1"), now() + 600)
+        .replace("sig=", "sig=AA");
+    let _ = env
+        .connector
+        .connect(
+            &env.url("hc1", "connect", ""),
+            &[("ServiceBusAuthorization", &bad)],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    // One tunnel carrying 1000 bytes each way.
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move {
+        let mut s = e2.connect("hc1", &[]).await.unwrap();
+        s.ws.write_all(&[1u8; 1000]).await.unwrap();
+        s.ws.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.ws.read_to_end(&mut back).await.unwrap();
+        back.len()
+    });
+    let a = next_accept(&mut l).await;
+    let mut r = env.connector.connect(&a.address, &[]).await.unwrap();
+    let mut got = Vec::new();
+    r.ws.read_to_end(&mut got).await.unwrap();
+    r.ws.write_all(&[2u8; 1000]).await.unwrap();
+    r.ws.shutdown().await.unwrap();
+    assert_eq!(sender.await.unwrap(), 1000);
+    let after = async {
+        loop {
+            let m = status_get(&env, "/metrics").await;
+            if series(&m, "hyco_sender_disconnects_total", "hc1") >= 1.0 {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let after = tokio::time::timeout(T, after)
+        .await
+        .expect("tunnel close not counted");
+    let d = |name: &str| series(&after, name, "hc1") - series(&before, name, "hc1");
+    assert_eq!(d("hyco_listener_connections_success_total"), 1.0);
+    assert_eq!(d("hyco_sender_connections_client_error_total"), 1.0);
+    assert_eq!(d("hyco_sender_connections_success_total"), 1.0);
+    assert_eq!(d("hyco_sender_disconnects_total"), 1.0);
+    assert_eq!(d("hyco_bytes_transferred_total"), 2000.0);
+    assert_eq!(series(&after, "hyco_active_listeners", "hc1"), 1.0);
+    assert_eq!(series(&after, "hyco_active_connections", "hc1"), 0.0);
+    assert!(
+        after.contains("hyco_sender_connect_latency_seconds_count{hybrid_connection=\"hc1\"} 1"),
+        "{after}"
+    );
+    assert!(!after.contains(env.key.expose()));
+    // The JSON view agrees.
+    let js: serde_json::Value =
+        serde_json::from_str(&status_get(&env, "/api/status").await).unwrap();
+    let hc1 = js["hybridConnections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "hc1")
+        .unwrap();
+    assert_eq!(hc1["state"], "Connected");
+    assert_eq!(hc1["listeners"].as_array().unwrap().len(), 1);
+    assert_eq!(hc1["bytes"], 2000);
+    assert_eq!(hc1["endpoint"], "127.0.0.1:9");
+    drop(l);
 }

@@ -69,6 +69,9 @@ struct RelayArgs {
     /// Seconds running tunnels may drain after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_grace: u64,
+    /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
+    #[arg(long, env = "HYCO_STATUS_LISTEN")]
+    status_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +238,13 @@ async fn relay(a: RelayArgs) -> Result<()> {
                 ca.display()
             );
         }
+    }
+    if let Some(addr) = a.status_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the status page"))?;
+        info!(status = %l.local_addr()?, "status page and metrics listening");
+        relay.serve_status(l);
     }
     info!(listen = %bound, data = %a.data.display(), "relay listening");
     let shutdown = CancellationToken::new();

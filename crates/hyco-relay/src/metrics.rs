@@ -1,0 +1,181 @@
+//! Prometheus metrics, named after Azure Relay's (docs/operations.md has the mapping).
+//!
+//! Every series carries one label, `hybrid_connection`: the hybrid connection's lower-cased
+//! name, or `-` when the request named none that exists (so unknown names cannot grow the label
+//! set). Keys, tokens and rendezvous ids never appear in labels.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The one label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Hc {
+    /// Lower-cased hybrid connection name, or `-`.
+    pub hybrid_connection: String,
+}
+
+impl Hc {
+    /// Label for a hybrid connection key (or `-`).
+    pub fn new(key: Option<&str>) -> Hc {
+        Hc {
+            hybrid_connection: key.unwrap_or("-").to_owned(),
+        }
+    }
+}
+
+type Counters = Family<Hc, Counter<u64, AtomicU64>>;
+type Gauges = Family<Hc, Gauge<i64, std::sync::atomic::AtomicI64>>;
+
+/// The relay's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Listener control channels opened.
+    pub listener_success: Counters,
+    /// Listener control channels refused for the client's fault (4xx).
+    pub listener_client_error: Counters,
+    /// Listener control channels refused for the relay's fault (5xx).
+    pub listener_server_error: Counters,
+    /// Sender connections that became tunnels.
+    pub sender_success: Counters,
+    /// Sender connections refused with 4xx (auth, no listener, listener reject 4xx).
+    pub sender_client_error: Counters,
+    /// Sender connections refused with 5xx (timeout, listener gone, endpoint down).
+    pub sender_server_error: Counters,
+    /// Listeners connected now.
+    pub active_listeners: Gauges,
+    /// Tunnels open now.
+    pub active_connections: Gauges,
+    /// Listener control channels that ended.
+    pub listener_disconnects: Counters,
+    /// Tunnels that ended.
+    pub sender_disconnects: Counters,
+    /// Payload bytes through tunnels, both directions, counted as tunnels close.
+    pub bytes_transferred: Counters,
+    /// Time from a sender's upgrade request to its tunnel being open.
+    pub connect_latency: Family<Hc, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("hyco");
+        let m = Metrics {
+            listener_success: Counters::default(),
+            listener_client_error: Counters::default(),
+            listener_server_error: Counters::default(),
+            sender_success: Counters::default(),
+            sender_client_error: Counters::default(),
+            sender_server_error: Counters::default(),
+            active_listeners: Gauges::default(),
+            active_connections: Gauges::default(),
+            listener_disconnects: Counters::default(),
+            sender_disconnects: Counters::default(),
+            bytes_transferred: Counters::default(),
+            connect_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            registry: Registry::default(),
+        };
+        let c = |r: &mut Registry, name: &str, help: &str, f: &Counters| {
+            r.register(name, help, f.clone())
+        };
+        c(
+            &mut registry,
+            "listener_connections_success",
+            "ListenerConnections-Success: listener control channels opened",
+            &m.listener_success,
+        );
+        c(
+            &mut registry,
+            "listener_connections_client_error",
+            "ListenerConnections-ClientError: listener connections refused with 4xx",
+            &m.listener_client_error,
+        );
+        c(
+            &mut registry,
+            "listener_connections_server_error",
+            "ListenerConnections-ServerError: listener connections refused with 5xx",
+            &m.listener_server_error,
+        );
+        c(
+            &mut registry,
+            "sender_connections_success",
+            "SenderConnections-Success: sender connections that became tunnels",
+            &m.sender_success,
+        );
+        c(
+            &mut registry,
+            "sender_connections_client_error",
+            "SenderConnections-ClientError: sender connections refused with 4xx",
+            &m.sender_client_error,
+        );
+        c(
+            &mut registry,
+            "sender_connections_server_error",
+            "SenderConnections-ServerError: sender connections refused with 5xx",
+            &m.sender_server_error,
+        );
+        c(
+            &mut registry,
+            "listener_disconnects",
+            "ListenerDisconnects: listener control channels that ended",
+            &m.listener_disconnects,
+        );
+        c(
+            &mut registry,
+            "sender_disconnects",
+            "SenderDisconnects: tunnels that ended",
+            &m.sender_disconnects,
+        );
+        c(
+            &mut registry,
+            "bytes_transferred",
+            "BytesTransferred: tunnel payload bytes, both directions, counted when a tunnel closes",
+            &m.bytes_transferred,
+        );
+        registry.register(
+            "active_listeners",
+            "ActiveListeners: listeners connected now",
+            m.active_listeners.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "ActiveConnections: tunnels open now",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "sender_connect_latency_seconds",
+            "Time from a sender's upgrade request to its tunnel being open",
+            m.connect_latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a listen or connect answer by its status class.
+    pub fn record_upgrade(&self, listen: bool, hc: &Hc, status: u16) {
+        let family = match (listen, status) {
+            (true, 101) => &self.listener_success,
+            (true, 400..=499) => &self.listener_client_error,
+            (true, _) => &self.listener_server_error,
+            // Sender successes are counted when the tunnel opens.
+            (false, 101) => return,
+            (false, 400..=499) => &self.sender_client_error,
+            (false, _) => &self.sender_server_error,
+        };
+        family.get_or_create(hc).inc();
+    }
+}

@@ -1,0 +1,69 @@
+//! The relay's live view: one JSON document the status page and `/api/status` show.
+
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::metrics::Hc;
+use crate::Shared;
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The snapshot: every hybrid connection with its endpoint, listeners, open tunnels and bytes.
+pub fn snapshot(shared: &Shared) -> String {
+    let ns = shared.store.snapshot();
+    let tunnels: Vec<_> = crate::service::lock(&shared.tunnels)
+        .values()
+        .cloned()
+        .collect();
+    let mut hcs = Vec::new();
+    for (key, hc) in &ns.hcs {
+        let label = Hc::new(Some(key));
+        let listeners: Vec<_> = shared
+            .registry
+            .list(key)
+            .iter()
+            .map(|l| json!({"id": l.listener_id, "address": l.remote.to_string(), "since": unix(l.since)}))
+            .collect();
+        let live: Vec<_> = tunnels.iter().filter(|t| &t.hc_key == key).collect();
+        let live_bytes: u64 = live
+            .iter()
+            .map(|t| {
+                t.counters.a_to_b.load(Ordering::Relaxed)
+                    + t.counters.b_to_a.load(Ordering::Relaxed)
+            })
+            .sum();
+        let endpoint = hc
+            .user_metadata
+            .as_deref()
+            .and_then(|m| hyco_proto::entity::parse_endpoint_metadata(m).ok())
+            .map(|hp| hp.to_string());
+        let state = if listeners.is_empty() {
+            "No listener"
+        } else {
+            "Connected"
+        };
+        hcs.push(json!({
+            "name": hc.name,
+            "endpoint": endpoint,
+            "state": state,
+            "detail": if hc.requires_client_authorization { "senders need a Send token" } else { "anonymous senders allowed" },
+            "listeners": listeners,
+            "activeConnections": live.len(),
+            "connections": shared.metrics.sender_success.get_or_create(&label).get(),
+            "bytes": shared.metrics.bytes_transferred.get_or_create(&label).get() + live_bytes,
+        }));
+    }
+    json!({
+        "role": "relay",
+        "title": format!("hyco relay · {}", shared.cfg.public_host),
+        "time": unix(SystemTime::now()),
+        "hybridConnections": hcs,
+    })
+    .to_string()
+}
