@@ -27,17 +27,30 @@ pub async fn run_forward(
 ) -> Result<(), ClientError> {
     let tracker = TaskTracker::new();
     for rule in rules {
-        tracker.spawn(accept_loop(rule, connector.clone(), shutdown.clone(), tracker.clone()));
+        tracker.spawn(accept_loop(
+            rule,
+            connector.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
     }
     shutdown.cancelled().await;
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("tunnels still open after 10 s; exiting");
     }
     Ok(())
 }
 
-async fn accept_loop(rule: ForwardRule, connector: Connector, shutdown: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop(
+    rule: ForwardRule,
+    connector: Connector,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let hc = rule.cs.entity_path.clone().unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     loop {

@@ -61,7 +61,9 @@ pub enum ClientError {
 impl From<ConnectError> for ClientError {
     fn from(e: ConnectError) -> Self {
         match e {
-            ConnectError::Rejected { status, reason, .. } => ClientError::Rejected { status, reason },
+            ConnectError::Rejected { status, reason, .. } => {
+                ClientError::Rejected { status, reason }
+            }
             other => ClientError::Connect(other),
         }
     }
@@ -117,7 +119,10 @@ impl ClientOptions {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The entity a connection string names.
@@ -128,15 +133,25 @@ pub fn entity_of(cs: &ConnectionString) -> Result<&str, ClientError> {
 }
 
 /// A token for the connection string's entity and its expiry, or `None` for anonymous use.
-pub fn mint_token(cs: &ConnectionString, lifetime: Duration) -> Result<Option<(String, u64)>, ClientError> {
+pub fn mint_token(
+    cs: &ConnectionString,
+    lifetime: Duration,
+) -> Result<Option<(String, u64)>, ClientError> {
     match &cs.auth {
         ConnectionStringAuth::Key { name, key } => {
             let expiry = now() + lifetime.as_secs();
             let uri = hyco_proto::sas::resource_uri(&cs.endpoint.host, Some(entity_of(cs)?));
-            Ok(Some((hyco_proto::sas::sign(&uri, name, key, expiry).as_str().to_owned(), expiry)))
+            Ok(Some((
+                hyco_proto::sas::sign(&uri, name, key, expiry)
+                    .as_str()
+                    .to_owned(),
+                expiry,
+            )))
         }
         ConnectionStringAuth::Signature(t) => {
-            let expiry = hyco_proto::ParsedToken::parse(t.as_str()).map(|p| p.expiry()).unwrap_or(u64::MAX);
+            let expiry = hyco_proto::ParsedToken::parse(t.as_str())
+                .map(|p| p.expiry())
+                .unwrap_or(u64::MAX);
             Ok(Some((t.as_str().to_owned(), expiry)))
         }
         ConnectionStringAuth::ManagedIdentity => Err(ClientError::ConnectionString(
@@ -170,7 +185,10 @@ pub async fn connect_with(
     opts: &ConnectOptions,
 ) -> Result<HybridStream, ClientError> {
     let entity = entity_of(cs)?;
-    let id = opts.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let id = opts
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let url = hyco_proto::address::ws_url(
         &cs.endpoint.host_port(),
         entity,
@@ -179,7 +197,11 @@ pub async fn connect_with(
         &id,
     );
     let token = mint_token(cs, ClientOptions::default().token_lifetime)?;
-    let mut headers: Vec<(&str, &str)> = opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut headers: Vec<(&str, &str)> = opts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     if let Some((t, _)) = &token {
         headers.push(("ServiceBusAuthorization", t.as_str()));
     }
@@ -187,11 +209,18 @@ pub async fn connect_with(
 }
 
 /// Reads the entity description (any right works; the manager uses its Listen key).
-pub async fn get_entity(cs: &ConnectionString, connector: &Connector) -> Result<EntityDescription, ClientError> {
+pub async fn get_entity(
+    cs: &ConnectionString,
+    connector: &Connector,
+) -> Result<EntityDescription, ClientError> {
     let entity = entity_of(cs)?;
-    let url = format!("https://{}/{entity}?api-version=2016-07", cs.endpoint.host_port());
-    let token = mint_token(cs, Duration::from_secs(600))?
-        .ok_or_else(|| ClientError::ConnectionString("a key or signature is needed to read the entity".into()))?;
+    let url = format!(
+        "https://{}/{entity}?api-version=2016-07",
+        cs.endpoint.host_port()
+    );
+    let token = mint_token(cs, Duration::from_secs(600))?.ok_or_else(|| {
+        ClientError::ConnectionString("a key or signature is needed to read the entity".into())
+    })?;
     let ans = connector
         .https_request(
             http::Method::GET,
@@ -203,11 +232,16 @@ pub async fn get_entity(cs: &ConnectionString, connector: &Connector) -> Result<
         .await?;
     match ans.status {
         200 => match hyco_proto::entity::parse_entity_atom(&String::from_utf8_lossy(&ans.body)) {
-            Err(hyco_proto::entity::EntityError::NotFound) => Err(ClientError::NotFound(entity.into())),
+            Err(hyco_proto::entity::EntityError::NotFound) => {
+                Err(ClientError::NotFound(entity.into()))
+            }
             other => Ok(other?),
         },
         404 | 204 => Err(ClientError::NotFound(entity.into())),
-        status => Err(ClientError::Rejected { status, reason: ans.reason }),
+        status => Err(ClientError::Rejected {
+            status,
+            reason: ans.reason,
+        }),
     }
 }
 
@@ -215,7 +249,10 @@ pub async fn get_entity(cs: &ConnectionString, connector: &Connector) -> Result<
 /// Half-close travels as WebSocket Close and back; an abort on either side resets the TCP
 /// connection (linger 0) so the local peer sees an error, not a clean end of stream.
 /// Returns (bytes TCP → tunnel, bytes tunnel → TCP).
-pub async fn pump(tcp: &mut tokio::net::TcpStream, ws: &mut HybridStream) -> std::io::Result<(u64, u64)> {
+pub async fn pump(
+    tcp: &mut tokio::net::TcpStream,
+    ws: &mut HybridStream,
+) -> std::io::Result<(u64, u64)> {
     let r = tokio::io::copy_bidirectional_with_sizes(tcp, ws, 64 * 1024, 64 * 1024).await;
     if r.is_err() {
         let _ = tcp.set_zero_linger();

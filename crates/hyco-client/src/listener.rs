@@ -140,7 +140,10 @@ impl HybridListener {
         shutdown: CancellationToken,
     ) -> Result<(HybridListener, mpsc::Receiver<Incoming>), ClientError> {
         entity_of(&cs)?;
-        let id = opts.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let id = opts
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let (status_tx, status) = watch::channel(ListenerStatus::Connecting);
         let (tx, rx) = mpsc::channel(256);
         let stop = shutdown.child_token();
@@ -209,10 +212,15 @@ impl Actor {
             }
             let status = match outcome {
                 Err(ClientError::Rejected { status: 404, .. }) => ListenerStatus::NotFound,
-                Err(ClientError::Rejected { status: s @ (401 | 403), reason }) => {
-                    ListenerStatus::Unauthorized { reason: format!("{s} {reason}") }
-                }
-                Err(e) => ListenerStatus::Disconnected { reason: e.to_string() },
+                Err(ClientError::Rejected {
+                    status: s @ (401 | 403),
+                    reason,
+                }) => ListenerStatus::Unauthorized {
+                    reason: format!("{s} {reason}"),
+                },
+                Err(e) => ListenerStatus::Disconnected {
+                    reason: e.to_string(),
+                },
                 Ok(reason) => ListenerStatus::Disconnected { reason },
             };
             warn!(hc = %entity, listener_id = %self.id, status = %status, "control channel down; reconnecting");
@@ -229,15 +237,19 @@ impl Actor {
             hyco_proto::Action::Listen,
             &self.id,
         );
-        let (token, mut expiry) = mint_token(&self.cs, self.opts.token_lifetime)?
-            .ok_or_else(|| ClientError::ConnectionString("a listener needs a key or a signature".into()))?;
+        let (token, mut expiry) =
+            mint_token(&self.cs, self.opts.token_lifetime)?.ok_or_else(|| {
+                ClientError::ConnectionString("a listener needs a key or a signature".into())
+            })?;
         let mut ws = self
             .connector
             .connect(&url, &[("ServiceBusAuthorization", token.as_str())])
             .await?
             .ws;
         info!(hc = %entity, listener_id = %self.id, "listener connected");
-        let _ = self.status.send(ListenerStatus::Connected { since: SystemTime::now() });
+        let _ = self.status.send(ListenerStatus::Connected {
+            since: SystemTime::now(),
+        });
         let can_renew = matches!(self.cs.auth, hyco_proto::ConnectionStringAuth::Key { .. });
         let mut ping = tokio::time::interval(self.opts.ping_interval);
         ping.reset();
@@ -309,7 +321,10 @@ fn renew_instant(expiry: u64, before: Duration) -> Instant {
         .unwrap_or(0);
     let lifetime_left = expiry.saturating_sub(now);
     // Renew `before` ahead, or at half the remaining life for short tokens.
-    let wait = lifetime_left.saturating_sub(before.as_secs()).max(lifetime_left / 2).max(1);
+    let wait = lifetime_left
+        .saturating_sub(before.as_secs())
+        .max(lifetime_left / 2)
+        .max(1);
     Instant::now() + Duration::from_secs(wait)
 }
 
@@ -323,7 +338,10 @@ mod tests {
 
     #[test]
     fn renewal_comes_before_expiry() {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let at = renew_instant(now + 3600, Duration::from_secs(300));
         let d = at - Instant::now();
         assert!(d <= Duration::from_secs(3300) && d >= Duration::from_secs(3200));

@@ -18,7 +18,7 @@
 //! * pings are answered by the relay, pongs are dropped, neither is forwarded.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,13 +47,18 @@ impl Default for SpliceConfig {
     }
 }
 
-/// Payload bytes moved, per direction; shared so live views can read them.
+/// Payload bytes moved, per direction, and the Close codes forwarded; shared so live views
+/// can read them.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// From peer A to peer B.
     pub a_to_b: AtomicU64,
     /// From peer B to peer A.
     pub b_to_a: AtomicU64,
+    /// Close code peer A sent (0: none yet; 1005: a Close without a code).
+    pub a_close: AtomicU32,
+    /// Close code peer B sent.
+    pub b_close: AtomicU32,
 }
 
 /// One of the two peers.
@@ -139,8 +144,22 @@ where
     let pong_a = PongSlot::default();
     let pong_b = PongSlot::default();
     let result = {
-        let d1 = forward(&mut ar, &mut bw, cfg, &pong_a, &pong_b, &counters.a_to_b);
-        let d2 = forward(&mut br, &mut aw, cfg, &pong_b, &pong_a, &counters.b_to_a);
+        let d1 = forward(
+            &mut ar,
+            &mut bw,
+            cfg,
+            &pong_a,
+            &pong_b,
+            (&counters.a_to_b, &counters.a_close),
+        );
+        let d2 = forward(
+            &mut br,
+            &mut aw,
+            cfg,
+            &pong_b,
+            &pong_a,
+            (&counters.b_to_a, &counters.b_close),
+        );
         tokio::pin!(d1, d2);
         let (mut done1, mut done2) = (false, false);
         loop {
@@ -241,7 +260,7 @@ async fn forward<R, W>(
     cfg: SpliceConfig,
     my_pong: &PongSlot,
     their_pong: &PongSlot,
-    count: &AtomicU64,
+    (count, close_code): (&AtomicU64, &AtomicU32),
 ) -> Result<(), DirError>
 where
     R: AsyncRead + Unpin,
@@ -292,7 +311,10 @@ where
                     OpCode::Ping => my_pong.set(buf[p..p + len].to_vec()),
                     OpCode::Pong => {}
                     _ => {
-                        parse_close(&buf[p..p + len]).map_err(DirError::Protocol)?;
+                        let code = parse_close(&buf[p..p + len])
+                            .map_err(DirError::Protocol)?
+                            .map_or(1005, |(c, _)| c);
+                        close_code.store(u32::from(code), Ordering::Relaxed);
                         let frame = control_frame(OpCode::Close, &buf[p..p + len]);
                         write_timed(w, &frame, cfg.write_timeout).await?;
                         let _ = w.flush().await;

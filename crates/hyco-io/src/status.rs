@@ -1,10 +1,12 @@
 //! A small loopback HTTP server for operators: `/metrics` (Prometheus text), `/api/status`
 //! (a JSON snapshot), `/api/events` (the same snapshot pushed every second as Server-Sent
-//! Events) and `/` (a status page that renders the events; its assets are embedded, no CDN).
+//! Events), `/api/listener-events` (one Server-Sent Event per listener up or down, when the
+//! process publishes them) and `/` (a status page that renders the snapshots; its assets are
+//! embedded, no CDN).
 //!
-//! The relay and the manager both use it with their own snapshot functions. It binds where it
-//! is told: keep it on loopback (the default) unless it sits behind something that
-//! authenticates, because it shows listener addresses and hybrid connection names.
+//! The relay and the manager both use it with their own sources. It binds where it is told:
+//! keep it on loopback (the default) unless it sits behind something that authenticates,
+//! because it shows listener addresses and hybrid connection names.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,10 +19,22 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-/// Produces a JSON document describing the process now.
+/// Produces a document describing the process now.
 pub type Snapshot = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// What the status server shows.
+#[derive(Clone)]
+pub struct Sources {
+    /// The JSON snapshot.
+    pub snapshot: Snapshot,
+    /// The Prometheus text.
+    pub metrics: Snapshot,
+    /// Discrete events (JSON), if the process publishes any.
+    pub events: Option<broadcast::Sender<String>>,
+}
 
 const PAGE: &str = include_str!("status/page.html");
 
@@ -38,21 +52,10 @@ fn full(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp
     r
 }
 
-fn events(snapshot: Snapshot, stop: CancellationToken) -> Response<Body> {
-    let stream =
-        futures_util::stream::unfold((snapshot, stop, true), |(snap, stop, first)| async move {
-            if !first {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => return None,
-                }
-            }
-            let chunk = format!("data: {}\n\n", snap());
-            Some((
-                Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))),
-                (snap, stop, false),
-            ))
-        });
+fn sse<S>(stream: S) -> Response<Body>
+where
+    S: futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static,
+{
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -65,10 +68,50 @@ fn events(snapshot: Snapshot, stop: CancellationToken) -> Response<Body> {
     r
 }
 
+fn data_frame(json: &str) -> Result<Frame<Bytes>, Infallible> {
+    Ok(Frame::data(Bytes::from(format!("data: {json}\n\n"))))
+}
+
+/// The snapshot now and then every second.
+fn snapshots(snapshot: Snapshot, stop: CancellationToken) -> Response<Body> {
+    sse(futures_util::stream::unfold(
+        (snapshot, stop, true),
+        |(snap, stop, first)| async move {
+            if !first {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+            Some((data_frame(&snap()), (snap, stop, false)))
+        },
+    ))
+}
+
+/// Each published event as it happens. A slow reader skips what it missed rather than making
+/// the process hold memory for it.
+fn event_stream(tx: &broadcast::Sender<String>, stop: CancellationToken) -> Response<Body> {
+    sse(futures_util::stream::unfold(
+        (tx.subscribe(), stop),
+        |(mut rx, stop)| async move {
+            loop {
+                let msg = tokio::select! {
+                    m = rx.recv() => m,
+                    _ = stop.cancelled() => return None,
+                };
+                match msg {
+                    Ok(m) => return Some((data_frame(&m), (rx, stop))),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    ))
+}
+
 async fn route(
     req: Request<Incoming>,
-    snapshot: Snapshot,
-    metrics: Snapshot,
+    src: Sources,
     stop: CancellationToken,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET {
@@ -83,21 +126,20 @@ async fn route(
         "/metrics" => full(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(),
+            (src.metrics)(),
         ),
-        "/api/status" => full(StatusCode::OK, "application/json", snapshot()),
-        "/api/events" => events(snapshot, stop),
+        "/api/status" => full(StatusCode::OK, "application/json", (src.snapshot)()),
+        "/api/events" => snapshots(src.snapshot, stop),
+        "/api/listener-events" => match &src.events {
+            Some(tx) => event_stream(tx, stop),
+            None => full(StatusCode::NOT_FOUND, "text/plain", "no events here\n"),
+        },
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     })
 }
 
 /// Serves until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    snapshot: Snapshot,
-    metrics: Snapshot,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationToken) {
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -109,11 +151,9 @@ pub async fn serve(
             },
             _ = stop.cancelled() => return,
         };
-        let (snap, met, st) = (snapshot.clone(), metrics.clone(), stop.clone());
+        let (src, st) = (sources.clone(), stop.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                route(req, snap.clone(), met.clone(), st.clone())
-            });
+            let svc = hyper::service::service_fn(move |req| route(req, src.clone(), st.clone()));
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             let _ = conn.await;

@@ -8,8 +8,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod status;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyco_client::{
@@ -23,6 +25,8 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+pub use status::{HcStatus, StatusBoard};
 
 /// Manager configuration.
 #[derive(Debug, Clone)]
@@ -100,17 +104,38 @@ impl ManagerConfig {
 
 /// Runs the manager until `shutdown`.
 pub async fn run(cfg: ManagerConfig, shutdown: CancellationToken) -> Result<(), ManagerError> {
+    let (_board, running) = start(cfg, shutdown)?;
+    running.await;
+    Ok(())
+}
+
+/// Starts one supervisor per hybrid connection; returns their status board and a future that
+/// ends when all of them have stopped (after `shutdown`).
+pub fn start(
+    cfg: ManagerConfig,
+    shutdown: CancellationToken,
+) -> Result<(Arc<StatusBoard>, impl std::future::Future<Output = ()>), ManagerError> {
+    let mut names = Vec::new();
     for (i, cs) in cfg.connections.iter().enumerate() {
-        if cs.entity_path.is_none() {
-            return Err(ManagerError::Config(format!(
-                "connection string #{} has no EntityPath",
-                i + 1
-            )));
+        match &cs.entity_path {
+            Some(e) => names.push(e.clone()),
+            None => {
+                return Err(ManagerError::Config(format!(
+                    "connection string #{} has no EntityPath",
+                    i + 1
+                )))
+            }
         }
     }
     let connector = cfg.client.connector()?;
+    let board = Arc::new(StatusBoard::new(&names));
     let mut tasks = Vec::new();
-    for cs in cfg.connections.clone() {
+    for (cs, st) in cfg
+        .connections
+        .iter()
+        .cloned()
+        .zip(board.hcs.iter().cloned())
+    {
         let opts = ListenerOptions {
             token_lifetime: cfg.token_lifetime,
             ..ListenerOptions::default()
@@ -121,12 +146,15 @@ pub async fn run(cfg: ManagerConfig, shutdown: CancellationToken) -> Result<(), 
             opts,
             cfg.dial_timeout,
             shutdown.clone(),
+            st,
         )));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+    let running = async move {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    Ok((board, running))
 }
 
 /// Reads the endpoint from the entity's user metadata.
@@ -138,28 +166,39 @@ async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<HostPor
     hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())
 }
 
+fn endpoint_of(st: &HcStatus) -> Option<HostPort> {
+    st.endpoint.lock().ok().and_then(|g| g.clone())
+}
+
+fn set_endpoint(st: &HcStatus, hp: HostPort) {
+    if let Ok(mut g) = st.endpoint.lock() {
+        if g.as_ref() != Some(&hp) {
+            info!(hc = %st.name, endpoint = %hp, "endpoint resolved");
+        }
+        *g = Some(hp);
+    }
+}
+
 async fn supervise(
     cs: ConnectionString,
     connector: Connector,
     opts: ListenerOptions,
     dial_timeout: Duration,
     shutdown: CancellationToken,
+    st: Arc<HcStatus>,
 ) {
-    let hc = cs.entity_path.clone().unwrap_or_default();
+    let hc = st.name.clone();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let endpoint: Arc<Mutex<Option<HostPort>>> = Arc::new(Mutex::new(None));
     // The endpoint must be known before listening: a listener that cannot dial would only reject.
-    while endpoint.lock().map(|g| g.is_none()).unwrap_or(true) {
+    while endpoint_of(&st).is_none() {
         match resolve(&cs, &connector).await {
-            Ok(hp) => {
-                info!(hc = %hc, endpoint = %hp, "endpoint resolved");
-                if let Ok(mut g) = endpoint.lock() {
-                    *g = Some(hp);
-                }
-            }
+            Ok(hp) => set_endpoint(&st, hp),
             Err(e) => {
                 let d = backoff.next_delay().max(Duration::from_millis(500));
                 warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
+                st.set_listener(ListenerStatus::Disconnected {
+                    reason: format!("cannot resolve the endpoint: {e}"),
+                });
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = shutdown.cancelled() => return,
@@ -172,34 +211,29 @@ async fn supervise(
             Ok(x) => x,
             Err(e) => {
                 warn!(hc = %hc, error = %e, "cannot start the listener");
+                st.set_listener(ListenerStatus::Disconnected {
+                    reason: e.to_string(),
+                });
                 return;
             }
         };
-    // Refresh the endpoint every time the control channel comes (back) up.
+    // Mirror the control channel's state, and refresh the endpoint each time it comes (back) up.
     let mut status = listener.status_watch();
-    let (cs2, conn2, ep2, hc2) = (
-        cs.clone(),
-        connector.clone(),
-        Arc::clone(&endpoint),
-        hc.clone(),
-    );
+    let (cs2, conn2, st2) = (cs.clone(), connector.clone(), Arc::clone(&st));
     tokio::spawn(async move {
-        while status.changed().await.is_ok() {
+        loop {
             let s = status.borrow_and_update().clone();
+            st2.set_listener(s.clone());
             if matches!(s, ListenerStatus::Connected { .. }) {
                 match resolve(&cs2, &conn2).await {
-                    Ok(hp) => {
-                        if let Ok(mut g) = ep2.lock() {
-                            if g.as_ref() != Some(&hp) {
-                                info!(hc = %hc2, endpoint = %hp, "endpoint refreshed");
-                            }
-                            *g = Some(hp);
-                        }
-                    }
+                    Ok(hp) => set_endpoint(&st2, hp),
                     Err(e) => {
-                        warn!(hc = %hc2, error = %e, "endpoint refresh failed; keeping the previous one")
+                        warn!(hc = %st2.name, error = %e, "endpoint refresh failed; keeping the previous one")
                     }
                 }
+            }
+            if status.changed().await.is_err() {
+                return;
             }
         }
     });
@@ -208,18 +242,19 @@ async fn supervise(
             i = incoming.recv() => match i { Some(i) => i, None => return },
             _ = shutdown.cancelled() => return,
         };
-        let target = endpoint.lock().ok().and_then(|g| g.clone());
-        let hc = hc.clone();
+        let target = endpoint_of(&st);
+        let st = Arc::clone(&st);
         tokio::spawn(async move {
             if let Some(target) = target {
-                bridge(inc, target, dial_timeout, &hc).await;
+                bridge(inc, target, dial_timeout, &st).await;
             }
         });
     }
 }
 
 /// Dials the endpoint, then accepts (or rejects with 502), then pumps.
-async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, hc: &str) {
+async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, st: &HcStatus) {
+    let hc = st.name.as_str();
     let started = Instant::now();
     let id = inc.id().to_owned();
     let dial = tokio::time::timeout(
@@ -227,39 +262,40 @@ async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, hc: &st
         TcpStream::connect((target.host.as_str(), target.port)),
     )
     .await;
-    let mut tcp = match dial {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = format!("Endpoint {target} unreachable: {e}");
-            warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
-            let _ = inc.reject(502, &reason).await;
+    let (status, reason) = match dial {
+        Ok(Ok(s)) => {
+            let mut tcp = s;
+            let _ = tcp.set_nodelay(true);
+            let mut ws = match inc.accept().await {
+                Ok(ws) => ws,
+                Err(e) => {
+                    warn!(role = "listener", hc, id = %id, error = %e, "rendezvous failed");
+                    return;
+                }
+            };
+            st.bridge_opened();
+            let r = hyco_client::pump(&mut tcp, &mut ws).await;
+            let (up, down, outcome) = match r {
+                Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
+                Err(e) => (0, 0, format!("aborted: {e}")),
+            };
+            st.bridge_closed(up + down);
+            info!(role = "listener", hc, id = %id, endpoint = %target, bytes_to_sender = up, bytes_to_endpoint = down,
+                duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "connection served");
             return;
         }
-        Err(_) => {
-            let reason = format!(
+        Ok(Err(e)) => (502, format!("Endpoint {target} unreachable: {e}")),
+        Err(_) => (
+            504,
+            format!(
                 "Endpoint {target} did not answer within {}s",
                 dial_timeout.as_secs()
-            );
-            warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
-            let _ = inc.reject(504, &reason).await;
-            return;
-        }
+            ),
+        ),
     };
-    let _ = tcp.set_nodelay(true);
-    let mut ws = match inc.accept().await {
-        Ok(ws) => ws,
-        Err(e) => {
-            warn!(role = "listener", hc, id = %id, error = %e, "rendezvous failed");
-            return;
-        }
-    };
-    let r = hyco_client::pump(&mut tcp, &mut ws).await;
-    let (up, down, outcome) = match r {
-        Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
-        Err(e) => (0, 0, format!("aborted: {e}")),
-    };
-    info!(role = "listener", hc, id = %id, endpoint = %target, bytes_to_sender = up, bytes_to_endpoint = down,
-        duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "connection served");
+    warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
+    st.rejected(reason.clone());
+    let _ = inc.reject(status, &reason).await;
 }
 
 #[cfg(test)]

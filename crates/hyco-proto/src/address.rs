@@ -131,7 +131,9 @@ impl HcQuery {
                 "sb-hc-id" => set(&mut q.id, "sb-hc-id")?,
                 "sb-hc-token" => set(&mut q.token, "sb-hc-token")?,
                 "sb-hc-statuscode" => set(&mut q.status_code, "sb-hc-statusCode")?,
-                "sb-hc-statusdescription" => set(&mut q.status_description, "sb-hc-statusDescription")?,
+                "sb-hc-statusdescription" => {
+                    set(&mut q.status_description, "sb-hc-statusDescription")?
+                }
                 k if k.starts_with("sb-hc-") => q.extra_sb.push((k.to_owned(), decode(v))),
                 other => {
                     if other == "statuscode" && q.node_status_code.is_none() {
@@ -187,10 +189,16 @@ pub fn validate_entity_name(name: &str) -> Result<(), AddressError> {
         let mut chars = seg.chars();
         match chars.next() {
             Some(c) if c.is_ascii_alphanumeric() => {}
-            _ => return Err(AddressError::BadName("each segment must start with a letter or digit")),
+            _ => {
+                return Err(AddressError::BadName(
+                    "each segment must start with a letter or digit",
+                ))
+            }
         }
         if !chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return Err(AddressError::BadName("use letters, digits, '.', '_', '-' and '/'"));
+            return Err(AddressError::BadName(
+                "use letters, digits, '.', '_', '-' and '/'",
+            ));
         }
     }
     Ok(())
@@ -202,7 +210,13 @@ pub fn entity_key(name: &str) -> String {
 }
 
 /// `wss://{host_port}/$hc/{entity}[suffix][?query&]sb-hc-action=…&sb-hc-id=…`.
-pub fn ws_url(host_port: &str, entity: &str, suffix_and_query: Option<&str>, action: Action, id: &str) -> String {
+pub fn ws_url(
+    host_port: &str,
+    entity: &str,
+    suffix_and_query: Option<&str>,
+    action: Action,
+    id: &str,
+) -> String {
     let (suffix, query) = match suffix_and_query {
         Some(s) => match s.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -225,7 +239,11 @@ pub fn ws_url(host_port: &str, entity: &str, suffix_and_query: Option<&str>, act
 
 /// The accept address plus the reject parameters (protocol.md §2.6).
 pub fn reject_url(accept_address: &str, status: u16, description: &str) -> String {
-    let sep = if accept_address.contains('?') { '&' } else { '?' };
+    let sep = if accept_address.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     format!(
         "{accept_address}{sep}sb-hc-statusCode={status}&sb-hc-statusDescription={}",
         form_urlencoded::byte_serialize(description.as_bytes()).collect::<String>()
@@ -260,21 +278,29 @@ impl FromStr for HostPort {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| AddressError::BadHostPort(format!("'{s}': {why}"));
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest.split_once("]:").ok_or_else(|| bad("expected [ipv6]:port"))?;
-            h.parse::<std::net::Ipv6Addr>().map_err(|_| bad("invalid IPv6 address"))?;
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| bad("expected [ipv6]:port"))?;
+            h.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| bad("invalid IPv6 address"))?;
             (h, p)
         } else {
-            s.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?
+            s.rsplit_once(':')
+                .ok_or_else(|| bad("expected host:port"))?
         };
         if host.is_empty() {
             return Err(bad("host is empty"));
         }
         if !s.starts_with('[')
-            && !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+            && !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
         {
             return Err(bad("host has invalid characters"));
         }
-        let port: u16 = port.parse().map_err(|_| bad("port must be a number from 1 to 65535"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("port must be a number from 1 to 65535"))?;
         if port == 0 {
             return Err(bad("port must be a number from 1 to 65535"));
         }
@@ -305,9 +331,18 @@ mod tests {
         assert_eq!(q.action, Some(Action::Connect));
         assert_eq!(q.token.as_deref(), Some("SharedAccessSignature sr=x"));
         assert_eq!(q.app_query, "&foo=bar&sb-hc-undefined&x=%22&");
-        assert_eq!(HcQuery::parse("sb-hc-action=listen&sb-hc-action=listen"), Err(AddressError::Duplicate("sb-hc-action")));
-        assert_eq!(HcQuery::parse("sb-hc-action=fly"), Err(AddressError::BadAction));
-        let r = HcQuery::parse("sb-hc-action=accept&sb-hc-rv=abc&statusCode=404&statusDescription=no+way").unwrap();
+        assert_eq!(
+            HcQuery::parse("sb-hc-action=listen&sb-hc-action=listen"),
+            Err(AddressError::Duplicate("sb-hc-action"))
+        );
+        assert_eq!(
+            HcQuery::parse("sb-hc-action=fly"),
+            Err(AddressError::BadAction)
+        );
+        let r = HcQuery::parse(
+            "sb-hc-action=accept&sb-hc-rv=abc&statusCode=404&statusDescription=no+way",
+        )
+        .unwrap();
         assert_eq!(r.extra_sb, vec![("sb-hc-rv".to_owned(), "abc".to_owned())]);
         assert_eq!(r.node_status_code.as_deref(), Some("404"));
         assert_eq!(r.node_status_description.as_deref(), Some("no way"));
@@ -318,7 +353,14 @@ mod tests {
     fn paths() {
         assert_eq!(split_hc_path("/$hc/hc1").unwrap(), vec!["hc1"]);
         assert_eq!(split_hc_path("/$HC/hc1/sub/").unwrap(), vec!["hc1", "sub"]);
-        for bad in ["/$hc//hc1", "/$hc/./hc1", "/$hc/x/../hc1", "/$hc/", "/hc1", "/%24hc/hc1"] {
+        for bad in [
+            "/$hc//hc1",
+            "/$hc/./hc1",
+            "/$hc/x/../hc1",
+            "/$hc/",
+            "/hc1",
+            "/%24hc/hc1",
+        ] {
             assert!(split_hc_path(bad).is_err(), "{bad}");
         }
         assert_eq!(split_hc_path("/$hc/hc1%2Fsub").unwrap(), vec!["hc1%2Fsub"]);
@@ -331,7 +373,13 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(
-            ws_url("localhost:9443", "hyco", Some("/x?a=1"), Action::Connect, "id 1"),
+            ws_url(
+                "localhost:9443",
+                "hyco",
+                Some("/x?a=1"),
+                Action::Connect,
+                "id 1"
+            ),
             "wss://localhost:9443/$hc/hyco/x?a=1&sb-hc-action=connect&sb-hc-id=id+1"
         );
         assert_eq!(

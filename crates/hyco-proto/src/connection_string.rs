@@ -123,16 +123,24 @@ fn parse_timespan(s: &str) -> Option<Duration> {
 
 fn parse_endpoint(v: &str) -> Result<Endpoint, ConnectionStringError> {
     let bad = |why: &str| ConnectionStringError::BadEndpoint(format!("'{v}' {why}"));
-    let (scheme, rest) = v.split_once("://").ok_or_else(|| bad("must look like sb://host[:port]/"))?;
+    let (scheme, rest) = v
+        .split_once("://")
+        .ok_or_else(|| bad("must look like sb://host[:port]/"))?;
     if !scheme.eq_ignore_ascii_case("sb") {
         return Err(bad("must use the sb:// scheme"));
     }
     let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() || authority.contains('/') || authority.contains('?') || authority.contains('@') {
+    if authority.is_empty()
+        || authority.contains('/')
+        || authority.contains('?')
+        || authority.contains('@')
+    {
         return Err(bad("must be sb://host[:port]/ with no path"));
     }
     let (host, port) = if let Some(after) = authority.strip_prefix('[') {
-        let (h, tail) = after.split_once(']').ok_or_else(|| bad("has an unclosed '['"))?;
+        let (h, tail) = after
+            .split_once(']')
+            .ok_or_else(|| bad("has an unclosed '['"))?;
         let port = match tail.strip_prefix(':') {
             Some(p) => Some(p),
             None if tail.is_empty() => None,
@@ -149,7 +157,12 @@ fn parse_endpoint(v: &str) -> Result<Endpoint, ConnectionStringError> {
         return Err(bad("has no valid host"));
     }
     let port = match port {
-        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("has an invalid port"))?),
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad("has an invalid port"))?,
+        ),
         None => None,
     };
     Ok(Endpoint {
@@ -164,8 +177,15 @@ impl ConnectionString {
     pub fn parse(s: &str) -> Result<ConnectionString, ConnectionStringError> {
         let (mut endpoint, mut entity, mut kn, mut key, mut sas, mut timeout, mut mi) =
             (None, None, None, None, None, None, false);
-        for (i, part) in s.split(';').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
-            let (k, v) = part.split_once('=').ok_or(ConnectionStringError::NoEquals(i + 1))?;
+        for (i, part) in s
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+        {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or(ConnectionStringError::NoEquals(i + 1))?;
             let k = k.trim();
             let v = v.trim();
             let dup = || ConnectionStringError::Duplicate(k.to_owned());
@@ -185,7 +205,10 @@ impl ConnectionString {
                 }
                 "sharedaccesskeyname" => {
                     if v.is_empty() {
-                        return Err(ConnectionStringError::BadValue("SharedAccessKeyName", "empty"));
+                        return Err(ConnectionStringError::BadValue(
+                            "SharedAccessKeyName",
+                            "empty",
+                        ));
                     }
                     if kn.replace(v.to_owned()).is_some() {
                         return Err(dup());
@@ -220,18 +243,30 @@ impl ConnectionString {
                     }
                 }
                 "authentication" => {
-                    let norm: String = v.chars().filter(|c| !c.is_whitespace() && *c != '_').collect();
+                    let norm: String = v
+                        .chars()
+                        .filter(|c| !c.is_whitespace() && *c != '_')
+                        .collect();
                     if !norm.eq_ignore_ascii_case("managedidentity") {
-                        return Err(ConnectionStringError::BadValue("Authentication", "only 'Managed Identity' is known"));
+                        return Err(ConnectionStringError::BadValue(
+                            "Authentication",
+                            "only 'Managed Identity' is known",
+                        ));
                     }
                     mi = true;
                 }
-                _ => return Err(ConnectionStringError::UnknownKey(k.chars().take(64).collect())),
+                _ => {
+                    return Err(ConnectionStringError::UnknownKey(
+                        k.chars().take(64).collect(),
+                    ))
+                }
             }
         }
         let endpoint = endpoint.ok_or(ConnectionStringError::MissingEndpoint)?;
         let auth = match (kn, key, sas) {
-            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => return Err(ConnectionStringError::SignatureAndKey),
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(ConnectionStringError::SignatureAndKey)
+            }
             (Some(name), Some(key), None) => ConnectionStringAuth::Key { name, key },
             (None, None, Some(t)) => ConnectionStringAuth::Signature(t),
             (None, None, None) if mi => ConnectionStringAuth::ManagedIdentity,
@@ -251,9 +286,14 @@ impl ConnectionString {
         let mut s = format!("Endpoint=sb://{}/", self.endpoint.host_port());
         match &self.auth {
             ConnectionStringAuth::Key { name, key } => {
-                s.push_str(&format!(";SharedAccessKeyName={name};SharedAccessKey={}", key.expose()));
+                s.push_str(&format!(
+                    ";SharedAccessKeyName={name};SharedAccessKey={}",
+                    key.expose()
+                ));
             }
-            ConnectionStringAuth::Signature(t) => s.push_str(&format!(";SharedAccessSignature={}", t.as_str())),
+            ConnectionStringAuth::Signature(t) => {
+                s.push_str(&format!(";SharedAccessSignature={}", t.as_str()))
+            }
             ConnectionStringAuth::ManagedIdentity => s.push_str(";Authentication=Managed Identity"),
             ConnectionStringAuth::None => {}
         }
@@ -308,7 +348,9 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(cs.endpoint.host_port(), "contoso.servicebus.windows.net");
-        assert!(matches!(&cs.auth, ConnectionStringAuth::Key { name, key } if name == "RootManageSharedAccessKey" && key.expose() == K));
+        assert!(
+            matches!(&cs.auth, ConnectionStringAuth::Key { name, key } if name == "RootManageSharedAccessKey" && key.expose() == K)
+        );
         let cs = ConnectionString::parse(&format!(
             "endpoint=sb://localhost:9443/;sharedaccesskeyname=l;SHAREDACCESSKEY={K};EntityPath=hyco;OperationTimeout=00:01:30"
         ))
@@ -321,25 +363,52 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(cs.auth, ConnectionStringAuth::Signature(_)));
-        let cs = ConnectionString::parse("Endpoint=sb://ns/;Authentication=Managed Identity;EntityPath=h").unwrap();
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://ns/;Authentication=Managed Identity;EntityPath=h",
+        )
+        .unwrap();
         assert!(matches!(cs.auth, ConnectionStringAuth::ManagedIdentity));
-        assert_eq!(parse_timespan("1.02:03:04.5"), Some(Duration::new(93784, 500_000_000)));
+        assert_eq!(
+            parse_timespan("1.02:03:04.5"),
+            Some(Duration::new(93784, 500_000_000))
+        );
     }
 
     #[test]
     fn errors_name_the_part_and_hide_keys() {
         let e = |s: &str| ConnectionString::parse(s).unwrap_err();
-        assert_eq!(e("Endpoint=sb://ns/;Foo=bar"), ConnectionStringError::UnknownKey("Foo".into()));
-        assert_eq!(e("SharedAccessKeyName=a;SharedAccessKey=b"), ConnectionStringError::MissingEndpoint);
-        assert_eq!(e("Endpoint=sb://ns/;SharedAccessKeyName=a"), ConnectionStringError::KeyPair);
-        assert_eq!(e("Endpoint=sb://ns/;garbage"), ConnectionStringError::NoEquals(2));
+        assert_eq!(
+            e("Endpoint=sb://ns/;Foo=bar"),
+            ConnectionStringError::UnknownKey("Foo".into())
+        );
+        assert_eq!(
+            e("SharedAccessKeyName=a;SharedAccessKey=b"),
+            ConnectionStringError::MissingEndpoint
+        );
+        assert_eq!(
+            e("Endpoint=sb://ns/;SharedAccessKeyName=a"),
+            ConnectionStringError::KeyPair
+        );
+        assert_eq!(
+            e("Endpoint=sb://ns/;garbage"),
+            ConnectionStringError::NoEquals(2)
+        );
         assert_eq!(
             e("Endpoint=sb://ns/;SharedAccessKeyName=a;SharedAccessKey=b;SharedAccessSignature=SharedAccessSignature x"),
             ConnectionStringError::SignatureAndKey
         );
-        assert!(matches!(e("Endpoint=https://ns/"), ConnectionStringError::BadEndpoint(_)));
-        assert!(matches!(e("Endpoint=sb://ns:99999/"), ConnectionStringError::BadEndpoint(_)));
-        assert!(matches!(e("Endpoint=sb://ns/path"), ConnectionStringError::BadEndpoint(_)));
+        assert!(matches!(
+            e("Endpoint=https://ns/"),
+            ConnectionStringError::BadEndpoint(_)
+        ));
+        assert!(matches!(
+            e("Endpoint=sb://ns:99999/"),
+            ConnectionStringError::BadEndpoint(_)
+        ));
+        assert!(matches!(
+            e("Endpoint=sb://ns/path"),
+            ConnectionStringError::BadEndpoint(_)
+        ));
         let msg = e(&format!("Endpoint=sb://ns/;SharedAccessKey={K}")).to_string();
         assert!(!msg.contains(K));
     }
@@ -350,6 +419,9 @@ mod tests {
         let cs = ConnectionString::parse(&s).unwrap();
         assert_eq!(cs.render(), s);
         assert!(!format!("{cs:?}").contains(K));
-        assert_eq!(cs.with_entity("other").entity_path.as_deref(), Some("other"));
+        assert_eq!(
+            cs.with_entity("other").entity_path.as_deref(),
+            Some("other")
+        );
     }
 }

@@ -73,14 +73,19 @@ mod ordered_headers {
     pub mod opt {
         use serde::{Deserialize, Deserializer, Serializer};
 
-        pub fn serialize<S: Serializer>(v: &Option<Vec<(String, String)>>, s: S) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(
+            v: &Option<Vec<(String, String)>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match v {
                 Some(v) => super::serialize(v, s),
                 None => s.serialize_none(),
             }
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<(String, String)>>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<(String, String)>>, D::Error> {
             #[derive(Deserialize)]
             struct W(#[serde(with = "super")] Vec<(String, String)>);
             Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
@@ -122,7 +127,11 @@ pub struct RequestCommand {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub remote_endpoint: Option<RemoteEndpoint>,
     /// Request headers.
-    #[serde(with = "ordered_headers::opt", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        with = "ordered_headers::opt",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub request_headers: Option<Vec<(String, String)>>,
     /// A binary body message follows (absent in the address-only form).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -155,7 +164,11 @@ pub struct ResponseCommand {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub status_description: Option<String>,
     /// Response headers.
-    #[serde(with = "ordered_headers::opt", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        with = "ordered_headers::opt",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub response_headers: Option<Vec<(String, String)>>,
     /// A binary body message follows.
     #[serde(default)]
@@ -236,8 +249,13 @@ impl ListenerCommand {
             )));
         }
         let name = obj.keys().next().cloned().unwrap_or_default();
-        if !matches!(name.as_str(), "accept" | "request" | "response" | "renewToken") {
-            return Err(ControlError::UnknownCommand(name.chars().take(64).collect()));
+        if !matches!(
+            name.as_str(),
+            "accept" | "request" | "response" | "renewToken"
+        ) {
+            return Err(ControlError::UnknownCommand(
+                name.chars().take(64).collect(),
+            ));
         }
         serde_json::from_value(v).map_err(|e| ControlError::Invalid(e.to_string()))
     }
@@ -252,8 +270,14 @@ mod tests {
         let a = ListenerCommand::Accept(AcceptCommand {
             address: "wss://h/$hc/e?sb-hc-action=accept".into(),
             id: "1".into(),
-            connect_headers: vec![("Host".into(), "h".into()), ("Sec-WebSocket-Key".into(), "k".into())],
-            remote_endpoint: Some(RemoteEndpoint { address: "127.0.0.1".into(), port: 5 }),
+            connect_headers: vec![
+                ("Host".into(), "h".into()),
+                ("Sec-WebSocket-Key".into(), "k".into()),
+            ],
+            remote_endpoint: Some(RemoteEndpoint {
+                address: "127.0.0.1".into(),
+                port: 5,
+            }),
         });
         let j = a.to_json();
         assert_eq!(
@@ -279,7 +303,9 @@ mod tests {
             }
         }
         assert!(matches!(
-            ListenerCommand::parse(r#"{"response":{"requestId":"r","statusCode":"abc","body":false}}"#),
+            ListenerCommand::parse(
+                r#"{"response":{"requestId":"r","statusCode":"abc","body":false}}"#
+            ),
             Err(ControlError::Invalid(_))
         ));
     }
@@ -287,10 +313,16 @@ mod tests {
     #[test]
     fn limits_and_unknowns() {
         let big = format!(r#"{{"renewToken":{{"token":"{}"}}}}"#, "a".repeat(70_000));
-        assert!(matches!(ListenerCommand::parse(&big), Err(ControlError::TooLarge { .. })));
+        assert!(matches!(
+            ListenerCommand::parse(&big),
+            Err(ControlError::TooLarge { .. })
+        ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(ListenerCommand::parse(&deep), Err(ControlError::TooDeep));
-        assert_eq!(ListenerCommand::parse(r#"{"foo":{}}"#), Err(ControlError::UnknownCommand("foo".into())));
+        assert_eq!(
+            ListenerCommand::parse(r#"{"foo":{}}"#),
+            Err(ControlError::UnknownCommand("foo".into()))
+        );
         assert!(ListenerCommand::parse(r#"{"a":1,"b":2}"#).is_err());
         assert!(matches!(
             ListenerCommand::parse(r#"{"renewToken":{"token":"SharedAccessSignature x"}}"#),

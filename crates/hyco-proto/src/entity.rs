@@ -37,7 +37,11 @@ pub fn parse_endpoint_metadata(user_metadata: &str) -> Result<HostPort, EntityEr
         .ok_or_else(|| EntityError::BadMetadata("not a JSON array".into()))?;
     let value = arr
         .iter()
-        .find(|e| e["key"].as_str().is_some_and(|k| k.eq_ignore_ascii_case("endpoint")))
+        .find(|e| {
+            e["key"]
+                .as_str()
+                .is_some_and(|k| k.eq_ignore_ascii_case("endpoint"))
+        })
         .ok_or(EntityError::NoEndpoint)?["value"]
         .as_str()
         .ok_or_else(|| EntityError::BadMetadata("endpoint value is not a string".into()))?;
@@ -127,15 +131,22 @@ pub fn parse_entity_atom(xml: &str) -> Result<EntityDescription, EntityError> {
                 }
             }
             Ok(Event::Text(t)) => {
-                let text = t.unescape().map_err(|e| EntityError::BadXml(e.to_string()))?.into_owned();
+                let text = t
+                    .unescape()
+                    .map_err(|e| EntityError::BadXml(e.to_string()))?
+                    .into_owned();
                 match current.as_deref() {
                     Some("title") => d.name = text,
                     Some("CreatedAt") => d.created_at = text,
                     Some("UpdatedAt") => d.updated_at = text,
-                    Some("RequiresClientAuthorization") => d.requires_client_authorization = text.trim() == "true",
+                    Some("RequiresClientAuthorization") => {
+                        d.requires_client_authorization = text.trim() == "true"
+                    }
                     Some("UserMetadata") => d.user_metadata = Some(text),
                     Some("ListenerCount") => {
-                        d.listener_count = text.trim().parse().map_err(|_| EntityError::BadXml("ListenerCount is not a number".into()))?
+                        d.listener_count = text.trim().parse().map_err(|_| {
+                            EntityError::BadXml("ListenerCount is not a number".into())
+                        })?
                     }
                     _ => {}
                 }
@@ -160,7 +171,10 @@ mod tests {
         let m = endpoint_metadata(&hp);
         assert_eq!(m, r#"[{"key":"endpoint","value":"sql01.corp:1433"}]"#);
         assert_eq!(parse_endpoint_metadata(&m).unwrap(), hp);
-        assert_eq!(parse_endpoint_metadata(r#"[{"key":"x","value":"y"}]"#), Err(EntityError::NoEndpoint));
+        assert_eq!(
+            parse_endpoint_metadata(r#"[{"key":"x","value":"y"}]"#),
+            Err(EntityError::NoEndpoint)
+        );
         assert!(parse_endpoint_metadata("nope").is_err());
         assert!(parse_endpoint_metadata(r#"[{"key":"endpoint","value":"nohost"}]"#).is_err());
     }
@@ -179,7 +193,9 @@ mod tests {
         assert!(xml.contains("&lt;"));
         assert_eq!(parse_entity_atom(&xml).unwrap(), d);
         assert_eq!(
-            parse_entity_atom(r#"<feed xmlns="http://www.w3.org/2005/Atom"><title>x</title></feed>"#),
+            parse_entity_atom(
+                r#"<feed xmlns="http://www.w3.org/2005/Atom"><title>x</title></feed>"#
+            ),
             Err(EntityError::NotFound)
         );
         assert!(parse_entity_atom("<html/>").is_err());

@@ -116,9 +116,15 @@ mod tests {
     fn parse_and_serde() {
         let r = Rights::parse_list("Listen, send").unwrap();
         assert!(r.listen && r.send && !r.manage);
-        assert_eq!(Rights::parse_list("listen,fly"), Err(RightsError::Unknown("fly".into())));
+        assert_eq!(
+            Rights::parse_list("listen,fly"),
+            Err(RightsError::Unknown("fly".into()))
+        );
         assert_eq!(Rights::parse_list(" , "), Err(RightsError::Empty));
-        assert_eq!(serde_json::to_string(&Rights::ALL).unwrap(), r#"["Listen","Send","Manage"]"#);
+        assert_eq!(
+            serde_json::to_string(&Rights::ALL).unwrap(),
+            r#"["Listen","Send","Manage"]"#
+        );
         let back: Rights = serde_json::from_str(r#"["manage"]"#).unwrap();
         assert!(back.allows(Need::Send) && back.allows(Need::Listen));
         assert!(!r.allows(Need::Manage));

@@ -84,7 +84,10 @@ pub fn resource_uri(host: &str, entity: Option<&str>) -> String {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| h).trim_start_matches('[');
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[');
     }
     match host.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -300,7 +303,8 @@ impl Audience {
             .filter(|s| !s.is_empty())
             .map(str::to_ascii_lowercase)
             .collect();
-        self.segments.len() <= target.len() && self.segments.iter().zip(&target).all(|(a, b)| a == b)
+        self.segments.len() <= target.len()
+            && self.segments.iter().zip(&target).all(|(a, b)| a == b)
     }
 }
 

@@ -55,6 +55,15 @@ impl ControlChannel {
             .active_listeners
             .get_or_create(&crate::metrics::Hc::new(Some(&self.hc_key)))
             .inc();
+        let address = self.entry.remote.to_string();
+        crate::status::listener_event(
+            &self.shared,
+            "NewListenerRegistered",
+            &self.hc_name,
+            &self.entry.listener_id,
+            &address,
+            None,
+        );
         let limits = self.shared.cfg.limits;
         let mut expiry_at = deadline_for(self.expiry, limits.token_grace);
         let mut ping = tokio::time::interval(limits.ping_interval);
@@ -130,6 +139,14 @@ impl ControlChannel {
             .listener_disconnects
             .get_or_create(&label)
             .inc();
+        crate::status::listener_event(
+            &self.shared,
+            "ListenerUnregistered",
+            &self.hc_name,
+            &self.entry.listener_id,
+            &address,
+            Some(&why),
+        );
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
         info!(
             event = "ListenerUnregistered",

@@ -137,6 +137,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// Listener up/down events (JSON) for `/api/listener-events`.
+    pub events: tokio::sync::broadcast::Sender<String>,
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
@@ -313,6 +315,7 @@ impl Relay {
             tracker: TaskTracker::new(),
             handshakes: Default::default(),
             metrics: metrics::Metrics::default(),
+            events: tokio::sync::broadcast::channel(256).0,
             tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();
@@ -344,12 +347,14 @@ impl Relay {
     pub fn serve_status(&self, listener: TcpListener) {
         let s1 = Arc::clone(&self.shared);
         let s2 = Arc::clone(&self.shared);
-        let snapshot: hyco_io::status::Snapshot = Arc::new(move || status::snapshot(&s1));
-        let metrics: hyco_io::status::Snapshot = Arc::new(move || s2.metrics.encode());
+        let sources = hyco_io::status::Sources {
+            snapshot: Arc::new(move || status::snapshot(&s1)),
+            metrics: Arc::new(move || s2.metrics.encode()),
+            events: Some(self.shared.events.clone()),
+        };
         tokio::spawn(hyco_io::status::serve(
             listener,
-            snapshot,
-            metrics,
+            sources,
             self.shared.shutdown.clone(),
         ));
     }

@@ -499,6 +499,8 @@ async fn connect(
                         bytes_sender_to_listener = up,
                         bytes_listener_to_sender = down,
                         duration_ms = opened.elapsed().as_millis() as u64,
+                        sender_close_code = counters.a_close.load(std::sync::atomic::Ordering::Relaxed),
+                        listener_close_code = counters.b_close.load(std::sync::atomic::Ordering::Relaxed),
                         end = ?end,
                         "tunnel closed"
                     );

@@ -14,6 +14,27 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Publishes a listener event (`NewListenerRegistered`, `ListenerUnregistered`).
+pub fn listener_event(
+    shared: &Shared,
+    event: &str,
+    hc: &str,
+    listener_id: &str,
+    address: &str,
+    reason: Option<&str>,
+) {
+    let e = json!({
+        "event": event,
+        "hybridConnection": hc,
+        "listenerId": listener_id,
+        "address": address,
+        "reason": reason,
+        "time": unix(SystemTime::now()),
+    });
+    // No subscriber is fine: nobody wants the event right now.
+    let _ = shared.events.send(e.to_string());
+}
+
 /// The snapshot: every hybrid connection with its endpoint, listeners, open tunnels and bytes.
 pub fn snapshot(shared: &Shared) -> String {
     let ns = shared.store.snapshot();

@@ -906,3 +906,46 @@ async fn metrics_count_exactly_what_happened() {
     assert_eq!(hc1["endpoint"], "127.0.0.1:9");
     drop(l);
 }
+
+#[tokio::test]
+async fn listener_up_and_down_are_published_as_events() {
+    let env = start("events", |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.status_port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /api/listener-events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read until the response head is in, so the subscription exists before the listener comes.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&buf).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(T, s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let l = env.listen("hc1").await;
+    drop(l);
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let n = tokio::time::timeout(T, s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "event stream ended");
+        buf.extend_from_slice(&chunk[..n]);
+        events = String::from_utf8_lossy(&buf)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|j| serde_json::from_str::<serde_json::Value>(j).unwrap())
+            .collect();
+    }
+    assert_eq!(events[0]["event"], "NewListenerRegistered");
+    assert_eq!(events[0]["hybridConnection"], "hc1");
+    assert_eq!(events[0]["listenerId"], "test-listen");
+    assert_eq!(events[1]["event"], "ListenerUnregistered");
+    assert!(events[1]["reason"].is_string());
+}

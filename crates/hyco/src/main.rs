@@ -95,6 +95,9 @@ struct ManagerRunArgs {
     /// open control channel before they expire.
     #[arg(long, default_value_t = 3600)]
     token_lifetime: u64,
+    /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
+    #[arg(long, env = "HYCO_STATUS_LISTEN")]
+    status_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -289,9 +292,22 @@ async fn manager(a: ManagerRunArgs) -> Result<()> {
     }
     let shutdown = CancellationToken::new();
     on_signals(shutdown.clone());
-    hyco_manager::run(cfg, shutdown)
-        .await
-        .context("manager failed")
+    let (board, running) = hyco_manager::start(cfg, shutdown.clone()).context("manager failed")?;
+    if let Some(addr) = a.status_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the status page"))?;
+        info!(status = %l.local_addr()?, "status page and metrics listening");
+        let (b1, b2) = (std::sync::Arc::clone(&board), std::sync::Arc::clone(&board));
+        let sources = hyco_io::status::Sources {
+            snapshot: std::sync::Arc::new(move || b1.snapshot()),
+            metrics: std::sync::Arc::new(move || b2.encode_metrics()),
+            events: None,
+        };
+        tokio::spawn(hyco_io::status::serve(l, sources, shutdown.clone()));
+    }
+    running.await;
+    Ok(())
 }
 
 /// Parses `[BIND:]PORT:HC`.

@@ -524,3 +524,149 @@ async fn manager_keeps_listening_across_many_token_renewals() {
         "the manager had to reconnect"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_connection_and_no_secrets() {
+    // First start prints the root connection string once (on purpose); restart so that
+    // everything captured below is log output only.
+    let mut first = relay("logs").await;
+    first.proc.kill().await;
+    let Relay { dir, .. } = first;
+    let data = dir.0.join("data");
+    let relay_proc = Proc::spawn(
+        "relay",
+        &bin(),
+        &[
+            "--log-json",
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let line = relay_proc.wait_line("relay listening", T).await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let port: u16 = v["fields"]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The root connection string names the port of this run.
+    let root = std::fs::read_to_string(data.join("root.connection-string"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let r = Relay {
+        proc: relay_proc,
+        dir,
+        port,
+        root,
+    };
+    let echo = echo_server().await;
+    let (l, s) = r.hc("logs", &echo.to_string()).await;
+    let m = Proc::spawn(
+        "manager",
+        &bin(),
+        &[
+            "--log-json",
+            "manager",
+            "run",
+            "--connection-string",
+            &l,
+            "--ca-file",
+            &r.ca(),
+        ],
+        &[],
+    );
+    r.wait_listeners("logs", 1).await;
+    let spec = "127.0.0.1:0:logs";
+    let f = Proc::spawn(
+        "forward",
+        &bin(),
+        &[
+            "--log-json",
+            "forward",
+            "-L",
+            spec,
+            "--connection-string",
+            &s,
+            "--ca-file",
+            &r.ca(),
+        ],
+        &[],
+    );
+    let line = f.wait_line("forwarding", T).await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fport: u16 = v["fields"]["local"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (a, b, n) = echo_roundtrip(fport, 5000).await;
+    assert_eq!((a, n), (b, 5000));
+    // A refused attempt with a wrong key is logged too, without the key.
+    let wrong = s.replace(
+        s.split("SharedAccessKey=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap(),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    );
+    let _ = refused(&wrong, &r.connector()).await;
+    let closed = r.proc.wait_line("tunnel closed", T).await;
+    m.wait_line("connection served", T).await;
+    f.wait_line("tunnel closed", T).await;
+
+    // The relay's line per tunnel carries who, how much, how long and how it ended.
+    let v: serde_json::Value = serde_json::from_str(&closed).unwrap();
+    let fields = &v["fields"];
+    assert_eq!(fields["bytes_sender_to_listener"], 5000);
+    assert_eq!(fields["bytes_listener_to_sender"], 5000);
+    assert_eq!(fields["sender_close_code"], 1000);
+    assert_eq!(fields["listener_close_code"], 1000);
+    assert!(fields["duration_ms"].is_u64());
+    assert_eq!(v["span"]["hc"], "logs");
+    assert!(v["span"]["listener_id"].is_string() && v["span"]["peer"].is_string());
+
+    let keys: Vec<String> = [&l, &s, &r.root]
+        .iter()
+        .map(|cs| {
+            cs.split("SharedAccessKey=")
+                .nth(1)
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for p in [&r.proc, &m, &f] {
+        for line in p.lines() {
+            serde_json::from_str::<serde_json::Value>(&line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", p.name));
+            for k in &keys {
+                assert!(
+                    !line.contains(k.as_str()),
+                    "{}: a key in the logs: {line}",
+                    p.name
+                );
+            }
+            assert!(
+                !line.contains("sig="),
+                "{}: a signature in the logs: {line}",
+                p.name
+            );
+        }
+    }
+    assert!(r.proc.count("AuthorizationFailed") >= 1);
+}

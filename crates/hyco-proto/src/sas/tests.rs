@@ -6,7 +6,11 @@ const KEY2: &str = "Jj3g/w48YCk26egSP4G+GshXq1dARFG0V5YNpLzKrI0=";
 const TOKEN2: &str = "SharedAccessSignature sr=http%3A%2F%2Fcontoso.servicebus.windows.net%3A443%2Fhyco&sig=u2Ga3WbU9VicYre5q9q77UbenV91yincJ4Uwz1DQDb8%3D&se=1767225600&skn=defaultSender";
 
 fn form_decode(q: &str) -> String {
-    form_urlencoded::parse(q.as_bytes()).next().unwrap().1.into_owned()
+    form_urlencoded::parse(q.as_bytes())
+        .next()
+        .unwrap()
+        .1
+        .into_owned()
 }
 
 #[test]
@@ -41,14 +45,19 @@ fn contrasts_lower_hex_valid_decoded_key_invalid() {
     let lower = "SharedAccessSignature sr=http%3a%2f%2fcontoso.servicebus.windows.net%2fhyco%2f&sig=bqjpEj9l%2BG0xrzRyBCSKL6V%2ByeGW1pNQaR15rV7zfKE%3D&se=1735689600&skn=RootManageSharedAccessKey";
     assert!(ParsedToken::parse(lower).unwrap().verify_signature(&[&key]));
     let decoded_key = "SharedAccessSignature sr=http%3A%2F%2Fcontoso.servicebus.windows.net%2Fhyco%2F&sig=bh5MCUW0U7EAIKyOqcBfyIPeJWOsLULgFWisEsNS2h8%3D&se=1735689600&skn=RootManageSharedAccessKey";
-    assert!(!ParsedToken::parse(decoded_key).unwrap().verify_signature(&[&key]));
+    assert!(!ParsedToken::parse(decoded_key)
+        .unwrap()
+        .verify_signature(&[&key]));
 }
 
 #[test]
 fn vector_2_node_sender() {
     let p = ParsedToken::parse(TOKEN2).unwrap();
     assert!(p.verify_signature(&[&SecretKey::new("wrong"), &SecretKey::new(KEY2)]));
-    assert!(p.audience().unwrap().covers("contoso.servicebus.windows.net:443", "hyco"));
+    assert!(p
+        .audience()
+        .unwrap()
+        .covers("contoso.servicebus.windows.net:443", "hyco"));
     assert!(!p.verify_signature(&[]));
 }
 
@@ -62,15 +71,27 @@ fn audience_forms_of_each_client() {
     ] {
         let a = Audience::parse(uri).unwrap();
         assert!(a.covers("contoso.servicebus.windows.net", "hyco"), "{uri}");
-        assert!(a.covers("contoso.servicebus.windows.net", "hyco/sub"), "{uri}");
-        assert!(!a.covers("contoso.servicebus.windows.net", "hyco2"), "{uri}");
+        assert!(
+            a.covers("contoso.servicebus.windows.net", "hyco/sub"),
+            "{uri}"
+        );
+        assert!(
+            !a.covers("contoso.servicebus.windows.net", "hyco2"),
+            "{uri}"
+        );
         assert!(!a.covers("other.example", "hyco"), "{uri}");
     }
     let root = Audience::parse("sb://contoso.servicebus.windows.net").unwrap();
     assert!(root.is_namespace_root());
     assert!(root.covers("contoso.servicebus.windows.net", "anything"));
     let a = Audience::parse("http://ns/hc1").unwrap();
-    for (e, ok) in [("hc10", false), ("hc1x", false), ("HC1", true), ("hc1/", true), ("hc1/sub", true)] {
+    for (e, ok) in [
+        ("hc10", false),
+        ("hc1x", false),
+        ("HC1", true),
+        ("hc1/", true),
+        ("hc1/sub", true),
+    ] {
         assert_eq!(a.covers("ns", e), ok, "{e}");
     }
     assert!(Audience::parse("nohost").is_err());
@@ -84,13 +105,18 @@ fn malformed_tokens_are_refused_without_panic() {
     let cases = [
         base(&format!("sr=a&sr=b&sig={good_sig}&se=1&skn=k")),
         base(&format!("sr=a&sig={good_sig}&skn=k")),
-        base(&format!("sr=a&sig={good_sig}&se=99999999999999999999&skn=k")),
+        base(&format!(
+            "sr=a&sig={good_sig}&se=99999999999999999999&skn=k"
+        )),
         base(&format!("sr=a&sig={good_sig}&se=-1&skn=k")),
         base(&format!("sr=a&sig={good_sig}&se=1.5&skn=k")),
         base(&format!("sr=a&sig={good_sig}&se= 123&skn=k")),
         base("sr=a&sig=not*base64&se=1&skn=k"),
         base("sr=a&sig=iLqy8P8174rSlBQ2BNUuuSRl83lIbAXsiGrmD4WS9B8_&se=1&skn=k"),
-        base(&format!("sr=a&sig={good_sig}&se=1&skn={}", "k".repeat(10_000))),
+        base(&format!(
+            "sr=a&sig={good_sig}&se=1&skn={}",
+            "k".repeat(10_000)
+        )),
         base(&"a=b&".repeat(5000)),
         format!("SharedAccessSignature  sr=a&sig={good_sig}&se=1&skn=k"),
         "Bearer abc".into(),

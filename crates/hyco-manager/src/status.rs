@@ -1,0 +1,283 @@
+//! What the manager knows about each of its hybrid connections, for the status page, the JSON
+//! view and `/metrics`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hyco_client::ListenerStatus;
+use hyco_proto::address::HostPort;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+/// Metric label: the hybrid connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Hc {
+    /// Lower-cased name.
+    pub hybrid_connection: String,
+}
+
+/// One hybrid connection's live state.
+pub struct HcStatus {
+    /// Name (EntityPath).
+    pub name: String,
+    label: Hc,
+    /// Where senders are bridged to.
+    pub endpoint: Mutex<Option<HostPort>>,
+    /// The control channel's state.
+    pub listener: Mutex<ListenerStatus>,
+    /// When the state last changed.
+    pub since: Mutex<SystemTime>,
+    /// The last thing that went wrong, for people.
+    pub last_error: Mutex<Option<String>>,
+    /// Bridges open now.
+    pub active: AtomicI64,
+    /// Bridges completed.
+    pub served: AtomicU64,
+    /// Senders rejected (endpoint unreachable).
+    pub rejected: AtomicU64,
+    /// Bytes through completed bridges, both directions.
+    pub bytes: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HcStatus {
+    /// Records a control channel state change.
+    pub fn set_listener(&self, s: ListenerStatus) {
+        let was_connected = matches!(*lock(&self.listener), ListenerStatus::Connected { .. });
+        let connected = matches!(s, ListenerStatus::Connected { .. });
+        if connected && !was_connected {
+            self.metrics
+                .listener_success
+                .get_or_create(&self.label)
+                .inc();
+            self.metrics
+                .active_listeners
+                .get_or_create(&self.label)
+                .set(1);
+        } else if !connected && was_connected {
+            self.metrics
+                .listener_disconnects
+                .get_or_create(&self.label)
+                .inc();
+            self.metrics
+                .active_listeners
+                .get_or_create(&self.label)
+                .set(0);
+        }
+        if let ListenerStatus::Disconnected { reason } | ListenerStatus::Unauthorized { reason } =
+            &s
+        {
+            *lock(&self.last_error) = Some(reason.clone());
+        }
+        *lock(&self.listener) = s;
+        *lock(&self.since) = SystemTime::now();
+    }
+
+    /// A bridge opened.
+    pub fn bridge_opened(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sender_success.get_or_create(&self.label).inc();
+        self.metrics
+            .active_connections
+            .get_or_create(&self.label)
+            .inc();
+    }
+
+    /// A bridge closed after moving `bytes`.
+    pub fn bridge_closed(&self, bytes: u64) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .active_connections
+            .get_or_create(&self.label)
+            .dec();
+        self.metrics
+            .sender_disconnects
+            .get_or_create(&self.label)
+            .inc();
+        self.metrics
+            .bytes_transferred
+            .get_or_create(&self.label)
+            .inc_by(bytes);
+    }
+
+    /// A sender was rejected because the endpoint could not be reached.
+    pub fn rejected(&self, reason: String) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .sender_server_error
+            .get_or_create(&self.label)
+            .inc();
+        *lock(&self.last_error) = Some(reason);
+    }
+}
+
+type Counters = Family<Hc, Counter>;
+type Gauges = Family<Hc, Gauge>;
+
+/// The manager's metrics (same names as the relay's, prefixed `hyco_manager_`).
+#[derive(Default)]
+struct Metrics {
+    listener_success: Counters,
+    listener_disconnects: Counters,
+    active_listeners: Gauges,
+    sender_success: Counters,
+    sender_server_error: Counters,
+    sender_disconnects: Counters,
+    active_connections: Gauges,
+    bytes_transferred: Counters,
+}
+
+/// Every hybrid connection of this manager.
+pub struct StatusBoard {
+    /// In configuration order.
+    pub hcs: Vec<Arc<HcStatus>>,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+}
+
+impl StatusBoard {
+    /// A board for these hybrid connection names.
+    pub fn new(names: &[String]) -> StatusBoard {
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::with_prefix("hyco_manager");
+        let m = &metrics;
+        registry.register(
+            "listener_connections_success",
+            "ListenerConnections-Success: control channels established",
+            m.listener_success.clone(),
+        );
+        registry.register(
+            "listener_disconnects",
+            "ListenerDisconnects: control channels lost",
+            m.listener_disconnects.clone(),
+        );
+        registry.register(
+            "active_listeners",
+            "ActiveListeners: 1 while the control channel is up",
+            m.active_listeners.clone(),
+        );
+        registry.register(
+            "sender_connections_success",
+            "SenderConnections-Success: senders bridged to the endpoint",
+            m.sender_success.clone(),
+        );
+        registry.register(
+            "sender_connections_server_error",
+            "SenderConnections-ServerError: senders rejected because the endpoint was unreachable",
+            m.sender_server_error.clone(),
+        );
+        registry.register(
+            "sender_disconnects",
+            "SenderDisconnects: bridges closed",
+            m.sender_disconnects.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "ActiveConnections: bridges open now",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "bytes_transferred",
+            "BytesTransferred: bytes through closed bridges, both directions",
+            m.bytes_transferred.clone(),
+        );
+        let hcs = names
+            .iter()
+            .map(|n| {
+                let label = Hc {
+                    hybrid_connection: n.to_ascii_lowercase(),
+                };
+                metrics.active_listeners.get_or_create(&label).set(0);
+                Arc::new(HcStatus {
+                    name: n.clone(),
+                    label,
+                    endpoint: Mutex::new(None),
+                    listener: Mutex::new(ListenerStatus::Connecting),
+                    since: Mutex::new(SystemTime::now()),
+                    last_error: Mutex::new(None),
+                    active: AtomicI64::new(0),
+                    served: AtomicU64::new(0),
+                    rejected: AtomicU64::new(0),
+                    bytes: AtomicU64::new(0),
+                    metrics: Arc::clone(&metrics),
+                })
+            })
+            .collect();
+        StatusBoard {
+            hcs,
+            metrics,
+            registry,
+        }
+    }
+
+    /// Prometheus text.
+    pub fn encode_metrics(&self) -> String {
+        let _ = &self.metrics;
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The JSON document of the status page.
+    pub fn snapshot(&self) -> String {
+        let unix = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let hcs: Vec<_> = self
+            .hcs
+            .iter()
+            .map(|h| {
+                let st = lock(&h.listener).clone();
+                let (state, detail) = match &st {
+                    ListenerStatus::Connected { .. } => ("Connected".to_owned(), None),
+                    ListenerStatus::Connecting => {
+                        ("Connecting".to_owned(), lock(&h.last_error).clone())
+                    }
+                    ListenerStatus::Disconnected { reason } => {
+                        ("Disconnected".to_owned(), Some(reason.clone()))
+                    }
+                    ListenerStatus::NotFound => (
+                        "NotFound".to_owned(),
+                        Some("the relay has no such hybrid connection".into()),
+                    ),
+                    ListenerStatus::Unauthorized { reason } => {
+                        ("Unauthorized".to_owned(), Some(reason.clone()))
+                    }
+                };
+                let active = h.active.load(Ordering::Relaxed).max(0);
+                json!({
+                    "name": h.name,
+                    "endpoint": lock(&h.endpoint).as_ref().map(|e| e.to_string()),
+                    "state": state,
+                    "detail": detail,
+                    "since": unix(*lock(&h.since)),
+                    "activeConnections": active,
+                    "connections": h.served.load(Ordering::Relaxed) + active as u64,
+                    "rejected": h.rejected.load(Ordering::Relaxed),
+                    "bytes": h.bytes.load(Ordering::Relaxed),
+                    "lastError": lock(&h.last_error).clone(),
+                })
+            })
+            .collect();
+        json!({
+            "role": "manager",
+            "title": "hyco manager",
+            "time": unix(SystemTime::now()),
+            "hybridConnections": hcs,
+        })
+        .to_string()
+    }
+}
