@@ -134,6 +134,15 @@ test("status pages show hybrid connections live, and a dead manager", async (t) 
   assert.equal(overflow, false, "the manager page scrolls sideways on a phone");
   await mpage.screenshot({ path: join(out, "manager-status-phone.png"), fullPage: true });
 
+  // The manager's metrics count exactly the three bridges and their bytes.
+  const mm = await (await fetch(`http://127.0.0.1:${managerStatus}/metrics`)).text();
+  assert.match(mm, /hyco_manager_sender_connections_success_total\{hybrid_connection="web"\} 3\b/);
+  assert.match(mm, /hyco_manager_bytes_transferred_total\{hybrid_connection="web"\} 600000\b/);
+  assert.match(mm, /hyco_manager_active_listeners\{hybrid_connection="web"\} 1\b/);
+  assert.match(mm, /hyco_manager_connect_latency_seconds_count\{hybrid_connection="web"\} 3\b/);
+  // The relay shows the listener as healthy.
+  assert.equal(await card.locator('[data-field="health"]').innerText(), "healthy");
+
   // Kill the manager: the relay page shows no listener.
   manager.kill("SIGKILL");
   await page.waitForFunction(() => {

@@ -273,7 +273,7 @@ async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, st: &Hc
                     return;
                 }
             };
-            st.bridge_opened();
+            st.bridge_opened(started.elapsed());
             let r = hyco_client::pump(&mut tcp, &mut ws).await;
             let (up, down, outcome) = match r {
                 Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),

@@ -11,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
@@ -82,8 +83,12 @@ impl HcStatus {
         *lock(&self.since) = SystemTime::now();
     }
 
-    /// A bridge opened.
-    pub fn bridge_opened(&self) {
+    /// A bridge opened, `setup` after the relay's accept arrived (endpoint dial + rendezvous).
+    pub fn bridge_opened(&self, setup: std::time::Duration) {
+        self.metrics
+            .connect_latency
+            .get_or_create(&self.label)
+            .observe(setup.as_secs_f64());
         self.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.sender_success.get_or_create(&self.label).inc();
         self.metrics
@@ -126,7 +131,6 @@ type Counters = Family<Hc, Counter>;
 type Gauges = Family<Hc, Gauge>;
 
 /// The manager's metrics (same names as the relay's, prefixed `hyco_manager_`).
-#[derive(Default)]
 struct Metrics {
     listener_success: Counters,
     listener_disconnects: Counters,
@@ -136,6 +140,25 @@ struct Metrics {
     sender_disconnects: Counters,
     active_connections: Gauges,
     bytes_transferred: Counters,
+    connect_latency: Family<Hc, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            listener_success: Counters::default(),
+            listener_disconnects: Counters::default(),
+            active_listeners: Gauges::default(),
+            sender_success: Counters::default(),
+            sender_server_error: Counters::default(),
+            sender_disconnects: Counters::default(),
+            active_connections: Gauges::default(),
+            bytes_transferred: Counters::default(),
+            connect_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+        }
+    }
 }
 
 /// Every hybrid connection of this manager.
@@ -191,6 +214,11 @@ impl StatusBoard {
             "bytes_transferred",
             "BytesTransferred: bytes through closed bridges, both directions",
             m.bytes_transferred.clone(),
+        );
+        registry.register(
+            "connect_latency_seconds",
+            "Time from the relay's accept to the bridge being open (endpoint dial + rendezvous)",
+            m.connect_latency.clone(),
         );
         let hcs = names
             .iter()

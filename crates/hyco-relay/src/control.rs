@@ -112,6 +112,9 @@ impl ControlChannel {
                     if now_seen != seen {
                         seen = now_seen;
                         last_progress = Instant::now();
+                        self.entry
+                            .last_seen
+                            .store(crate::unix_now(), std::sync::atomic::Ordering::Relaxed);
                     } else if last_progress.elapsed() >= limits.dead_after {
                         break "no answer to pings".into();
                     }

@@ -37,6 +37,8 @@ pub struct ListenerEntry {
     pub host: String,
     /// Queue to its control task.
     pub tx: mpsc::Sender<ControlMsg>,
+    /// When a frame (a pong at least) last came from it, seconds since the epoch: health.
+    pub last_seen: AtomicU64,
 }
 
 /// Why a listener was not registered.

@@ -261,6 +261,7 @@ fn listen(
         since: SystemTime::now(),
         host,
         tx,
+        last_seen: std::sync::atomic::AtomicU64::new(crate::unix_now()),
     });
     shared
         .registry

@@ -49,7 +49,17 @@ pub fn snapshot(shared: &Shared) -> String {
             .registry
             .list(key)
             .iter()
-            .map(|l| json!({"id": l.listener_id, "address": l.remote.to_string(), "since": unix(l.since)}))
+            .map(|l| {
+                let silent = unix(SystemTime::now())
+                    .saturating_sub(l.last_seen.load(Ordering::Relaxed));
+                // Pings go out every ping interval; two missed answers is worth showing.
+                let health = if silent <= 2 * shared.cfg.limits.ping_interval.as_secs() {
+                    "healthy".to_owned()
+                } else {
+                    format!("silent for {silent} s")
+                };
+                json!({"id": l.listener_id, "address": l.remote.to_string(), "since": unix(l.since), "health": health})
+            })
             .collect();
         let live: Vec<_> = tunnels.iter().filter(|t| &t.hc_key == key).collect();
         let live_bytes: u64 = live
