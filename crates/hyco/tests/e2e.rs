@@ -670,3 +670,151 @@ async fn json_logs_have_one_line_per_connection_and_no_secrets() {
     }
     assert!(r.proc.count("AuthorizationFailed") >= 1);
 }
+
+/// A connection through the forwarder that keeps sending until its reads fail or end;
+/// returns how the reading side ended: Ok(()) for a clean end of stream, Err for an error.
+async fn read_until_end(
+    port: u16,
+    started: tokio::sync::oneshot::Sender<()>,
+) -> std::io::Result<()> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![5u8; 16 * 1024];
+        for _ in 0..100_000 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut started = Some(started);
+    let end = loop {
+        match tokio::time::timeout(T, r.read(&mut buf))
+            .await
+            .expect("connection neither ended nor failed")
+        {
+            Ok(0) => break Ok(()),
+            Ok(_) => {
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    writer.abort();
+    end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_killed_mid_transfer_is_an_error_for_the_app_not_an_end() {
+    let r = relay("kill-manager").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("k", &echo.to_string()).await;
+    let mut m = r.manager("manager", &l);
+    r.wait_listeners("k", 1).await;
+    let (_f, port) = r.forward("k", &s).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = tokio::spawn(read_until_end(port, tx));
+    rx.await.expect("no data flowed before the kill");
+    m.kill().await;
+    let end = app.await.unwrap();
+    assert!(
+        end.is_err(),
+        "the app saw a clean end of stream, not an error"
+    );
+    r.proc.wait_line("Aborted", T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarder_killed_mid_transfer_closes_the_endpoint_connection() {
+    let r = relay("kill-forward").await;
+    // An endpoint that reports how its connection ended.
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ep = endpoint.local_addr().unwrap();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = endpoint.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        let _ = ended_tx.send(total);
+    });
+    let (l, snd) = r.hc("kf", &ep.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("kf", 1).await;
+    let (mut f, port) = r.forward("kf", &snd).await;
+    let mut app = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    app.write_all(&[1u8; 100_000]).await.unwrap();
+    r.proc.wait_line("tunnel open", T).await;
+    f.kill().await;
+    let total = tokio::time::timeout(T, ended_rx)
+        .await
+        .expect("the endpoint connection was left open")
+        .unwrap();
+    assert!(total <= 100_000);
+    r.proc.wait_line("tunnel closed", T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_reset_reaches_the_app_as_an_error() {
+    let r = relay("reset").await;
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ep = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = endpoint.accept().await {
+            // Accept, read a little, then reset.
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+    });
+    let (l, snd) = r.hc("rs", &ep.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("rs", 1).await;
+    let (_f, port) = r.forward("rs", &snd).await;
+    let (tx, _rx) = tokio::sync::oneshot::channel();
+    let end = read_until_end(port, tx).await;
+    assert!(
+        end.is_err(),
+        "an endpoint reset came out as a clean end of stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_never_answers_is_reported_as_a_timeout() {
+    let r = relay("blackhole").await;
+    // A listening socket whose accept queue is full: further SYNs get no answer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = sock.listen(0).unwrap();
+    let addr = hole.local_addr().unwrap();
+    let _filler = TcpStream::connect(addr).await.unwrap();
+    let (l, s) = r.hc("bh", &addr.to_string()).await;
+    let cfg = r.dir.0.join("manager.toml");
+    std::fs::write(
+        &cfg,
+        format!("ca_file = {:?}\ndial_timeout_secs = 1\n[[hybrid_connection]]\nconnection_string = {l:?}\n", r.ca()),
+    )
+    .unwrap();
+    let _m = Proc::spawn(
+        "manager",
+        &bin(),
+        &["manager", "run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    r.wait_listeners("bh", 1).await;
+    let e = refused(&s, &r.connector()).await;
+    assert_eq!(e.status(), Some(504), "{e}");
+    assert!(e.to_string().contains("did not answer within 1s"), "{e}");
+    drop(hole);
+}
