@@ -53,12 +53,17 @@ async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
     let port = listener.local_addr().unwrap().port();
     let mut cfg = RelayConfig::new(&dir, format!("localhost:{port}"));
     tweak(&mut cfg);
+    // With given certificate files, the test puts their CA next to them as `myca.pem`.
+    let given_ca = cfg
+        .tls_files
+        .as_ref()
+        .map(|(c, _)| c.with_file_name("myca.pem"));
     let relay = Relay::prepare(cfg).unwrap();
     let cs = ConnectionString::parse(&relay.root_connection_string).unwrap();
     let ConnectionStringAuth::Key { name, key } = cs.auth else {
         panic!("root has a key")
     };
-    let ca = relay.ca_file.clone().unwrap();
+    let ca = relay.ca_file.clone().or(given_ca).unwrap();
     let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let status_port = status.local_addr().unwrap().port();
     relay.serve_status(status);
@@ -948,4 +953,42 @@ async fn listener_up_and_down_are_published_as_events() {
     assert_eq!(events[0]["listenerId"], "test-listen");
     assert_eq!(events[1]["event"], "ListenerUnregistered");
     assert!(events[1]["reason"].is_string());
+}
+
+#[tokio::test]
+async fn certificate_files_replace_the_generated_ones() {
+    let dir = std::env::temp_dir().join(format!("hyco-relay-certs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = hyco_io::tls::generate_pki(&["localhost".to_owned()]).unwrap();
+    let (cert, key, ca) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("myca.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    std::fs::write(&ca, &pki.ca_cert_pem).unwrap();
+    let env = start("certs", |c| c.tls_files = Some((cert.clone(), key.clone()))).await;
+    assert!(
+        !env.dir.join("ca.pem").exists(),
+        "a CA was generated although files were given"
+    );
+    // A client trusting only the given CA gets through; one trusting the system roots does not.
+    let tls = hyco_io::tls::client_config(Some(&ca)).unwrap();
+    let mut mine = Connector::new(tls);
+    mine.timeout = T;
+    let t = env.token(Some("hc1"), now() + 600);
+    mine.connect(
+        &env.url("hc1", "listen", ""),
+        &[("ServiceBusAuthorization", &t)],
+    )
+    .await
+    .unwrap();
+    let system = Connector::new(hyco_io::tls::client_config(None).unwrap());
+    let e = system
+        .connect(
+            &env.url("hc1", "listen", ""),
+            &[("ServiceBusAuthorization", &t)],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
