@@ -62,8 +62,11 @@ pub struct Limits {
     pub max_pending: usize,
     /// Senders waiting for a listener of one hybrid connection.
     pub max_pending_per_hc: usize,
-    /// Connections from one IP address that have not yet completed a request head.
+    /// Connections from one IP address that may be in their handshake (TLS and first request
+    /// head) at once.
     pub max_handshakes_per_ip: usize,
+    /// Further connections from that address that wait for a slot; beyond, they are closed.
+    pub max_handshake_waiters_per_ip: usize,
     /// Most request headers.
     pub max_headers: usize,
 }
@@ -80,6 +83,7 @@ impl Default for Limits {
             max_pending: 10_000,
             max_pending_per_hc: 1_000,
             max_handshakes_per_ip: 64,
+            max_handshake_waiters_per_ip: 1024,
             max_headers: 100,
         }
     }
@@ -142,7 +146,7 @@ pub struct Shared {
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
-    handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpGate>>,
 }
 
 /// An open tunnel, as live views see it.
@@ -160,39 +164,75 @@ pub struct Tunnel {
     pub counters: hyco_io::splice::Counters,
 }
 
+/// Per-IP handshake gate: at most `max_handshakes_per_ip` connections from one address are in
+/// their handshake at once; up to `max_handshake_waiters_per_ip` more wait for a slot (a
+/// legitimate burst from one forwarder or manager is served a little later instead of being
+/// refused); beyond that, connections are closed at once (attacks C9).
+struct IpGate {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Holders plus waiters.
+    users: usize,
+}
+
 /// A connection's place in its IP's handshake quota; released on drop.
 struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _user: GateUser,
+}
+
+/// Counts a holder or waiter of an IP's gate; removes the gate when the last one leaves.
+struct GateUser {
     shared: Arc<Shared>,
     ip: std::net::IpAddr,
 }
 
-impl HandshakeSlot {
-    fn acquire(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
-        let mut g = shared.handshakes.lock().unwrap_or_else(|p| p.into_inner());
-        let n = g.entry(ip).or_default();
-        if *n >= shared.cfg.limits.max_handshakes_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(HandshakeSlot {
-            shared: Arc::clone(shared),
-            ip,
-        })
-    }
-}
-
-impl Drop for HandshakeSlot {
+impl Drop for GateUser {
     fn drop(&mut self) {
         let mut g = self
             .shared
             .handshakes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = g.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(gate) = g.get_mut(&self.ip) {
+            gate.users -= 1;
+            if gate.users == 0 {
                 g.remove(&self.ip);
             }
+        }
+    }
+}
+
+impl HandshakeSlot {
+    /// Waits (until `deadline`) for one of the IP's handshake slots; `None` when too many are
+    /// waiting already or the deadline passes.
+    async fn acquire(
+        shared: &Arc<Shared>,
+        ip: std::net::IpAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<HandshakeSlot> {
+        let limits = shared.cfg.limits;
+        let slots = {
+            let mut g = shared.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            let gate = g.entry(ip).or_insert_with(|| IpGate {
+                slots: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes_per_ip)),
+                users: 0,
+            });
+            if gate.users >= limits.max_handshakes_per_ip + limits.max_handshake_waiters_per_ip {
+                return None;
+            }
+            gate.users += 1;
+            Arc::clone(&gate.slots)
+        };
+        let user = GateUser {
+            shared: Arc::clone(shared),
+            ip,
+        };
+        match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Some(HandshakeSlot {
+                _permit: permit,
+                _user: user,
+            }),
+            _ => None,
         }
     }
 }
@@ -377,15 +417,11 @@ impl Relay {
                 },
                 _ = shutdown.cancelled() => break,
             };
-            let Some(slot) = HandshakeSlot::acquire(&shared, peer.ip()) else {
-                debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
-                continue;
-            };
             let tls = self.tls.clone();
             let shared2 = Arc::clone(&shared);
             shared
                 .tracker
-                .spawn(serve_connection(shared2, tls, tcp, peer, slot));
+                .spawn(serve_connection(shared2, tls, tcp, peer));
         }
         drop(listener);
         info!("relay stopping: no new connections; draining tunnels");
@@ -410,11 +446,14 @@ async fn serve_connection(
     tls: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    slot: HandshakeSlot,
 ) {
     let _ = tcp.set_nodelay(true);
     let limits = shared.cfg.limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let Some(slot) = HandshakeSlot::acquire(&shared, peer.ip(), deadline).await else {
+        debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
+        return;
+    };
     let stream = match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -694,7 +694,11 @@ async fn slow_or_silent_clients_are_cut_at_the_handshake_deadline() {
 
 #[tokio::test]
 async fn unfinished_handshakes_are_capped_per_address() {
-    let env = start("perip", |c| c.limits.max_handshakes_per_ip = 4).await;
+    let env = start("perip", |c| {
+        c.limits.max_handshakes_per_ip = 4;
+        c.limits.max_handshake_waiters_per_ip = 0;
+    })
+    .await;
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(
@@ -991,4 +995,26 @@ async fn certificate_files_replace_the_generated_ones() {
         .unwrap_err();
     assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_burst_from_one_address_waits_for_handshake_slots_instead_of_failing() {
+    let env = Arc::new(
+        start("burst", |c| {
+            c.limits.max_handshakes_per_ip = 2;
+            c.limits.max_handshake_waiters_per_ip = 64;
+        })
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let e = Arc::clone(&env);
+        tasks.push(tokio::spawn(async move {
+            raw_from(&e, "127.0.0.1", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await
+        }));
+    }
+    for t in tasks {
+        let line = t.await.unwrap();
+        assert!(line.contains("404"), "a burst connection failed: {line:?}");
+    }
 }

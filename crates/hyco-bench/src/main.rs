@@ -1,0 +1,802 @@
+//! `hyco-bench`: measures hyco side by side with direct TCP and rathole, in one run, on
+//! 127.0.0.1 only, and reports every figure also as a ratio to direct TCP measured in the same
+//! run (the machines are shared and noisy; ratios travel, absolute numbers do not).
+//!
+//! Configurations: `direct`, `hyco` (forward → relay (TLS) → manager), `hyco-lib` (the client
+//! library in this process → relay → manager), `rathole-tls`, `rathole-tcp` (when a rathole
+//! binary is given). Figures: iperf3 bulk throughput with 1 and 8 streams; sequential connect +
+//! 1-byte echo latency p50/p99; N concurrent connections opened and each echoing, held, with the
+//! RSS of every process idle and loaded.
+//!
+//! Not a test: nothing here asserts timings. `bench/run` installs the tools and calls this.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+struct Args {
+    /// The hyco binary (release build).
+    #[arg(long)]
+    hyco: PathBuf,
+    /// A rathole binary; without it the rathole configurations are skipped.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
+    /// iperf3.
+    #[arg(long, default_value = "iperf3")]
+    iperf3: PathBuf,
+    /// Folder for results.json and scratch files.
+    #[arg(long, default_value = "bench/out")]
+    out: PathBuf,
+    /// Short runs (under 2 minutes).
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Plan {
+    bulk_secs: u64,
+    sequential: usize,
+    concurrent: usize,
+}
+
+/// A child process killed on drop.
+struct Proc(Child, &'static str);
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.0.id()
+    }
+}
+
+/// Starts a process and waits for an output line containing `ready`; returns it.
+async fn spawn(
+    name: &'static str,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    ready: &str,
+) -> Result<(Proc, String)> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd.env("HYCO_LOG", "warn,hyco=info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for s in [
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    let line = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = rx.recv().await {
+            if l.contains(ready) {
+                return Some(l);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .with_context(|| format!("{name} did not print {ready:?}"))?;
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    Ok((Proc(child, name), line))
+}
+
+fn field_port(line: &str, key: &str) -> Result<u16> {
+    let start = line.find(&format!("{key}=")).context("field missing")? + key.len() + 1;
+    let v = line[start..].split_whitespace().next().unwrap_or("");
+    Ok(v.rsplit(':').next().unwrap_or("").parse()?)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+async fn echo_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(a)
+}
+
+/// How a configuration is reached.
+#[derive(Clone)]
+enum Target {
+    Port {
+        echo: u16,
+        iperf: u16,
+    },
+    Library {
+        echo: hyco_proto::ConnectionString,
+        connector: hyco_client::Connector,
+    },
+}
+
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+async fn open_echo(t: &Target) -> Result<Box<dyn Duplex>> {
+    Ok(match t {
+        Target::Port { echo, .. } => {
+            let s = TcpStream::connect(("127.0.0.1", *echo)).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Target::Library { echo, connector } => Box::new(
+            hyco_client::connect_with(echo, connector, &hyco_client::ConnectOptions::default())
+                .await?,
+        ),
+    })
+}
+
+async fn one_byte_echo(s: &mut Box<dyn Duplex>) -> Result<()> {
+    s.write_all(b"x").await?;
+    s.flush().await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await?;
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn sequential(t: &Target, n: usize) -> Result<Value> {
+    let mut lat = Vec::with_capacity(n);
+    let mut failures = 0;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut s = open_echo(t).await?;
+            one_byte_echo(&mut s).await?;
+            let _ = s.shutdown().await;
+            anyhow::Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => lat.push(t0.elapsed().as_secs_f64() * 1e6),
+            _ => failures += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(
+        json!({"n": n, "failures": failures, "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99)}),
+    )
+}
+
+async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Result<Value> {
+    let idle: BTreeMap<_, _> = pids.iter().map(|(k, p)| (*k, rss_kib(*p))).collect();
+    let t0 = Instant::now();
+    let mut opened = Vec::with_capacity(n);
+    let mut failures = 0usize;
+    // Open in waves so the accept queues are not the bottleneck being measured.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
+        let mut wave = Vec::new();
+        for _ in chunk {
+            let t = t.clone();
+            wave.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    let mut s = open_echo(&t).await?;
+                    one_byte_echo(&mut s).await?;
+                    anyhow::Ok(s)
+                })
+                .await
+            }));
+        }
+        for w in wave {
+            match w.await {
+                Ok(Ok(Ok(s))) => opened.push(s),
+                _ => failures += 1,
+            }
+        }
+    }
+    let open_secs = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded: BTreeMap<_, _> = pids.iter().map(|(k, p)| (*k, rss_kib(*p))).collect();
+    let per_conn: BTreeMap<_, _> = pids
+        .iter()
+        .map(|(k, _)| {
+            let d = loaded[k].saturating_sub(idle[k]) as f64 / opened.len().max(1) as f64;
+            (*k, (d * 10.0).round() / 10.0)
+        })
+        .collect();
+    let total_per_conn: f64 = per_conn.values().sum();
+    let ok = opened.len();
+    drop(opened);
+    Ok(json!({
+        "n": n, "ok": ok, "failures": failures, "open_all_secs": open_secs,
+        "rss_idle_kib": idle, "rss_loaded_kib": loaded,
+        "kib_per_connection": per_conn, "kib_per_connection_total": (total_per_conn * 10.0).round() / 10.0,
+    }))
+}
+
+async fn iperf(iperf3: &Path, port: u16, streams: u32, secs: u64) -> Result<f64> {
+    let out = Command::new(iperf3)
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3: {}", v["error"]))
+}
+
+/// Bulk throughput through the library: `streams` connections writing to a discard endpoint
+/// for `secs`; returns bits per second received there.
+async fn library_bulk(
+    t: &Target,
+    discard_count: Arc<std::sync::atomic::AtomicU64>,
+    streams: usize,
+    secs: u64,
+) -> Result<f64> {
+    let start = discard_count.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut s = open_echo(t).await?;
+        tasks.push(tokio::spawn(async move {
+            let buf = vec![0u8; 256 * 1024];
+            while Instant::now() < deadline {
+                if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+            let _ = s.shutdown().await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let got = discard_count.load(std::sync::atomic::Ordering::Relaxed) - start;
+    Ok(got as f64 * 8.0 / secs as f64)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let plan = if a.quick {
+        Plan {
+            bulk_secs: 3,
+            sequential: 300,
+            concurrent: 1000,
+        }
+    } else {
+        Plan {
+            bulk_secs: 10,
+            sequential: 2000,
+            concurrent: 10_000,
+        }
+    };
+    std::fs::create_dir_all(&a.out)?;
+    let scratch = a.out.join("scratch");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+
+    // Targets: an echo server, an iperf3 server, a discard server (for library bulk).
+    let echo = echo_server().await?;
+    let iperf_port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let _iperf_srv = Command::new(&a.iperf3)
+        .args(["-s", "-p", &iperf_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("iperf3 -s")?;
+    let discard = TcpListener::bind("127.0.0.1:0").await?;
+    let discard_addr = discard.local_addr()?;
+    let discarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let d2 = Arc::clone(&discarded);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = discard.accept().await {
+            let d = Arc::clone(&d2);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    d.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut results = serde_json::Map::new();
+    // 1. direct
+    eprintln!("direct …");
+    let direct = Target::Port {
+        echo: echo.port(),
+        iperf: iperf_port,
+    };
+    results.insert(
+        "direct".into(),
+        run_config(&a, &plan, &direct, &[], None).await?,
+    );
+
+    // 2./3. hyco
+    eprintln!("hyco …");
+    let data = scratch.join("relay");
+    let (relay, line) = spawn(
+        "relay",
+        &a.hyco,
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap_or(""),
+        ],
+        &[],
+        "relay listening",
+    )
+    .await?;
+    let relay_port = field_port(&line, "listen")?;
+    let ca = data.join("ca.pem");
+    let ca_s = ca.to_string_lossy().to_string();
+    let root = std::fs::read_to_string(data.join("root.connection-string"))?
+        .trim()
+        .to_owned();
+    let admin = |args: Vec<String>| {
+        let (hyco, ca_s, root) = (a.hyco.clone(), ca_s.clone(), root.clone());
+        async move {
+            let out = Command::new(&hyco)
+                .arg("admin")
+                .args(&args)
+                .env("HYCO_CA_FILE", &ca_s)
+                .env("HYCO_CONNECTION_STRING", &root)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "hyco admin {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            anyhow::Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+    };
+    for (hc, target) in [
+        ("echo", echo),
+        ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
+        ("discard", discard_addr),
+    ] {
+        admin(vec![
+            "hc".into(),
+            "create".into(),
+            hc.into(),
+            "--endpoint".into(),
+            target.to_string(),
+        ])
+        .await?;
+    }
+    let listen = admin(vec![
+        "rule".into(),
+        "create".into(),
+        "l".into(),
+        "--rights".into(),
+        "listen".into(),
+    ])
+    .await?;
+    let send = admin(vec![
+        "rule".into(),
+        "create".into(),
+        "s".into(),
+        "--rights".into(),
+        "send".into(),
+    ])
+    .await?;
+    let mut margs = vec!["manager".to_owned(), "run".to_owned()];
+    for hc in ["echo", "iperf", "discard"] {
+        margs.push("--connection-string".into());
+        margs.push(format!("{listen};EntityPath={hc}"));
+    }
+    let margs_ref: Vec<&str> = margs.iter().map(String::as_str).collect();
+    let (manager, _) = spawn(
+        "manager",
+        &a.hyco,
+        &margs_ref,
+        &[("HYCO_CA_FILE", &ca_s)],
+        "listener connected",
+    )
+    .await?;
+    // Wait until all three listeners are up (one line each).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (fwd, fline) = spawn(
+        "forward",
+        &a.hyco,
+        &[
+            "forward",
+            "-L",
+            "127.0.0.1:0:echo",
+            "-L",
+            "127.0.0.1:0:iperf",
+            "--connection-string",
+            &send,
+        ],
+        &[("HYCO_CA_FILE", &ca_s)],
+        "hc=iperf",
+    )
+    .await?;
+    let _ = fline;
+    // The echo rule line came first; read both ports from a fresh status: simplest is to ask the OS.
+    let ports = listening_ports(fwd.pid().unwrap_or(0)).await;
+    let (fecho, fiperf) = match ports.as_slice() {
+        [p1, p2] => (*p1, *p2),
+        _ => bail!("could not find the forwarder's two ports: {ports:?}"),
+    };
+    let (fecho, fiperf) = if probe_is_echo(fecho).await {
+        (fecho, fiperf)
+    } else {
+        (fiperf, fecho)
+    };
+    let pids = [
+        ("relay", relay.pid().unwrap_or(0)),
+        ("manager", manager.pid().unwrap_or(0)),
+        ("forward", fwd.pid().unwrap_or(0)),
+    ];
+    results.insert(
+        "hyco".into(),
+        run_config(
+            &a,
+            &plan,
+            &Target::Port {
+                echo: fecho,
+                iperf: fiperf,
+            },
+            &pids,
+            None,
+        )
+        .await?,
+    );
+    eprintln!("hyco-lib …");
+    let connector = hyco_client::ClientOptions {
+        ca_file: Some(ca.clone()),
+        ..Default::default()
+    }
+    .connector()?;
+    let cs: hyco_proto::ConnectionString = format!("{send};EntityPath=echo").parse()?;
+    let lib = Target::Library {
+        echo: cs.clone(),
+        connector: connector.clone(),
+    };
+    let lib_bulk = Target::Library {
+        echo: cs.with_entity("discard"),
+        connector,
+    };
+    let self_pid = std::process::id();
+    let pids_lib = [
+        ("relay", pids[0].1),
+        ("manager", pids[1].1),
+        ("sender-process", self_pid),
+    ];
+    results.insert(
+        "hyco-lib".into(),
+        run_config(
+            &a,
+            &plan,
+            &lib,
+            &pids_lib,
+            Some((&lib_bulk, Arc::clone(&discarded))),
+        )
+        .await?,
+    );
+    drop((relay, manager, fwd));
+    let _ = relay_port;
+
+    // 4. rathole
+    if let Some(rathole) = &a.rathole {
+        for tls in [true, false] {
+            let name = if tls { "rathole-tls" } else { "rathole-tcp" };
+            eprintln!("{name} …");
+            match rathole_config(rathole, &scratch, tls, echo, iperf_port).await {
+                Ok((procs, target)) => {
+                    let pids: Vec<(&'static str, u32)> =
+                        procs.iter().map(|p| (p.1, p.pid().unwrap_or(0))).collect();
+                    results.insert(
+                        name.into(),
+                        run_config(&a, &plan, &target, &pids, None).await?,
+                    );
+                }
+                Err(e) => {
+                    results.insert(name.into(), json!({"error": format!("{e:#}")}));
+                }
+            }
+        }
+    }
+
+    let report = ratios(Value::Object(results));
+    std::fs::write(
+        a.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    print_table(&report);
+    println!("\nresults: {}", a.out.join("results.json").display());
+    Ok(())
+}
+
+async fn listening_ports(pid: u32) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Hltnp"])
+        .output()
+        .await
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut ports: Vec<u16> = out
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+        })
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+async fn probe_is_echo(port: u16) -> bool {
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    if s.write_all(b"?").await.is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b)).await, Ok(Ok(_)) if &b == b"?")
+}
+
+async fn run_config(
+    a: &Args,
+    plan: &Plan,
+    t: &Target,
+    pids: &[(&'static str, u32)],
+    library_bulk_target: Option<(&Target, Arc<std::sync::atomic::AtomicU64>)>,
+) -> Result<Value> {
+    let (b1, b8) = match (t, library_bulk_target) {
+        (Target::Port { iperf: port, .. }, _) => (
+            iperf(&a.iperf3, *port, 1, plan.bulk_secs)
+                .await
+                .unwrap_or(f64::NAN),
+            iperf(&a.iperf3, *port, 8, plan.bulk_secs)
+                .await
+                .unwrap_or(f64::NAN),
+        ),
+        (_, Some((bt, counter))) => (
+            library_bulk(bt, Arc::clone(&counter), 1, plan.bulk_secs)
+                .await
+                .unwrap_or(f64::NAN),
+            library_bulk(bt, counter, 8, plan.bulk_secs)
+                .await
+                .unwrap_or(f64::NAN),
+        ),
+        _ => (f64::NAN, f64::NAN),
+    };
+    let seq = sequential(t, plan.sequential).await?;
+    let conc = concurrent(t, plan.concurrent, pids).await?;
+    Ok(
+        json!({"bulk_1_gbps": b1 / 1e9, "bulk_8_gbps": b8 / 1e9, "connect_echo": seq, "concurrent": conc}),
+    )
+}
+
+async fn rathole_config(
+    bin: &Path,
+    dir: &Path,
+    tls: bool,
+    echo: SocketAddr,
+    iperf: u16,
+) -> Result<(Vec<Proc>, Target)> {
+    let control = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let pe = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let pi = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let d = dir.join(if tls { "rathole-tls" } else { "rathole-tcp" });
+    std::fs::create_dir_all(&d)?;
+    let (server_tls, client_tls) = if tls {
+        let pki = hyco_io::tls::generate_pki(&["localhost".to_owned()])?;
+        std::fs::write(d.join("cert.pem"), &pki.cert_pem)?;
+        std::fs::write(d.join("key.pem"), &pki.key_pem)?;
+        std::fs::write(d.join("ca.pem"), &pki.ca_cert_pem)?;
+        let st = Command::new("openssl")
+            .args([
+                "pkcs12",
+                "-export",
+                "-out",
+                "id.p12",
+                "-inkey",
+                "key.pem",
+                "-in",
+                "cert.pem",
+                "-passout",
+                "pass:hyco",
+            ])
+            .current_dir(&d)
+            .status()
+            .await?;
+        if !st.success() {
+            bail!("openssl pkcs12 failed");
+        }
+        (
+            format!("[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = {:?}\npkcs12_password = \"hyco\"\n", d.join("id.p12")),
+            format!("[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = {:?}\nhostname = \"localhost\"\n", d.join("ca.pem")),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"bench\"\n{server_tls}\n[server.services.echo]\nbind_addr = \"127.0.0.1:{pe}\"\n[server.services.iperf]\nbind_addr = \"127.0.0.1:{pi}\"\n"
+    );
+    let client = format!(
+        "[client]\nremote_addr = \"localhost:{control}\"\ndefault_token = \"bench\"\n{client_tls}\n[client.services.echo]\nlocal_addr = \"{echo}\"\n[client.services.iperf]\nlocal_addr = \"127.0.0.1:{iperf}\"\n"
+    );
+    std::fs::write(d.join("server.toml"), server)?;
+    std::fs::write(d.join("client.toml"), client)?;
+    let (s, _) = spawn(
+        "rathole-server",
+        bin,
+        &["--server", d.join("server.toml").to_str().unwrap_or("")],
+        &[("RUST_LOG", "info")],
+        "Listening",
+    )
+    .await?;
+    let (c, _) = spawn(
+        "rathole-client",
+        bin,
+        &["--client", d.join("client.toml").to_str().unwrap_or("")],
+        &[("RUST_LOG", "info")],
+        "Control channel established",
+    )
+    .await?;
+    // The data channels are set up lazily; make sure both services answer.
+    for _ in 0..50 {
+        if probe_is_echo(pe).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((
+        vec![s, c],
+        Target::Port {
+            echo: pe,
+            iperf: pi,
+        },
+    ))
+}
+
+/// Adds `…_ratio` next to every figure: the figure divided by direct's.
+fn ratios(mut v: Value) -> Value {
+    let direct = v["direct"].clone();
+    if let Some(obj) = v.as_object_mut() {
+        for (name, cfg) in obj.iter_mut() {
+            if name == "direct" {
+                continue;
+            }
+            for key in ["bulk_1_gbps", "bulk_8_gbps"] {
+                if let (Some(x), Some(d)) = (cfg[key].as_f64(), direct[key].as_f64()) {
+                    cfg[format!("{key}_ratio")] = json!((x / d * 1000.0).round() / 1000.0);
+                }
+            }
+            for key in ["p50_us", "p99_us"] {
+                if let (Some(x), Some(d)) = (
+                    cfg["connect_echo"][key].as_f64(),
+                    direct["connect_echo"][key].as_f64(),
+                ) {
+                    cfg["connect_echo"][format!("{key}_ratio")] =
+                        json!((x / d * 100.0).round() / 100.0);
+                }
+            }
+        }
+    }
+    v
+}
+
+fn print_table(v: &Value) {
+    println!(
+        "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
+        "config",
+        "1-stream",
+        "ratio",
+        "8-stream",
+        "ratio",
+        "p50 µs",
+        "p99 µs",
+        "conns ok",
+        "open s",
+        "KiB/conn"
+    );
+    if let Some(obj) = v.as_object() {
+        for (name, c) in obj {
+            let f = |x: &Value| {
+                x.as_f64()
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
+                name,
+                f(&c["bulk_1_gbps"]),
+                f(&c["bulk_1_gbps_ratio"]),
+                f(&c["bulk_8_gbps"]),
+                f(&c["bulk_8_gbps_ratio"]),
+                f(&c["connect_echo"]["p50_us"]),
+                f(&c["connect_echo"]["p99_us"]),
+                c["concurrent"]["ok"]
+                    .as_u64()
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                f(&c["concurrent"]["open_all_secs"]),
+                f(&c["concurrent"]["kib_per_connection_total"]),
+            );
+        }
+    }
+    println!("(throughput in Gbit/s; ratios against direct TCP in this run)");
+}
