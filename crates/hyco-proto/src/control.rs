@@ -1,6 +1,15 @@
 //! Control-channel messages (protocol.md §4): one JSON object per text message, with exactly one
 //! top-level property naming the command.
+//!
+//! Field names are exactly the wire's (camelCase) and are emitted in the order of §4.2/§4.3
+//! (the .NET data contracts declare it); parsing accepts any order, `statusCode` as a number or
+//! a numeric string, and ignores unknown fields. [`ListenerCommand::parse`] checks size and
+//! nesting depth with a cheap byte scan before any JSON parser runs (attacks.md D10), so a
+//! hostile listener cannot make the relay allocate or recurse deeply.
 
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 /// Largest control message accepted (the .NET listener's buffer).
@@ -115,7 +124,8 @@ pub struct AcceptCommand {
 pub struct RequestCommand {
     /// Rendezvous URL for this request.
     pub address: String,
-    /// Request id.
+    /// Request id (the address-only form may omit it; it is then in the address's `sb-hc-id`).
+    #[serde(default)]
     pub id: String,
     /// Origin-form target.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -182,7 +192,11 @@ pub struct RenewTokenCommand {
     pub token: String,
 }
 
-/// Any control command.
+fn invalid(e: serde_json::Error) -> ControlError {
+    ControlError::Invalid(e.to_string().chars().take(200).collect())
+}
+
+/// Any control command, as it travels: `{"<name>":{…}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ListenerCommand {
@@ -196,6 +210,7 @@ pub enum ListenerCommand {
     RenewToken(RenewTokenCommand),
 }
 
+/// Whether `[`/`{` nesting outside strings stays within [`MAX_DEPTH`].
 fn depth_ok(text: &str) -> bool {
     let (mut depth, mut in_str, mut esc) = (0usize, false, false);
     for b in text.bytes() {
@@ -224,12 +239,26 @@ fn depth_ok(text: &str) -> bool {
 }
 
 impl ListenerCommand {
-    /// The JSON text.
+    /// The wire name: `accept`, `request`, `response` or `renewToken`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ListenerCommand::Accept(_) => "accept",
+            ListenerCommand::Request(_) => "request",
+            ListenerCommand::Response(_) => "response",
+            ListenerCommand::RenewToken(_) => "renewToken",
+        }
+    }
+
+    /// The JSON text (one line, fields in wire order).
     pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Parses one control message, within the size and depth limits.
+    /// Parses one control message: at most 64 KiB ([`ControlError::TooLarge`]), nesting at most
+    /// 32 deep ([`ControlError::TooDeep`]), one object with exactly one property naming a known
+    /// command ([`ControlError::UnknownCommand`] otherwise, including `injectFault`), fields of
+    /// the right types ([`ControlError::Invalid`]).
     pub fn parse(text: &str) -> Result<ListenerCommand, ControlError> {
         if text.len() > MAX_CONTROL_MESSAGE {
             return Err(ControlError::TooLarge { len: text.len() });
@@ -237,18 +266,22 @@ impl ListenerCommand {
         if !depth_ok(text) {
             return Err(ControlError::TooDeep);
         }
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| ControlError::Invalid("not a JSON object".into()))?;
-        if obj.len() != 1 {
+        // First the shape, without building the values: one object, one known property.
+        // (Duplicate keys collapse here; the typed pass below then refuses them.)
+        let top: BTreeMap<String, IgnoredAny> = serde_json::from_str(text).map_err(|e| {
+            if e.is_data() {
+                ControlError::Invalid("not a JSON object".into())
+            } else {
+                invalid(e)
+            }
+        })?;
+        let mut names = top.keys();
+        let (Some(name), None) = (names.next(), names.next()) else {
             return Err(ControlError::Invalid(format!(
                 "expected one command property, found {}",
-                obj.len()
+                top.len()
             )));
-        }
-        let name = obj.keys().next().cloned().unwrap_or_default();
+        };
         if !matches!(
             name.as_str(),
             "accept" | "request" | "response" | "renewToken"
@@ -257,76 +290,10 @@ impl ListenerCommand {
                 name.chars().take(64).collect(),
             ));
         }
-        serde_json::from_value(v).map_err(|e| ControlError::Invalid(e.to_string()))
+        // Then the typed pass, straight from the text so header order is kept.
+        serde_json::from_str(text).map_err(invalid)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_serializes_in_wire_order() {
-        let a = ListenerCommand::Accept(AcceptCommand {
-            address: "wss://h/$hc/e?sb-hc-action=accept".into(),
-            id: "1".into(),
-            connect_headers: vec![
-                ("Host".into(), "h".into()),
-                ("Sec-WebSocket-Key".into(), "k".into()),
-            ],
-            remote_endpoint: Some(RemoteEndpoint {
-                address: "127.0.0.1".into(),
-                port: 5,
-            }),
-        });
-        let j = a.to_json();
-        assert_eq!(
-            j,
-            r#"{"accept":{"address":"wss://h/$hc/e?sb-hc-action=accept","id":"1","connectHeaders":{"Host":"h","Sec-WebSocket-Key":"k"},"remoteEndpoint":{"address":"127.0.0.1","port":5}}}"#
-        );
-        assert_eq!(ListenerCommand::parse(&j).unwrap(), a);
-    }
-
-    #[test]
-    fn responses_of_each_client_parse() {
-        for j in [
-            r#"{"response":{"body":true,"requestId":"r","responseHeaders":{"A":"b"},"statusCode":200,"statusDescription":"OK"}}"#,
-            r#"{"response":{"requestId":"r","body":true,"statusCode":200,"statusDescription":"OK","responseHeaders":{"A":"b"}}}"#,
-            r#"{"response":{"requestId":"r","statusCode":"200","statusDescription":"OK","responseHeaders":{"A":"b"},"body":true}}"#,
-        ] {
-            match ListenerCommand::parse(j).unwrap() {
-                ListenerCommand::Response(r) => {
-                    assert_eq!(r.status_code, 200);
-                    assert!(r.body);
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        assert!(matches!(
-            ListenerCommand::parse(
-                r#"{"response":{"requestId":"r","statusCode":"abc","body":false}}"#
-            ),
-            Err(ControlError::Invalid(_))
-        ));
-    }
-
-    #[test]
-    fn limits_and_unknowns() {
-        let big = format!(r#"{{"renewToken":{{"token":"{}"}}}}"#, "a".repeat(70_000));
-        assert!(matches!(
-            ListenerCommand::parse(&big),
-            Err(ControlError::TooLarge { .. })
-        ));
-        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(ListenerCommand::parse(&deep), Err(ControlError::TooDeep));
-        assert_eq!(
-            ListenerCommand::parse(r#"{"foo":{}}"#),
-            Err(ControlError::UnknownCommand("foo".into()))
-        );
-        assert!(ListenerCommand::parse(r#"{"a":1,"b":2}"#).is_err());
-        assert!(matches!(
-            ListenerCommand::parse(r#"{"renewToken":{"token":"SharedAccessSignature x"}}"#),
-            Ok(ListenerCommand::RenewToken(_))
-        ));
-    }
-}
+mod tests;

@@ -1,10 +1,17 @@
 //! The entity description (protocol.md §6): endpoint metadata in App Service's JSON shape and
-//! the Atom document of the data-plane entity GET.
+//! the Atom document of the data-plane entity GET (§2.9, §6.3).
+//!
+//! The Atom reader is `quick-xml`'s pull parser: no recursion, no DTD or external entities,
+//! input capped at 256 KiB. An Atom `<feed>` instead of an `<entry>` is how Azure says "no such
+//! entity", so it maps to [`EntityError::NotFound`].
 
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::address::HostPort;
+use crate::address::{AddressError, HostPort};
+
+/// Largest Atom document [`parse_entity_atom`] reads.
+pub const MAX_ATOM: usize = 256 * 1024;
 
 /// Why metadata or a description could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,42 +19,62 @@ pub enum EntityError {
     /// The entity does not exist (a 404, or an Atom feed instead of an entry).
     #[error("the hybrid connection does not exist")]
     NotFound,
-    /// No `endpoint` entry in the metadata.
+    /// User metadata that is not JSON at all.
+    #[error("user metadata is not JSON (expected [{{\"key\":\"endpoint\",\"value\":\"host:port\"}}]): {0}")]
+    MetadataNotJson(String),
+    /// User metadata that is JSON but not an array of `{key, value}` objects.
+    #[error("user metadata is not a JSON array of {{\"key\",\"value\"}} objects")]
+    MetadataNotArray,
+    /// No entry whose key is `endpoint`.
     #[error("user metadata has no 'endpoint' entry")]
     NoEndpoint,
-    /// Not the expected JSON.
-    #[error("user metadata is not the App Service JSON shape: {0}")]
-    BadMetadata(String),
-    /// Not the expected XML.
-    #[error("entity description: {0}")]
-    BadXml(String),
+    /// The `endpoint` entry's value is missing or not a string.
+    #[error("user metadata 'endpoint' entry has no string value")]
+    EndpointNotString,
+    /// The `endpoint` value is not `host:port`.
+    #[error("user metadata 'endpoint' is not host:port: {0}")]
+    BadEndpoint(AddressError),
+    /// The Atom document is over 256 KiB.
+    #[error("entity description larger than 256 KiB")]
+    TooLarge,
+    /// Not well-formed XML.
+    #[error("entity description is not well-formed XML: {0}")]
+    Xml(String),
+    /// The root element is neither an Atom `entry` nor a `feed`.
+    #[error("entity description has root <{0}>, expected <entry>")]
+    UnexpectedRoot(String),
+    /// An `entry` without a `HybridConnectionDescription`.
+    #[error("entity description has no HybridConnectionDescription")]
+    NoDescription,
+    /// A member whose text does not parse (`ListenerCount`, `RequiresClientAuthorization`).
+    #[error("entity description member {0} is invalid")]
+    BadMember(&'static str),
 }
 
-/// `[{"key":"endpoint","value":"host:port"}]`.
+/// App Service's metadata for an endpoint: `[{"key":"endpoint","value":"host:port"}]`.
 pub fn endpoint_metadata(endpoint: &HostPort) -> String {
     serde_json::json!([{"key": "endpoint", "value": endpoint.to_string()}]).to_string()
 }
 
-/// Reads the endpoint from App Service metadata.
+/// Reads the endpoint from App Service metadata: the first array entry whose `key` is
+/// `endpoint` (any case); other entries are ignored, as the Hybrid Connection Manager does.
 pub fn parse_endpoint_metadata(user_metadata: &str) -> Result<HostPort, EntityError> {
-    let v: serde_json::Value =
-        serde_json::from_str(user_metadata).map_err(|e| EntityError::BadMetadata(e.to_string()))?;
-    let arr = v
-        .as_array()
-        .ok_or_else(|| EntityError::BadMetadata("not a JSON array".into()))?;
-    let value = arr
+    let v: serde_json::Value = serde_json::from_str(user_metadata)
+        .map_err(|e| EntityError::MetadataNotJson(e.to_string().chars().take(120).collect()))?;
+    let arr = v.as_array().ok_or(EntityError::MetadataNotArray)?;
+    let entry = arr
         .iter()
         .find(|e| {
-            e["key"]
-                .as_str()
-                .is_some_and(|k| k.eq_ignore_ascii_case("endpoint"))
+            e.get("key")
+                .and_then(|k| k.as_str())
+                .is_some_and(|k| k.trim().eq_ignore_ascii_case("endpoint"))
         })
-        .ok_or(EntityError::NoEndpoint)?["value"]
-        .as_str()
-        .ok_or_else(|| EntityError::BadMetadata("endpoint value is not a string".into()))?;
-    value
-        .parse()
-        .map_err(|e: crate::address::AddressError| EntityError::BadMetadata(e.to_string()))
+        .ok_or(EntityError::NoEndpoint)?;
+    let value = entry
+        .get("value")
+        .and_then(|v| v.as_str())
+        .ok_or(EntityError::EndpointNotString)?;
+    value.trim().parse().map_err(EntityError::BadEndpoint)
 }
 
 /// What the entity GET describes.
@@ -55,23 +82,25 @@ pub fn parse_endpoint_metadata(user_metadata: &str) -> Result<HostPort, EntityEr
 pub struct EntityDescription {
     /// Name (Atom title).
     pub name: String,
-    /// RFC 3339.
+    /// RFC 3339, given by the caller (this crate has no clock).
     pub created_at: String,
-    /// RFC 3339.
+    /// RFC 3339; also the Atom `updated`.
     pub updated_at: String,
-    /// Senders need a token.
+    /// Senders need a token (Azure's default when absent: true).
     pub requires_client_authorization: bool,
-    /// Free text.
+    /// Free text; App Service puts the endpoint JSON here.
     pub user_metadata: Option<String>,
-    /// Live listener count.
+    /// Live listener count (0–25 on Azure).
     pub listener_count: u32,
 }
 
 fn esc(s: &str) -> String {
-    quick_xml::escape::escape(s).into_owned()
+    // Element text only: `<`, `>` and `&` are enough, and the metadata JSON stays readable.
+    quick_xml::escape::partial_escape(s).into_owned()
 }
 
-/// The Atom entry of §6.3.
+/// The Atom entry of §6.3: `id_url` and every text XML-escaped, members in the order the .NET
+/// `DataContractSerializer` expects, `UserMetadata` omitted when `None`.
 pub fn render_entity_atom(id_url: &str, d: &EntityDescription) -> String {
     let meta = d
         .user_metadata
@@ -95,109 +124,94 @@ pub fn render_entity_atom(id_url: &str, d: &EntityDescription) -> String {
     )
 }
 
-/// Parses the Atom entry (tolerates unknown elements; an Atom feed means "not found").
+/// Deepest element nesting [`parse_entity_atom`] follows.
+const MAX_XML_DEPTH: usize = 32;
+
+/// Parses the Atom entry of §6.3. Unknown elements (anywhere) are skipped; members are read
+/// only at their place (`entry/title`, `entry/content/HybridConnectionDescription/*`); missing
+/// members keep their defaults (`requires_client_authorization` true). An Atom `<feed>` root
+/// means [`EntityError::NotFound`].
 pub fn parse_entity_atom(xml: &str) -> Result<EntityDescription, EntityError> {
-    if xml.len() > 256 * 1024 {
-        return Err(EntityError::BadXml("document too large".into()));
+    if xml.len() > MAX_ATOM {
+        return Err(EntityError::TooLarge);
     }
     let mut r = Reader::from_str(xml);
-    let mut d = EntityDescription::default();
-    let mut current: Option<String> = None;
-    let mut saw_root = false;
+    r.config_mut().expand_empty_elements = true;
+    let mut d = EntityDescription {
+        requires_client_authorization: true,
+        ..EntityDescription::default()
+    };
+    let mut stack: Vec<String> = Vec::new();
+    let mut text = String::new();
     let mut saw_description = false;
+    let xml_err =
+        |e: &dyn std::fmt::Display| EntityError::Xml(e.to_string().chars().take(200).collect());
     loop {
-        match r.read_event() {
-            Err(e) => return Err(EntityError::BadXml(e.to_string())),
-            Ok(Event::Eof) => break,
-            Ok(Event::Start(e)) => {
+        match r.read_event().map_err(|e| xml_err(&e))? {
+            Event::Eof => break,
+            Event::Start(e) => {
                 let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-                if !saw_root {
-                    saw_root = true;
-                    if name == "feed" {
-                        return Err(EntityError::NotFound);
-                    }
-                    if name != "entry" {
-                        return Err(EntityError::BadXml(format!("unexpected root <{name}>")));
-                    }
+                if stack.is_empty() && name != "entry" {
+                    return Err(if name == "feed" {
+                        EntityError::NotFound
+                    } else {
+                        EntityError::UnexpectedRoot(name.chars().take(64).collect())
+                    });
                 }
-                if name == "HybridConnectionDescription" {
-                    saw_description = true;
+                if stack.len() >= MAX_XML_DEPTH {
+                    return Err(EntityError::Xml("nested too deeply".into()));
                 }
-                current = Some(name);
+                stack.push(name);
+                text.clear();
             }
-            Ok(Event::Empty(e)) => {
-                if !saw_root && e.local_name().as_ref() == b"feed" {
-                    return Err(EntityError::NotFound);
-                }
-            }
-            Ok(Event::Text(t)) => {
-                let text = t
-                    .unescape()
-                    .map_err(|e| EntityError::BadXml(e.to_string()))?
-                    .into_owned();
-                match current.as_deref() {
-                    Some("title") => d.name = text,
-                    Some("CreatedAt") => d.created_at = text,
-                    Some("UpdatedAt") => d.updated_at = text,
-                    Some("RequiresClientAuthorization") => {
-                        d.requires_client_authorization = text.trim() == "true"
-                    }
-                    Some("UserMetadata") => d.user_metadata = Some(text),
-                    Some("ListenerCount") => {
-                        d.listener_count = text.trim().parse().map_err(|_| {
-                            EntityError::BadXml("ListenerCount is not a number".into())
-                        })?
+            Event::Text(t) => text.push_str(&t.unescape().map_err(|e| xml_err(&e))?),
+            Event::CData(c) => text.push_str(&c.decode().map_err(|e| xml_err(&e))?),
+            Event::End(_) => {
+                let path: Vec<&str> = stack.iter().map(String::as_str).collect();
+                match path.as_slice() {
+                    ["entry", "title"] => d.name = text.trim().to_owned(),
+                    ["entry", "content", "HybridConnectionDescription"] => saw_description = true,
+                    ["entry", "content", "HybridConnectionDescription", member] => {
+                        let v = text.trim();
+                        match *member {
+                            "CreatedAt" => d.created_at = v.to_owned(),
+                            "UpdatedAt" => d.updated_at = v.to_owned(),
+                            "RequiresClientAuthorization" => {
+                                d.requires_client_authorization = match v {
+                                    "true" | "1" => true,
+                                    "false" | "0" => false,
+                                    _ => {
+                                        return Err(EntityError::BadMember(
+                                            "RequiresClientAuthorization",
+                                        ))
+                                    }
+                                }
+                            }
+                            "UserMetadata" => d.user_metadata = Some(text.clone()),
+                            "ListenerCount" => {
+                                d.listener_count = v
+                                    .parse()
+                                    .map_err(|_| EntityError::BadMember("ListenerCount"))?
+                            }
+                            _ => {}
+                        }
                     }
                     _ => {}
                 }
+                stack.pop();
+                text.clear();
             }
-            Ok(Event::End(_)) => current = None,
-            Ok(_) => {}
+            _ => {}
         }
     }
+    if !stack.is_empty() {
+        return Err(EntityError::Xml("document ends inside an element".into()));
+    }
     if !saw_description {
-        return Err(EntityError::BadXml("no HybridConnectionDescription".into()));
+        return Err(EntityError::NoDescription);
     }
     Ok(d)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metadata_round_trip() {
-        let hp: HostPort = "sql01.corp:1433".parse().unwrap();
-        let m = endpoint_metadata(&hp);
-        assert_eq!(m, r#"[{"key":"endpoint","value":"sql01.corp:1433"}]"#);
-        assert_eq!(parse_endpoint_metadata(&m).unwrap(), hp);
-        assert_eq!(
-            parse_endpoint_metadata(r#"[{"key":"x","value":"y"}]"#),
-            Err(EntityError::NoEndpoint)
-        );
-        assert!(parse_endpoint_metadata("nope").is_err());
-        assert!(parse_endpoint_metadata(r#"[{"key":"endpoint","value":"nohost"}]"#).is_err());
-    }
-
-    #[test]
-    fn atom_round_trip_and_feed() {
-        let d = EntityDescription {
-            name: "hyco".into(),
-            created_at: "2024-12-01T10:00:00Z".into(),
-            updated_at: "2024-12-02T10:00:00Z".into(),
-            requires_client_authorization: true,
-            user_metadata: Some(r#"[{"key":"endpoint","value":"a<b:1"}]"#.into()),
-            listener_count: 2,
-        };
-        let xml = render_entity_atom("https://h/hyco?api-version=2016-07", &d);
-        assert!(xml.contains("&lt;"));
-        assert_eq!(parse_entity_atom(&xml).unwrap(), d);
-        assert_eq!(
-            parse_entity_atom(
-                r#"<feed xmlns="http://www.w3.org/2005/Atom"><title>x</title></feed>"#
-            ),
-            Err(EntityError::NotFound)
-        );
-        assert!(parse_entity_atom("<html/>").is_err());
-    }
-}
+mod tests;

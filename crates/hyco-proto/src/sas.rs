@@ -4,6 +4,11 @@
 //! so `sr` is never re-encoded) plus `"\n"` plus `se`, keyed with the UTF-8 bytes of the key
 //! *text*. Parsing is strict and allocation-bounded; verification is constant-time and costs
 //! the same for an unknown key name.
+//!
+//! The relay's order (protocol.md §3.3): [`ParsedToken::parse`], look up the rule named by
+//! [`ParsedToken::key_name`], [`ParsedToken::verify_signature`] with its keys (or none),
+//! [`ParsedToken::is_expired`], then [`ParsedToken::audience`] and [`Audience::covers`].
+//! Time is always a parameter; nothing here reads a clock.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -37,9 +42,12 @@ pub enum SasError {
     /// Does not start with `SharedAccessSignature ` (one space).
     #[error("token must start with 'SharedAccessSignature '")]
     BadPrefix,
-    /// A field without `=`, or too many fields.
+    /// A field without `=` (or an empty field).
     #[error("malformed token field")]
     BadField,
+    /// More than 8 `&`-separated fields.
+    #[error("too many token fields")]
+    TooManyFields,
     /// A field given twice.
     #[error("duplicate token field '{0}'")]
     Duplicate(&'static str),
@@ -55,7 +63,7 @@ pub enum SasError {
     /// `skn` empty or over 256 characters.
     #[error("token key name invalid")]
     BadKeyName,
-    /// `sr` does not decode to `scheme://host[/path]`.
+    /// `sr` is empty or does not decode to `scheme://host[/path]`.
     #[error("token audience is not a valid URI")]
     BadAudience,
 }
@@ -63,6 +71,8 @@ pub enum SasError {
 type HmacSha256 = Hmac<Sha256>;
 
 fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length, so this cannot fail; a panic is still safer than a
+    // fallback value that could compare equal to an attacker's signature.
     let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(msg);
     mac.finalize().into_bytes().into()
@@ -73,29 +83,51 @@ pub fn encode_component(s: &str) -> String {
     utf8_percent_encode(s, COMPONENT).to_string()
 }
 
-/// The audience clients sign: `http://{host}/{entity}` (host lower-cased, port dropped).
+/// The audience .NET-style clients sign for: `http://{host}/{entity}`, host lower-cased and
+/// without its port; `None` gives the namespace root `http://{host}/`.
 pub fn resource_uri(host: &str, entity: Option<&str>) -> String {
-    let h = strip_port(host).to_ascii_lowercase();
+    let h = host_without_port(host).to_ascii_lowercase();
     match entity {
         Some(e) => format!("http://{h}/{e}"),
         None => format!("http://{h}/"),
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host:port` → `host`; `[v6]:port` → `[v6]`; a bare IPv6 literal (several colons) is left
+/// alone, as is anything whose "port" is not all digits.
+pub(crate) fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| h)
-            .trim_start_matches('[');
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
     }
-    match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+    match host.split_once(':') {
+        Some((h, p))
+            if !p.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            h
+        }
         _ => host,
     }
 }
 
-/// Signs a token for `resource_uri`, valid until `expiry_unix`.
+/// Host names in audiences: DNS characters, or a bracketed IPv6 literal.
+fn valid_host(h: &str) -> bool {
+    if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+/// Signs a token for `resource_uri`, valid until `expiry_unix`: `sr` and `sig` encoded with
+/// [`encode_component`], fields in the order every client uses (`sr, sig, se, skn`).
 pub fn sign(resource_uri: &str, key_name: &str, key: &SecretKey, expiry_unix: u64) -> SasToken {
     let sr = encode_component(resource_uri);
     let se = expiry_unix.to_string();
@@ -108,7 +140,7 @@ pub fn sign(resource_uri: &str, key_name: &str, key: &SecretKey, expiry_unix: u6
     ))
 }
 
-/// A syntactically valid token, not yet verified.
+/// A syntactically valid token, not yet verified. `Debug` omits the signature.
 #[derive(Clone)]
 pub struct ParsedToken {
     raw_sr: String,
@@ -130,6 +162,12 @@ impl std::fmt::Debug for ParsedToken {
 
 impl ParsedToken {
     /// Parses a token (already form-decoded once if it came in a query).
+    ///
+    /// Strict: the prefix `SharedAccessSignature` (any case) and exactly one space; at most
+    /// 4096 bytes and 8 fields; field names case-insensitive, each at most once; `sr`, `sig`,
+    /// `se`, `skn` required, others ignored; `se` 1–20 ASCII digits fitting `u64`; `sig`
+    /// percent-decoded then standard base64 of 32 bytes; `skn` percent-decoded, 1–256
+    /// characters; `sr` kept raw for signing.
     pub fn parse(token: &str) -> Result<ParsedToken, SasError> {
         if token.len() > MAX_TOKEN {
             return Err(SasError::TooLong);
@@ -147,7 +185,7 @@ impl ParsedToken {
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
         for (i, part) in rest.split('&').enumerate() {
             if i >= MAX_FIELDS {
-                return Err(SasError::BadField);
+                return Err(SasError::TooManyFields);
             }
             let (k, v) = part.split_once('=').ok_or(SasError::BadField)?;
             let slot = match k.to_ascii_lowercase().as_str() {
@@ -163,6 +201,9 @@ impl ParsedToken {
             *slot.0 = Some(v);
         }
         let raw_sr = sr.ok_or(SasError::Missing("sr"))?;
+        if raw_sr.is_empty() {
+            return Err(SasError::BadAudience);
+        }
         let sig = sig.ok_or(SasError::Missing("sig"))?;
         let se = se.ok_or(SasError::Missing("se"))?;
         let skn = skn.ok_or(SasError::Missing("skn"))?;
@@ -203,12 +244,12 @@ impl ParsedToken {
         self.expiry
     }
 
-    /// `sr` as received.
+    /// `sr` as received (still percent-encoded): what was signed.
     pub fn raw_resource(&self) -> &str {
         &self.raw_sr
     }
 
-    /// The decoded, normalised audience.
+    /// The audience: `sr` percent-decoded once, then normalised by [`Audience::parse`].
     pub fn audience(&self) -> Result<Audience, SasError> {
         let decoded = percent_decode_str(&self.raw_sr)
             .decode_utf8()
@@ -233,14 +274,15 @@ impl ParsedToken {
         ok
     }
 
-    /// Expired when `now >= se + grace`.
+    /// Expired when `now >= se + grace` (saturating, so a huge `se` never wraps).
     pub fn is_expired(&self, now_unix: u64, grace_secs: u64) -> bool {
         now_unix >= self.expiry.saturating_add(grace_secs)
     }
 }
 
-/// A token audience, normalised: host lower-case without port; path segments lower-case,
-/// without a leading `$hc` and without empty segments.
+/// A token audience, normalised: scheme ignored; host lower-case without port; path segments
+/// lower-case, without a leading `$hc` and without empty segments (so `http://h/hyco/`,
+/// `http://h:443/hyco` and `sb://h/hyco` are the same audience).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Audience {
     host: String,
@@ -248,19 +290,24 @@ pub struct Audience {
 }
 
 impl Audience {
-    /// Parses `scheme://host[:port][/path][?query]`.
-    pub fn parse(uri: &str) -> Result<Audience, SasError> {
-        let (scheme, rest) = uri.split_once("://").ok_or(SasError::BadAudience)?;
+    /// Parses a decoded audience URI `scheme://host[:port][/path][?query][#fragment]`. Any
+    /// alphabetic scheme is accepted (`http`, `https`, `sb`, `ws`, `wss` all occur); query and
+    /// fragment are dropped; `.` and `..` segments and user-info are refused.
+    pub fn parse(decoded_uri: &str) -> Result<Audience, SasError> {
+        let (scheme, rest) = decoded_uri.split_once("://").ok_or(SasError::BadAudience)?;
         if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphabetic()) {
             return Err(SasError::BadAudience);
         }
-        let rest = rest.split(['?', '#']).next().unwrap_or("");
+        let rest = match rest.find(['?', '#']) {
+            Some(i) => &rest[..i],
+            None => rest,
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let host = strip_port(authority).to_ascii_lowercase();
-        if host.is_empty() {
+        let host = host_without_port(authority).to_ascii_lowercase();
+        if !valid_host(&host) {
             return Err(SasError::BadAudience);
         }
         let mut segments: Vec<String> = path
@@ -271,18 +318,21 @@ impl Audience {
         if segments.first().is_some_and(|s| s == "$hc") {
             segments.remove(0);
         }
-        if segments.iter().any(|s| s == "." || s == "..") {
+        if segments
+            .iter()
+            .any(|s| s == "." || s == ".." || s.chars().any(char::is_control))
+        {
             return Err(SasError::BadAudience);
         }
         Ok(Audience { host, segments })
     }
 
-    /// The host.
+    /// The host, lower-case, without port (IPv6 literals keep their brackets).
     pub fn host(&self) -> &str {
         &self.host
     }
 
-    /// The path segments.
+    /// The path segments, lower-case; empty for the namespace root.
     pub fn segments(&self) -> &[String] {
         &self.segments
     }
@@ -292,10 +342,12 @@ impl Audience {
         self.segments.is_empty()
     }
 
-    /// Whether the audience covers `entity` on `host`: the audience path must be a prefix of
-    /// the entity path on segment boundaries (`hc1` covers `hc1/sub`, not `hc10`).
+    /// Whether the audience covers `entity` on `host`. The host compares case-insensitively
+    /// and a `:port` on `host` is ignored; the audience path must be a prefix of the entity's
+    /// lower-cased segments on segment boundaries (`hc1` covers `hc1` and `hc1/sub`, not
+    /// `hc10`); the namespace root covers every entity.
     pub fn covers(&self, host: &str, entity: &str) -> bool {
-        if !strip_port(host).eq_ignore_ascii_case(&self.host) {
+        if !host_without_port(host).eq_ignore_ascii_case(&self.host) {
             return false;
         }
         let target: Vec<String> = entity
