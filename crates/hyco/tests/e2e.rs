@@ -101,39 +101,49 @@ impl Relay {
     }
 
     fn manager(&self, tag: &str, cs: &str) -> Proc {
-        Proc::spawn(
-            tag,
-            &bin(),
-            &[
-                "manager",
-                "run",
-                "--connection-string",
-                cs,
-                "--ca-file",
-                &self.ca(),
-            ],
-            &[],
-        )
+        self.manager_with(tag, cs, &[], &[])
+    }
+
+    /// A manager for `cs` with extra arguments (global flags such as `--log-json` included).
+    fn manager_with(&self, tag: &str, cs: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let ca = self.ca();
+        let mut args = vec![
+            "manager",
+            "run",
+            "--connection-string",
+            cs,
+            "--ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(tag, &bin(), &args, env)
     }
 
     async fn forward(&self, hc: &str, cs: &str) -> (Proc, u16) {
-        let spec = format!("127.0.0.1:0:{hc}");
-        let p = Proc::spawn(
+        self.forward_with(hc, cs, &[]).await
+    }
+
+    /// A forwarder for `hc` with extra arguments; returns it and its local port.
+    async fn forward_with(&self, hc: &str, cs: &str, extra: &[&str]) -> (Proc, u16) {
+        let (spec, ca) = (format!("127.0.0.1:0:{hc}"), self.ca());
+        let mut args = vec![
             "forward",
-            &bin(),
-            &[
-                "forward",
-                "-L",
-                &spec,
-                "--connection-string",
-                cs,
-                "--ca-file",
-                &self.ca(),
-            ],
-            &[],
-        );
+            "-L",
+            &spec,
+            "--connection-string",
+            cs,
+            "--ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn("forward", &bin(), &args, &[]);
         let line = p.wait_line("forwarding", T).await;
+        // Text logs say `local=127.0.0.1:PORT`; JSON logs `"local":"127.0.0.1:PORT"`.
         let port = field(&line, "local")
+            .or_else(|| {
+                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+                v["fields"]["local"].as_str().map(str::to_owned)
+            })
             .unwrap()
             .rsplit(':')
             .next()
@@ -224,6 +234,21 @@ async fn tunnel_carries_64_mib_each_way_with_half_close() {
     assert_eq!(sent, got, "SHA-256 of what came back differs");
 }
 
+/// The key of a connection string.
+fn key_of(cs: &str) -> &str {
+    cs.split("SharedAccessKey=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+}
+
+/// The same connection string with a well-formed key that is not the rule's.
+fn with_wrong_key(cs: &str) -> String {
+    cs.replace(key_of(cs), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+}
+
 /// The error a sender with connection string `cs` is refused with.
 async fn refused(cs: &str, connector: &hyco_client::Connector) -> hyco_client::ClientError {
     connect_with(
@@ -264,15 +289,7 @@ async fn refusals_have_the_documented_status() {
     );
 
     // (f) wrong key, Listen key used to send, expired token.
-    let wrong = s.replace(
-        s.split("SharedAccessKey=")
-            .nth(1)
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap(),
-        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    );
+    let wrong = with_wrong_key(&s);
     let e = refused(&wrong, &connector).await;
     assert_eq!(e.status(), Some(401), "{e}");
     let e = refused(&l, &connector).await;
@@ -487,19 +504,10 @@ async fn manager_keeps_listening_across_many_token_renewals() {
     let r = Relay::start_with(TempDir::new("renew"), 0, &["--token-grace", "1"]).await;
     let echo = echo_server().await;
     let (l, s) = r.hc("renew", &echo.to_string()).await;
-    let m = Proc::spawn(
+    let m = r.manager_with(
         "manager",
-        &bin(),
-        &[
-            "manager",
-            "run",
-            "--connection-string",
-            &l,
-            "--ca-file",
-            &r.ca(),
-            "--token-lifetime",
-            "4",
-        ],
+        &l,
+        &["--token-lifetime", "4"],
         &[("HYCO_LOG", "info,hyco_client=debug")],
     );
     r.wait_listeners("renew", 1).await;
@@ -569,59 +577,13 @@ async fn json_logs_have_one_line_per_connection_and_no_secrets() {
     };
     let echo = echo_server().await;
     let (l, s) = r.hc("logs", &echo.to_string()).await;
-    let m = Proc::spawn(
-        "manager",
-        &bin(),
-        &[
-            "--log-json",
-            "manager",
-            "run",
-            "--connection-string",
-            &l,
-            "--ca-file",
-            &r.ca(),
-        ],
-        &[],
-    );
+    let m = r.manager_with("manager", &l, &["--log-json"], &[]);
     r.wait_listeners("logs", 1).await;
-    let spec = "127.0.0.1:0:logs";
-    let f = Proc::spawn(
-        "forward",
-        &bin(),
-        &[
-            "--log-json",
-            "forward",
-            "-L",
-            spec,
-            "--connection-string",
-            &s,
-            "--ca-file",
-            &r.ca(),
-        ],
-        &[],
-    );
-    let line = f.wait_line("forwarding", T).await;
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let fport: u16 = v["fields"]["local"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (f, fport) = r.forward_with("logs", &s, &["--log-json"]).await;
     let (a, b, n) = echo_roundtrip(fport, 5000).await;
     assert_eq!((a, n), (b, 5000));
     // A refused attempt with a wrong key is logged too, without the key.
-    let wrong = s.replace(
-        s.split("SharedAccessKey=")
-            .nth(1)
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap(),
-        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    );
+    let wrong = with_wrong_key(&s);
     let _ = refused(&wrong, &r.connector()).await;
     let closed = r.proc.wait_line("tunnel closed", T).await;
     m.wait_line("connection served", T).await;
@@ -638,28 +600,13 @@ async fn json_logs_have_one_line_per_connection_and_no_secrets() {
     assert_eq!(v["span"]["hc"], "logs");
     assert!(v["span"]["listener_id"].is_string() && v["span"]["peer"].is_string());
 
-    let keys: Vec<String> = [&l, &s, &r.root]
-        .iter()
-        .map(|cs| {
-            cs.split("SharedAccessKey=")
-                .nth(1)
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let keys: Vec<&str> = [&l, &s, &r.root].iter().map(|cs| key_of(cs)).collect();
     for p in [&r.proc, &m, &f] {
         for line in p.lines() {
             serde_json::from_str::<serde_json::Value>(&line)
                 .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", p.name));
             for k in &keys {
-                assert!(
-                    !line.contains(k.as_str()),
-                    "{}: a key in the logs: {line}",
-                    p.name
-                );
+                assert!(!line.contains(k), "{}: a key in the logs: {line}", p.name);
             }
             assert!(
                 !line.contains("sig="),
