@@ -618,48 +618,66 @@ async fn json_logs_have_one_line_per_connection_and_no_secrets() {
     assert!(r.proc.count("AuthorizationFailed") >= 1);
 }
 
-/// A connection through the forwarder that keeps sending until its reads fail or end;
-/// returns how the reading side ended: Ok(()) for a clean end of stream, Err for an error.
+/// A connection through the forwarder that sends one chunk and reads until the stream fails
+/// or ends; returns Ok(()) for a clean end of stream, Err for an error. `started` fires on
+/// the first bytes read.
 async fn read_until_end(
     port: u16,
     started: tokio::sync::oneshot::Sender<()>,
 ) -> std::io::Result<()> {
-    let s = TcpStream::connect(("127.0.0.1", port)).await?;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![5u8; 16 * 1024];
-        for _ in 0..100_000 {
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    });
+    // The app writes one chunk and then only reads: a second writer would take the reset
+    // (Linux hands ECONNRESET to whichever call comes first, and a later read then sees a
+    // plain end of stream), and this helper is about what the reader sees.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(&[5u8; 16 * 1024]).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut started = Some(started);
-    let end = loop {
-        match tokio::time::timeout(T, r.read(&mut buf))
+    loop {
+        match tokio::time::timeout(T, s.read(&mut buf))
             .await
             .expect("connection neither ended nor failed")
         {
-            Ok(0) => break Ok(()),
+            Ok(0) => return Ok(()),
             Ok(_) => {
                 if let Some(s) = started.take() {
                     let _ = s.send(());
                 }
             }
-            Err(e) => break Err(e),
+            Err(e) => return Err(e),
         }
-    };
-    writer.abort();
-    end
+    }
+}
+
+/// An endpoint that, once it has read the first bytes of a connection, streams data to it
+/// (16 KiB per millisecond, bounded) until the connection fails.
+async fn source_server() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if s.read(&mut first).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let chunk = vec![7u8; 16 * 1024];
+                for _ in 0..100_000 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+    });
+    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_killed_mid_transfer_is_an_error_for_the_app_not_an_end() {
     let r = relay("kill-manager").await;
-    let echo = echo_server().await;
-    let (l, s) = r.hc("k", &echo.to_string()).await;
+    let source = source_server().await;
+    let (l, s) = r.hc("k", &source.to_string()).await;
     let mut m = r.manager("manager", &l);
     r.wait_listeners("k", 1).await;
     let (_f, port) = r.forward("k", &s).await;
