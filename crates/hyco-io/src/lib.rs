@@ -22,7 +22,7 @@ pub mod ws {
     pub mod stream;
 
     pub use handshake::{ConnectError, Connected, Connector, HttpAnswer};
-    pub use stream::{Message, Role, WsConfig, WsError, WsStream};
+    pub use stream::{Message, Part, Role, WsConfig, WsError, WsStream};
 }
 
 pub use tokio_util::sync::CancellationToken;

@@ -14,9 +14,8 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyco_proto::rights::Need;
 use hyco_proto::{ConnectionString, Rights};
 use hyper::body::Incoming;
@@ -74,7 +73,7 @@ fn store_err(e: StoreError) -> RelayError {
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Result<Response<Body>, RelayError> {
     let body = serde_json::to_vec(v).map_err(|e| RelayError::Internal(e.to_string()))?;
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(crate::error::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -236,7 +235,7 @@ pub async fn handle(
                 "The hybrid connection was deleted.",
             );
             info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
-            let mut resp = Response::new(Body::default());
+            let mut resp = Response::new(crate::error::empty());
             *resp.status_mut() = StatusCode::NO_CONTENT;
             Ok(resp)
         }

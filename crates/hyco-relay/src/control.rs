@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyco_io::ws::{Message, Role, WsConfig, WsError, WsStream};
-use hyco_proto::control::ListenerCommand;
+use hyco_proto::control::{ListenerCommand, ResponseCommand};
 use hyco_proto::rights::Need;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -44,8 +44,10 @@ impl ControlChannel {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        // Text commands stay within 64 KiB (checked when parsed, 1009 beyond); a response body
+        // sent inline may be 64 KiB itself, so whole messages get room for both.
         let cfg = WsConfig {
-            max_message: 64 * 1024,
+            max_message: 128 * 1024,
             max_fragments: 64,
             ..WsConfig::default()
         };
@@ -71,16 +73,33 @@ impl ControlChannel {
         let mut seen = ws.frames_received();
         let mut last_progress = Instant::now();
         let shutdown = self.shared.shutdown.clone();
+        // A `response` with `body: true` waits here for the binary message that must follow.
+        let mut awaiting_body: Option<ResponseCommand> = None;
         let why = loop {
             tokio::select! {
                 msg = ws.recv() => match msg {
                     Ok(Message::Text(t)) => {
+                        if let Some(r) = awaiting_body.take() {
+                            debug!(hc = %self.hc_name, "a response's body did not follow it; the request fails");
+                            self.shared.http.abandon(self.entry.conn_id, &r.request_id);
+                        }
+                        if let Ok(ListenerCommand::Response(r)) = ListenerCommand::parse(&t) {
+                            if r.body {
+                                awaiting_body = Some(r);
+                            } else {
+                                self.deliver(r, bytes::Bytes::new());
+                            }
+                            continue;
+                        }
                         if let Some(code_reason) = self.on_text(&t, &mut expiry_at) {
                             let _ = ws.send_close(code_reason.0, code_reason.1).await;
                             break code_reason.1.to_string();
                         }
                     }
-                    Ok(Message::Binary(_)) => debug!("binary message on control channel ignored"),
+                    Ok(Message::Binary(b)) => match awaiting_body.take() {
+                        Some(r) => self.deliver(r, bytes::Bytes::from(b)),
+                        None => debug!("binary message on control channel ignored"),
+                    },
                     Ok(Message::Close(c)) => {
                         let _ = ws.send_close(1000, "").await;
                         break format!("listener closed: {c:?}");
@@ -94,6 +113,19 @@ impl ControlChannel {
                 cmd = self.rx.recv() => match cmd {
                     Some(ControlMsg::Command(json)) => {
                         if let Err(e) = ws.send_text(&json).await {
+                            break format!("write failed: {e}");
+                        }
+                    }
+                    Some(ControlMsg::Request { json, body }) => {
+                        // The body follows its request with nothing between (§4.1).
+                        let sent = match ws.send_text(&json).await {
+                            Ok(()) => match body {
+                                Some(b) => ws.send_binary(&b).await,
+                                None => Ok(()),
+                            },
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = sent {
                             break format!("write failed: {e}");
                         }
                     }
@@ -159,6 +191,18 @@ impl ControlChannel {
             reason = %why,
             "listener left"
         );
+    }
+
+    /// Hands a response that came on this channel to the request waiting for it.
+    fn deliver(&self, r: ResponseCommand, body: bytes::Bytes) {
+        let id = r.request_id.clone();
+        if !self.shared.http.deliver_from_control(
+            self.entry.conn_id,
+            &id,
+            crate::http::Delivery::Whole(r, body),
+        ) {
+            debug!(hc = %self.hc_name, request_id = %id, "response for no waiting request ignored");
+        }
     }
 
     /// Handles one text command; returns a close code and reason when the channel must end.

@@ -6,10 +6,23 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 
-/// The body type the relay answers with.
-pub type Body = Full<Bytes>;
+/// The body type the relay answers with: whole (errors, admin, entity) or streamed (HTTP mode).
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A body held whole.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// No body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
 
 /// A refusal, tagged with who caused it.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +56,18 @@ pub enum RelayError {
         /// Reason chosen by the listener (sanitized).
         reason: String,
     },
+    /// HTTP mode: nobody listens on the hybrid connection (protocol.md §5.3: 502).
+    #[error("No listener is connected for hybrid connection '{0}'.")]
+    NoListener(String),
+    /// HTTP mode: the listener's answer cannot be relayed.
+    #[error("{0}")]
+    BadGateway(String),
+    /// HTTP mode: the listener did not start its response in time.
+    #[error("The request was routed to the listener but the listener did not respond within {0} seconds.")]
+    HttpTimeout(u64),
+    /// HTTP mode: the request head does not fit in one control message.
+    #[error("The request headers are too large to relay.")]
+    HeadersTooLarge,
     /// The chosen listeners disconnected before answering.
     #[error("The listener went away before accepting the connection.")]
     ListenerGone,
@@ -75,6 +100,13 @@ impl RelayError {
                 "ListenerRejected",
             ),
             RelayError::ListenerGone => (StatusCode::BAD_GATEWAY, "ListenerGone"),
+            RelayError::NoListener(_) => (StatusCode::BAD_GATEWAY, "NoListener"),
+            RelayError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
+            RelayError::HttpTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            RelayError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "HeadersTooLarge",
+            ),
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
@@ -111,7 +143,7 @@ impl RelayError {
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let reason = hyco_proto::address::sanitize_reason(message);
     let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

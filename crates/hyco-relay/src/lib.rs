@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod rendezvous;
@@ -48,6 +49,9 @@ pub const ROOT_RULE: &str = "RootManageSharedAccessKey";
 pub struct Limits {
     /// TCP accept to the end of the request head, TLS included.
     pub handshake_timeout: Duration,
+    /// HTTP mode: time for a listener to start its response, and the most a streamed body may
+    /// stall (protocol.md §4.4: 60 s).
+    pub http_timeout: Duration,
     /// How long a sender waits for its listener to accept or reject.
     pub rendezvous_timeout: Duration,
     /// How long a control channel outlives its token without a renewal.
@@ -75,6 +79,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake_timeout: Duration::from_secs(10),
+            http_timeout: Duration::from_secs(60),
             rendezvous_timeout: Duration::from_secs(30),
             token_grace: Duration::from_secs(300),
             ping_interval: Duration::from_secs(10),
@@ -133,6 +138,8 @@ pub struct Shared {
     pub registry: registry::Registry,
     /// Senders waiting for listeners.
     pub rendezvous: Arc<rendezvous::Rendezvous>,
+    /// HTTP-mode requests waiting for their responses.
+    pub http: http::HttpTable,
     /// Fires when the relay stops accepting: control channels close with 1001.
     pub shutdown: CancellationToken,
     /// Fires when the drain grace is over: remaining tunnels are cut.
@@ -350,6 +357,7 @@ impl Relay {
             store,
             registry: registry::Registry::default(),
             rendezvous: Arc::new(rendezvous::Rendezvous::default()),
+            http: http::HttpTable::default(),
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),

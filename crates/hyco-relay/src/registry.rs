@@ -17,6 +17,14 @@ use tokio::sync::mpsc;
 pub enum ControlMsg {
     /// A command JSON to send as one text message.
     Command(String),
+    /// An HTTP `request` JSON and, right after it with nothing between, its body as one
+    /// binary message.
+    Request {
+        /// The full `request` command.
+        json: String,
+        /// The body, when not empty.
+        body: Option<bytes::Bytes>,
+    },
     /// Close the control channel with this code and reason.
     Close(u16, &'static str),
 }

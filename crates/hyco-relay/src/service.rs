@@ -3,7 +3,7 @@
 //! * `/$hc/{hc}…` with an upgrade: `sb-hc-action` = listen, connect, accept (protocol.md §2).
 //! * `/$hyco/v1/…`: the admin API ([`crate::admin`]).
 //! * `GET /{hc}?api-version=…`: the entity description (§2.9).
-//! * other requests to `/{hc}…`: HTTP mode, not offered by this version (501).
+//! * other requests to `/{hc}…`: HTTP mode ([`crate::http`]).
 //! * anything else: a neutral 404.
 
 use std::net::SocketAddr;
@@ -59,7 +59,7 @@ pub async fn handle(
     } else if path == "/" || path.is_empty() {
         Err(RelayError::NotFound("Not found.".into()))
     } else {
-        entity_or_http(&shared, req).await
+        entity_or_http(&shared, peer, req).await
     };
     Ok(result.unwrap_or_else(|e| {
         if e.is_peer_fault() {
@@ -102,7 +102,7 @@ fn path_for_log(path: &str) -> &str {
 }
 
 /// The longest existing hybrid connection that the segments start with, and the rest.
-fn resolve<'a>(
+pub(crate) fn resolve<'a>(
     ns: &'a crate::store::Namespace,
     segments: &[&str],
 ) -> Option<(String, &'a HybridConnection, String)> {
@@ -116,7 +116,7 @@ fn resolve<'a>(
     None
 }
 
-fn host_of(req: &Request<Incoming>) -> String {
+pub(crate) fn host_of(req: &Request<Incoming>) -> String {
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -125,7 +125,7 @@ fn host_of(req: &Request<Incoming>) -> String {
         .unwrap_or_default()
 }
 
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
@@ -157,9 +157,7 @@ async fn websocket(
         return accept(shared, &segments, &query, &mut req, &accept_key);
     }
     if action == Action::Request {
-        return Err(RelayError::NotImplemented(
-            "HTTP request rendezvous is not supported by this relay version.",
-        ));
+        return crate::http::rendezvous(shared, &segments, &query, &mut req, &accept_key);
     }
     let host = host_of(&req);
     let mut hosts = shared.cfg.hostnames.clone();
@@ -293,7 +291,7 @@ fn listen(
 }
 
 /// Header names the way Microsoft's clients spell them (Java looks them up case-sensitively).
-fn canonical_header_name(name: &str) -> String {
+pub(crate) fn canonical_header_name(name: &str) -> String {
     name.split('-')
         .map(|part| {
             if part.eq_ignore_ascii_case("websocket") {
@@ -548,7 +546,7 @@ fn accept(
             .rendezvous
             .complete(&rv, &hc_key, Outcome::Rejected { status, reason })
             .map_err(|_| RelayError::RendezvousInvalid)?;
-        let mut resp = Response::new(Body::default());
+        let mut resp = Response::new(crate::error::empty());
         *resp.status_mut() = StatusCode::GONE;
         return Ok(resp);
     }
@@ -575,17 +573,17 @@ fn accept(
 
 async fn entity_or_http(
     shared: &Arc<Shared>,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
-    let segments = address::split_http_path(req.uri().path())
+    let path = req.uri().path().to_owned();
+    let segments = address::split_http_path(&path)
         .map_err(|e| RelayError::BadRequest(format!("Bad path: {e}")))?;
     let raw_query = req.uri().query().unwrap_or("");
     let is_entity_get = req.method() == http::Method::GET
         && form_urlencoded::parse(raw_query.as_bytes()).any(|(k, _)| k == "api-version");
     if !is_entity_get {
-        return Err(RelayError::NotImplemented(
-            "HTTP request mode is not supported by this relay version; use a WebSocket connection.",
-        ));
+        return crate::http::handle(shared, peer, req, &segments).await;
     }
     let ns = shared.store.snapshot();
     let resolved = resolve(&ns, &segments).filter(|(_, _, rest)| rest.is_empty());
@@ -636,7 +634,7 @@ async fn entity_or_http(
     };
     let id_url = format!("https://{}/{}?api-version=2016-07", host, hc.name);
     let xml = hyco_proto::entity::render_entity_atom(&id_url, &desc);
-    let mut resp = Response::new(Body::new(bytes::Bytes::from(xml)));
+    let mut resp = Response::new(crate::error::full(xml));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/atom+xml;type=entry;charset=utf-8"),

@@ -1018,3 +1018,296 @@ async fn a_burst_from_one_address_waits_for_handshake_slots_instead_of_failing()
         assert!(line.contains("404"), "a burst connection failed: {line:?}");
     }
 }
+
+// === HTTP mode (protocol.md §2.7, §2.8, §4.3–4.7) ===
+
+async fn http_send(
+    env: &Env,
+    method: http::Method,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> hyco_io::ws::HttpAnswer {
+    let t = env.token(Some("hc1"), now() + 600);
+    let mut h = headers.to_vec();
+    h.push(("ServiceBusAuthorization", &t));
+    env.connector
+        .https_request(
+            method,
+            &format!("https://localhost:{}{target}", env.port),
+            &h,
+            bytes::Bytes::from(body),
+            8 << 20,
+        )
+        .await
+        .unwrap()
+}
+
+async fn next_request(
+    ws: &mut hyco_io::ws::WsStream<hyco_io::ws::handshake::ClientTls>,
+) -> hyco_proto::control::RequestCommand {
+    match tokio::time::timeout(T, ws.recv()).await.unwrap().unwrap() {
+        Message::Text(t) => match ListenerCommand::parse(&t).unwrap() {
+            ListenerCommand::Request(r) => r,
+            other => panic!("expected request, got {other:?}"),
+        },
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn response_json(id: &str, status: u16, body: bool) -> String {
+    ListenerCommand::Response(hyco_proto::control::ResponseCommand {
+        request_id: id.to_owned(),
+        status_code: status,
+        status_description: Some("Fine Thanks".into()),
+        response_headers: Some(vec![
+            ("X-Answer".into(), "42".into()),
+            ("Content-Length".into(), "999999".into()),
+        ]),
+        body,
+    })
+    .to_json()
+}
+
+#[tokio::test]
+async fn small_http_requests_travel_on_the_control_channel() {
+    let env = start("http-small", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let sender = {
+        let env_port = env.port;
+        let t = env.token(Some("hc1"), now() + 600);
+        let c = env.connector.clone();
+        tokio::spawn(async move {
+            c.https_request(
+                http::Method::POST,
+                &format!("https://localhost:{env_port}/hc1/api/items?x=1&sb-hc-trace=zzz&y=2"),
+                &[
+                    ("ServiceBusAuthorization", t.as_str()),
+                    ("Content-Type", "text/plain"),
+                    ("X-Multi", "a"),
+                ],
+                bytes::Bytes::from_static(b"hello listener"),
+                1 << 20,
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let r = next_request(&mut l.ws).await;
+    assert_eq!(r.method.as_deref(), Some("POST"));
+    assert_eq!(r.request_target.as_deref(), Some("/hc1/api/items?x=1&y=2"));
+    assert_eq!(r.body, Some(true));
+    assert!(r.address.contains("sb-hc-action=request"));
+    assert!(r.address.contains(&format!("sb-hc-id={}", r.id)));
+    let headers = r.request_headers.clone().unwrap();
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "Content-Type" && v == "text/plain"));
+    assert!(headers.iter().any(|(k, _)| k == "Host"));
+    assert!(!headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("ServiceBusAuthorization")
+            || k.eq_ignore_ascii_case("Content-Length")));
+    assert!(r.remote_endpoint.is_some());
+    // The body comes next, as one binary message.
+    match tokio::time::timeout(T, l.ws.recv()).await.unwrap().unwrap() {
+        Message::Binary(b) => assert_eq!(b, b"hello listener"),
+        other => panic!("expected the body, got {other:?}"),
+    }
+    l.ws.send_text(&response_json(&r.id, 201, true))
+        .await
+        .unwrap();
+    l.ws.send_binary(b"created").await.unwrap();
+    let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_eq!(a.status, 201);
+    assert_eq!(a.reason, "Fine Thanks");
+    assert_eq!(a.body.as_ref(), b"created");
+    assert_eq!(a.headers["x-answer"], "42");
+    assert_eq!(
+        a.headers["content-length"], "7",
+        "the relay frames the body itself"
+    );
+    assert!(a.headers["via"].to_str().unwrap().contains("localhost"));
+
+    // A GET without a body: `body: false` and nothing follows.
+    let c = env.connector.clone();
+    let t = env.token(Some("hc1"), now() + 600);
+    let port = env.port;
+    let sender = tokio::spawn(async move {
+        c.https_request(
+            http::Method::GET,
+            &format!("https://localhost:{port}/hc1?sb-hc-undefined"),
+            &[("ServiceBusAuthorization", t.as_str())],
+            bytes::Bytes::new(),
+            1 << 20,
+        )
+        .await
+        .unwrap()
+    });
+    let r = next_request(&mut l.ws).await;
+    assert_eq!(r.body, Some(false));
+    assert_eq!(r.request_target.as_deref(), Some("/hc1?sb-hc-undefined"));
+    l.ws.send_text(&response_json(&r.id, 204, false))
+        .await
+        .unwrap();
+    let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_eq!(a.status, 204);
+}
+
+#[tokio::test]
+async fn large_http_bodies_go_over_the_request_rendezvous_both_ways() {
+    let env = start("http-large", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let sent = body.clone();
+    let c = env.connector.clone();
+    let t = env.token(Some("hc1"), now() + 600);
+    let port = env.port;
+    let sender = tokio::spawn(async move {
+        c.https_request(
+            http::Method::PUT,
+            &format!("https://localhost:{port}/hc1/upload"),
+            &[("ServiceBusAuthorization", t.as_str())],
+            bytes::Bytes::from(sent),
+            8 << 20,
+        )
+        .await
+        .unwrap()
+    });
+    // Address-only: neither method nor body.
+    let short = next_request(&mut l.ws).await;
+    assert!(short.method.is_none() && short.body.is_none());
+    let mut rdv = env.connector.connect(&short.address, &[]).await.unwrap().ws;
+    let full = next_request(&mut rdv).await;
+    assert_eq!(full.method.as_deref(), Some("PUT"));
+    assert_eq!(full.body, Some(true));
+    assert_eq!(full.id, short.id);
+    let mut got = Vec::new();
+    for _ in 0..10_000 {
+        match tokio::time::timeout(T, rdv.recv_part(64 * 1024))
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            hyco_io::ws::Part::Data { data, fin, .. } => {
+                got.extend_from_slice(&data);
+                if fin {
+                    break;
+                }
+            }
+            other => panic!("expected body, got {other:?}"),
+        }
+    }
+    assert_eq!(got, body);
+    // The response streams back: JSON, then fragments, then an empty final frame.
+    rdv.send_text(&response_json(&full.id, 200, true))
+        .await
+        .unwrap();
+    let mut first = true;
+    for chunk in body.chunks(100_000) {
+        rdv.send_part(false, first, false, chunk).await.unwrap();
+        first = false;
+    }
+    rdv.send_part(false, false, true, &[]).await.unwrap();
+    let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), body.len());
+    assert!(a.body.as_ref() == body.as_slice());
+    assert!(a.headers.get("content-length").is_none());
+    assert_eq!(a.headers["transfer-encoding"], "chunked");
+    // The relay closes the rendezvous after the response.
+    match tokio::time::timeout(T, rdv.recv()).await.unwrap().unwrap() {
+        Message::Close(Some((1000, _))) => {}
+        other => panic!("expected close, got {other:?}"),
+    }
+    // A rendezvous address works once.
+    let again = env
+        .connector
+        .connect(&short.address, &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(again, ConnectError::Rejected { status: 403, .. }),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_large_response_to_a_small_request_comes_over_a_rendezvous() {
+    let env = start("http-bigresp", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let c = env.connector.clone();
+    let t = env.token(Some("hc1"), now() + 600);
+    let port = env.port;
+    let sender = tokio::spawn(async move {
+        c.https_request(
+            http::Method::GET,
+            &format!("https://localhost:{port}/hc1/big"),
+            &[("ServiceBusAuthorization", t.as_str())],
+            bytes::Bytes::new(),
+            8 << 20,
+        )
+        .await
+        .unwrap()
+    });
+    let r = next_request(&mut l.ws).await;
+    let mut rdv = env.connector.connect(&r.address, &[]).await.unwrap().ws;
+    rdv.send_text(&response_json(&r.id, 200, true))
+        .await
+        .unwrap();
+    rdv.send_part(false, true, false, &[7u8; 70_000])
+        .await
+        .unwrap();
+    rdv.send_part(false, false, true, &[8u8; 70_000])
+        .await
+        .unwrap();
+    let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 140_000);
+    assert_eq!(a.body[139_999], 8);
+}
+
+#[tokio::test]
+async fn http_mode_errors_no_listener_502_silent_listener_504_auth_401() {
+    let env = start("http-errors", |c| {
+        c.limits.http_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let a = http_send(&env, http::Method::GET, "/hc1/x", &[], vec![]).await;
+    assert_eq!(a.status, 502, "{}", String::from_utf8_lossy(&a.body));
+    assert!(a.headers.get("via").is_none(), "relay errors carry no Via");
+    let _l = env.listen("hc1").await;
+    let a = http_send(&env, http::Method::GET, "/hc1/x", &[], vec![]).await;
+    assert_eq!(a.status, 504);
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "GatewayTimeout");
+    let a = env
+        .connector
+        .https_request(
+            http::Method::GET,
+            &format!("https://localhost:{}/hc1/x", env.port),
+            &[],
+            bytes::Bytes::new(),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 401);
+    // The token may come in the query too (removed before the listener sees it); with a
+    // namespace-wide one, an unknown name is a 404.
+    let ns_token = env.token(None, now() + 600);
+    let q: String = form_urlencoded::byte_serialize(ns_token.as_bytes()).collect();
+    let a = env
+        .connector
+        .https_request(
+            http::Method::GET,
+            &format!("https://localhost:{}/nosuch/x?sb-hc-token={q}", env.port),
+            &[],
+            bytes::Bytes::new(),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 404);
+}

@@ -63,6 +63,10 @@ struct RelayArgs {
     /// Seconds a sender waits for a listener to accept.
     #[arg(long, default_value_t = 30)]
     rendezvous_timeout: u64,
+    /// HTTP mode: seconds a listener has to start its response (and the most a streamed body
+    /// may stall) before the sender gets 504.
+    #[arg(long, default_value_t = 60)]
+    http_timeout: u64,
     /// Seconds a control channel outlives its token without renewal.
     #[arg(long, default_value_t = 300)]
     token_grace: u64,
@@ -226,6 +230,7 @@ async fn relay(a: RelayArgs) -> Result<()> {
     }
     cfg.tls_files = a.cert.clone().zip(a.key.clone());
     cfg.limits.rendezvous_timeout = Duration::from_secs(a.rendezvous_timeout);
+    cfg.limits.http_timeout = Duration::from_secs(a.http_timeout.max(1));
     cfg.limits.token_grace = Duration::from_secs(a.token_grace);
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
     let relay = hyco_relay::Relay::prepare(cfg).context("cannot prepare the relay")?;

@@ -67,6 +67,25 @@ pub enum Message {
     Close(Option<(u16, String)>),
 }
 
+/// A piece of a data message, as [`WsStream::recv_part`] returns it: for bodies too large to
+/// hold whole (HTTP mode streams them as the fragments of one binary message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// Payload bytes of a data message.
+    Data {
+        /// Whether the message is text (bytes are not checked for UTF-8 here).
+        text: bool,
+        /// The first piece of its message.
+        first: bool,
+        /// The last piece of its message (may be empty: an empty final frame).
+        fin: bool,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The peer's Close.
+    Close(Option<(u16, String)>),
+}
+
 /// Errors of the message API.
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
@@ -127,6 +146,9 @@ pub struct WsStream<S> {
     msg: Option<OpCode>,
     /// `recv`'s partial message.
     assembly: Vec<u8>,
+    /// `recv_part`: opcode of the message being streamed, and whether a piece of it went out.
+    part_op: Option<OpCode>,
+    part_started: bool,
     assembly_op: Option<OpCode>,
     fragments: usize,
     /// Whole encoded frames waiting to be written: `wbuf[wpos..]`.
@@ -166,6 +188,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             msg: None,
             assembly: Vec::new(),
             assembly_op: None,
+            part_op: None,
+            part_started: false,
             fragments: 0,
             wbuf: Vec::new(),
             wpos: 0,
@@ -396,6 +420,76 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
+    /// Receives the next piece of a data message (at most `max` bytes), or the peer's Close.
+    /// Messages of any size stream through without being assembled. Cancel-safe.
+    pub async fn recv_part(&mut self, max: usize) -> Result<Part, WsError> {
+        poll_fn(|cx| self.poll_recv_part(cx, max.max(1))).await
+    }
+
+    fn poll_recv_part(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<Result<Part, WsError>> {
+        let _ = self.poll_flush_wbuf(cx);
+        loop {
+            if let Some(info) = &self.peer_closed {
+                return Poll::Ready(Ok(Part::Close(info.clone())));
+            }
+            if let Some(cur) = &self.cur {
+                let fin_frame = cur.header.fin;
+                let mut data = Vec::new();
+                if cur.remaining > 0 {
+                    if self.rstart == self.rend && ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(WsError::Aborted));
+                    }
+                    let cur = self.cur.as_mut().expect("current frame checked above");
+                    let n = (self.rend - self.rstart)
+                        .min(max)
+                        .min(usize::try_from(cur.remaining).unwrap_or(usize::MAX));
+                    let chunk = &mut self.rbuf[self.rstart..self.rstart + n];
+                    if let Some(m) = cur.header.mask {
+                        apply_mask(chunk, m, cur.offset);
+                    }
+                    data.extend_from_slice(chunk);
+                    self.rstart += n;
+                    cur.remaining -= n as u64;
+                    cur.offset += n;
+                }
+                let frame_done = self.cur.as_ref().is_some_and(|c| c.remaining == 0);
+                if frame_done {
+                    self.cur = None;
+                }
+                let fin = frame_done && fin_frame;
+                if data.is_empty() && !fin {
+                    continue;
+                }
+                let first = !self.part_started;
+                self.part_started = !fin;
+                let text = self.part_op == Some(OpCode::Text);
+                return Poll::Ready(Ok(Part::Data {
+                    text,
+                    first,
+                    fin,
+                    data,
+                }));
+            }
+            let Some(h) = ready!(self.poll_header(cx))? else {
+                return Poll::Ready(Err(WsError::Aborted));
+            };
+            if h.opcode.is_control() {
+                if let Some(info) = ready!(self.poll_control(cx, h))? {
+                    return Poll::Ready(Ok(Part::Close(info)));
+                }
+                continue;
+            }
+            if h.opcode != OpCode::Continuation {
+                self.part_op = Some(h.opcode);
+            }
+            self.cur = Some(Current {
+                header: h,
+                remaining: h.len,
+                offset: 0,
+            });
+        }
+    }
+
     fn finish_message(&mut self) -> Result<Message, WsError> {
         let data = std::mem::take(&mut self.assembly);
         match self.assembly_op.take() {
@@ -454,12 +548,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     }
 
     async fn send_frame(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        self.send_frame_fin(opcode, true, payload).await
+    }
+
+    async fn send_frame_fin(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        payload: &[u8],
+    ) -> io::Result<()> {
         if self.sent_close {
             return Err(closed_for_writing());
         }
         poll_fn(|cx| self.poll_flush_wbuf(cx)).await?;
-        self.queue_frame(opcode, true, payload);
+        self.queue_frame(opcode, fin, payload);
         poll_fn(|cx| self.poll_flush_all(cx)).await
+    }
+
+    /// Sends one frame of a message streamed in pieces: `first` opens it (text or binary),
+    /// later pieces continue it, `fin` ends it. The caller keeps the order; a control frame
+    /// may go between pieces.
+    pub async fn send_part(
+        &mut self,
+        text: bool,
+        first: bool,
+        fin: bool,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let op = match (first, text) {
+            (false, _) => OpCode::Continuation,
+            (true, true) => OpCode::Text,
+            (true, false) => OpCode::Binary,
+        };
+        self.send_frame_fin(op, fin, data).await
     }
 
     /// Sends one text message.

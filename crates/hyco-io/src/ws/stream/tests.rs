@@ -112,3 +112,65 @@ async fn fragmented_messages_reassemble_and_bad_order_is_refused() {
         Err(WsError::Protocol(FrameError::BadFragmentation))
     ));
 }
+
+#[tokio::test]
+async fn parts_stream_a_large_message_and_mix_with_whole_messages() {
+    let (mut c, mut s) = pair(WsConfig::default());
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let b2 = body.clone();
+    let writer = tokio::spawn(async move {
+        c.send_text("{\"response\":{}}").await.unwrap();
+        let mut first = true;
+        for chunk in b2.chunks(70_000) {
+            c.send_part(false, first, false, chunk).await.unwrap();
+            first = false;
+        }
+        // An empty final frame, as .NET ends a streamed response.
+        c.send_part(false, false, true, &[]).await.unwrap();
+        c.send_binary(b"next").await.unwrap();
+        c.send_close(1000, "").await.unwrap();
+    });
+    assert_eq!(
+        s.recv().await.unwrap(),
+        Message::Text("{\"response\":{}}".into())
+    );
+    let mut got = Vec::new();
+    let mut pieces = 0;
+    loop {
+        match s.recv_part(16 * 1024).await.unwrap() {
+            Part::Data {
+                text,
+                first,
+                fin,
+                data,
+            } => {
+                assert!(!text);
+                assert_eq!(first, pieces == 0);
+                assert!(data.len() <= 16 * 1024);
+                pieces += 1;
+                got.extend_from_slice(&data);
+                if fin {
+                    break;
+                }
+            }
+            Part::Close(c) => panic!("close before the end of the body: {c:?}"),
+        }
+        assert!(pieces < 1000);
+    }
+    assert_eq!(got, body);
+    // The next message starts afresh, whole or in parts.
+    match s.recv_part(1024).await.unwrap() {
+        Part::Data {
+            first, fin, data, ..
+        } => {
+            assert!(first && fin);
+            assert_eq!(data, b"next");
+        }
+        other => panic!("expected data, got {other:?}"),
+    }
+    assert_eq!(
+        s.recv_part(1024).await.unwrap(),
+        Part::Close(Some((1000, String::new())))
+    );
+    writer.await.unwrap();
+}
