@@ -7,11 +7,14 @@
 //! * [`listener`]: a listener actor (control channel, renew, ping, reconnect) yielding
 //!   [`listener::Incoming`] connections to accept or reject.
 //! * [`forward`]: local TCP ports carried to hybrid connections (`hyco forward`).
+//! * [`http`]: HTTP mode: [`http::RelayedRequest`] to serve requests a listener receives
+//!   ([`HybridListener::start_with_http`]), [`http::request`] to make them.
 //! * [`get_entity`]: the entity description, readable with a Listen key.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod forward;
+pub mod http;
 pub mod listener;
 
 use std::path::PathBuf;
@@ -53,6 +56,9 @@ pub enum ClientError {
     /// Network, TLS or handshake failure.
     #[error("{0}")]
     Connect(ConnectError),
+    /// An HTTP-mode exchange failed (rendezvous, framing, body limit).
+    #[error("http mode: {0}")]
+    Http(String),
     /// The entity description could not be read.
     #[error("entity description: {0}")]
     Entity(#[from] hyco_proto::entity::EntityError),
@@ -223,7 +229,7 @@ pub async fn get_entity(
     })?;
     let ans = connector
         .https_request(
-            http::Method::GET,
+            ::http::Method::GET,
             &url,
             &[("Authorization", token.0.as_str())],
             bytes::Bytes::new(),

@@ -12,12 +12,13 @@ use std::time::{Duration, SystemTime};
 use hyco_io::backoff::Backoff;
 use hyco_io::ws::{Connector, Message};
 use hyco_io::CancellationToken;
-use hyco_proto::control::{AcceptCommand, ListenerCommand, RenewTokenCommand};
+use hyco_proto::control::{AcceptCommand, ListenerCommand, RenewTokenCommand, RequestCommand};
 use hyco_proto::ConnectionString;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
 use tracing::{debug, info, warn};
 
+use crate::http::{ControlReply, HttpResponse, RelayedRequest};
 use crate::{entity_of, mint_token, ClientError, ClientOptions, HybridStream};
 
 /// Listener settings.
@@ -132,12 +133,44 @@ impl Drop for HybridListener {
 }
 
 impl HybridListener {
-    /// Starts the actor; `accept`s arrive on the returned channel.
+    /// Starts the actor; `accept`s arrive on the returned channel. HTTP-mode requests are
+    /// answered `501 Not Implemented` (use [`HybridListener::start_with_http`] to serve them).
     pub fn start(
         cs: ConnectionString,
         connector: Connector,
         opts: ListenerOptions,
         shutdown: CancellationToken,
+    ) -> Result<(HybridListener, mpsc::Receiver<Incoming>), ClientError> {
+        Self::start_inner(cs, connector, opts, shutdown, None)
+    }
+
+    /// Starts the actor serving both modes: WebSocket `accept`s on the first channel, HTTP
+    /// requests on the second.
+    #[allow(clippy::type_complexity)]
+    pub fn start_with_http(
+        cs: ConnectionString,
+        connector: Connector,
+        opts: ListenerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<
+        (
+            HybridListener,
+            mpsc::Receiver<Incoming>,
+            mpsc::Receiver<RelayedRequest>,
+        ),
+        ClientError,
+    > {
+        let (http_tx, http_rx) = mpsc::channel(256);
+        let (l, rx) = Self::start_inner(cs, connector, opts, shutdown, Some(http_tx))?;
+        Ok((l, rx, http_rx))
+    }
+
+    fn start_inner(
+        cs: ConnectionString,
+        connector: Connector,
+        opts: ListenerOptions,
+        shutdown: CancellationToken,
+        http: Option<mpsc::Sender<RelayedRequest>>,
     ) -> Result<(HybridListener, mpsc::Receiver<Incoming>), ClientError> {
         entity_of(&cs)?;
         let id = opts
@@ -154,6 +187,7 @@ impl HybridListener {
             id: id.clone(),
             status: status_tx,
             tx,
+            http,
             stop: stop.clone(),
         };
         tokio::spawn(actor.run());
@@ -188,6 +222,7 @@ struct Actor {
     id: String,
     status: watch::Sender<ListenerStatus>,
     tx: mpsc::Sender<Incoming>,
+    http: Option<mpsc::Sender<RelayedRequest>>,
     stop: CancellationToken,
 }
 
@@ -255,11 +290,37 @@ impl Actor {
         ping.reset();
         let mut seen = ws.frames_received();
         let mut last_progress = Instant::now();
+        // HTTP responses that go back on this channel, and a request whose body is next.
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlReply>(64);
+        let mut awaiting_body: Option<RequestCommand> = None;
         loop {
             let renew_at = renew_instant(expiry, self.opts.renew_before);
             tokio::select! {
                 msg = ws.recv() => match msg {
+                    Ok(Message::Binary(b)) if awaiting_body.is_some() => {
+                        if let Some(r) = awaiting_body.take() {
+                            self.dispatch(RelayedRequest::from_control(r, bytes::Bytes::from(b), ctl_tx.clone(), self.connector.clone()));
+                        }
+                    }
                     Ok(Message::Text(t)) => match ListenerCommand::parse(&t) {
+                        Ok(ListenerCommand::Request(r)) => {
+                            awaiting_body = None;
+                            match r.body {
+                                Some(true) => awaiting_body = Some(r),
+                                Some(false) => self.dispatch(RelayedRequest::from_control(r, bytes::Bytes::new(), ctl_tx.clone(), self.connector.clone())),
+                                // Address-only: the request itself waits on its rendezvous.
+                                None => {
+                                    let connector = self.connector.clone();
+                                    let http = self.http.clone();
+                                    tokio::spawn(async move {
+                                        match RelayedRequest::from_rendezvous(&r.address, &connector).await {
+                                            Ok(req) => dispatch_to(http.as_ref(), req),
+                                            Err(e) => warn!(error = %e, "request rendezvous failed"),
+                                        }
+                                    });
+                                }
+                            }
+                        }
                         Ok(ListenerCommand::Accept(command)) => {
                             let incoming = Incoming { command, connector: self.connector.clone() };
                             if let Err(e) = self.tx.try_send(incoming) {
@@ -272,7 +333,7 @@ impl Actor {
                         Ok(other) => debug!(command = ?std::mem::discriminant(&other), "control command ignored"),
                         Err(e) => debug!(error = %e, "control message ignored"),
                     },
-                    Ok(Message::Binary(_)) => {}
+                    Ok(Message::Binary(_)) => debug!("binary message without a request ignored"),
                     Ok(Message::Close(c)) => {
                         let _ = ws.send_close(1000, "").await;
                         return Ok(match c {
@@ -282,6 +343,18 @@ impl Actor {
                     }
                     Err(e) => return Ok(format!("control channel lost: {e}")),
                 },
+                Some((json, body)) = ctl_rx.recv() => {
+                    let sent = match ws.send_text(&json).await {
+                        Ok(()) => match body {
+                            Some(b) => ws.send_binary(&b).await,
+                            None => Ok(()),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = sent {
+                        return Ok(format!("control channel lost: {e}"));
+                    }
+                }
                 _ = sleep_until_opt(renew_at), if can_renew => {
                     let (t, e) = mint_token(&self.cs, self.opts.token_lifetime)?
                         .ok_or_else(|| ClientError::ConnectionString("no key to renew with".into()))?;
@@ -312,6 +385,35 @@ impl Actor {
             }
         }
     }
+}
+
+impl Actor {
+    fn dispatch(&self, req: RelayedRequest) {
+        dispatch_to(self.http.as_ref(), req);
+    }
+}
+
+/// Hands a request to the application, or answers it: 501 when this listener does not serve
+/// HTTP, 503 when the application is not keeping up.
+fn dispatch_to(http: Option<&mpsc::Sender<RelayedRequest>>, req: RelayedRequest) {
+    let (req, status, why) = match http {
+        None => (req, 501, "This listener does not serve HTTP requests."),
+        Some(tx) => match tx.try_send(req) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(r)) => (r, 503, "The listener is busy."),
+            Err(mpsc::error::TrySendError::Closed(r)) => {
+                (r, 501, "This listener no longer serves HTTP requests.")
+            }
+        },
+    };
+    tokio::spawn(async move {
+        let mut resp = HttpResponse::new(status, why.as_bytes().to_vec());
+        resp.headers
+            .push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
+        if let Err(e) = req.respond(resp).await {
+            debug!(error = %e, "could not answer an HTTP request");
+        }
+    });
 }
 
 fn renew_instant(expiry: u64, before: Duration) -> Instant {

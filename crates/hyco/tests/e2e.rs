@@ -783,3 +783,163 @@ async fn an_endpoint_that_never_answers_is_reported_as_a_timeout() {
     assert!(e.to_string().contains("did not answer within 1s"), "{e}");
     drop(hole);
 }
+
+/// A chunked POST written by hand over TLS (no Content-Length); returns the raw answer.
+async fn chunked_post(r: &Relay, target: &str, token: &str, chunks: &[&[u8]]) -> String {
+    let tls = hyco_io::tls::client_config(Some(Path::new(&r.ca()))).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut out = format!(
+        "POST {target} HTTP/1.1\r\nHost: localhost:{}\r\nServiceBusAuthorization: {token}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        r.port
+    )
+    .into_bytes();
+    for c in chunks {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&out).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The body of a raw chunked HTTP/1.1 answer.
+fn dechunk(answer: &str) -> String {
+    let (_, mut rest) = answer.split_once("\r\n\r\n").unwrap();
+    let mut body = String::new();
+    for _ in 0..100_000 {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return body;
+        }
+        body.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    panic!("too many chunks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_http_listener_serves_every_body_size_through_the_relay() {
+    use hyco_client::http::{request, HttpResponse};
+    let r = relay("http-sdk").await;
+    let (l, s) = r.hc("web", "127.0.0.1:9").await;
+    let opts = ClientOptions {
+        ca_file: Some(PathBuf::from(r.ca())),
+        ..ClientOptions::default()
+    };
+    let connector = opts.connector().unwrap();
+    let stop = hyco_io::CancellationToken::new();
+    let (listener, _ws_rx, mut http_rx) = hyco_client::HybridListener::start_with_http(
+        ConnectionString::parse(&l).unwrap(),
+        connector.clone(),
+        hyco_client::ListenerOptions::default(),
+        stop.clone(),
+    )
+    .unwrap();
+    // The application: /web/echo answers with what it got; /web/stream streams 5 × 50 000.
+    tokio::spawn(async move {
+        while let Some(mut req) = http_rx.recv().await {
+            tokio::spawn(async move {
+                let body = req.body(16 << 20).await.unwrap();
+                if req.target.starts_with("/web/stream") {
+                    let mut w = req
+                        .respond_streaming(200, None, vec![("X-Kind".into(), "stream".into())])
+                        .await
+                        .unwrap();
+                    for i in 0..5u8 {
+                        w.write(&vec![i; 50_000]).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    w.finish().await.unwrap();
+                } else {
+                    let resp = HttpResponse::new(200, body)
+                        .header("X-Method", &req.method)
+                        .header("X-Target", &req.target)
+                        .header(
+                            "X-Saw-Relay-Credential",
+                            if req.header("ServiceBusAuthorization").is_some() {
+                                "yes"
+                            } else {
+                                "no"
+                            },
+                        );
+                    req.respond(resp).await.unwrap();
+                }
+            });
+        }
+    });
+    r.wait_listeners("web", 1).await;
+    let send = ConnectionString::parse(&s).unwrap();
+    for len in [0usize, 100, 65_536, 65_537, 1 << 20] {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let method = if len == 0 {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
+        let a = request(
+            &send,
+            &connector,
+            method.clone(),
+            "/echo?x=1",
+            &[],
+            body.clone().into(),
+            4 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200, "{len}: {}", a.reason);
+        assert_eq!(a.body.len(), len);
+        assert!(a.body.as_ref() == body.as_slice(), "{len}: body differs");
+        assert_eq!(a.headers["x-method"], method.as_str());
+        assert_eq!(a.headers["x-target"], "/web/echo?x=1");
+        assert_eq!(a.headers["x-saw-relay-credential"], "no");
+        assert!(a.headers["via"].to_str().unwrap().contains("localhost"));
+    }
+    // A streamed response arrives whole, chunked.
+    let a = request(
+        &send,
+        &connector,
+        http::Method::GET,
+        "/stream",
+        &[],
+        bytes::Bytes::new(),
+        4 << 20,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 250_000);
+    assert_eq!(a.body[249_999], 4);
+    assert_eq!(a.headers["x-kind"], "stream");
+    // A chunked request body (unknown length) goes over the rendezvous.
+    let token = hyco_client::mint_token(&send, Duration::from_secs(600))
+        .unwrap()
+        .unwrap()
+        .0;
+    let answer = chunked_post(&r, "/web/echo", &token, &[b"abc", &[b'x'; 70_000], b"end"]).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(answer.contains("x-target: /web/echo"));
+    // 70 006 bytes come back over the rendezvous, so chunked.
+    assert!(answer.contains("transfer-encoding: chunked"));
+    let mut expected = b"abc".to_vec();
+    expected.extend_from_slice(&[b'x'; 70_000]);
+    expected.extend_from_slice(b"end");
+    assert!(dechunk(&answer).as_bytes() == expected.as_slice());
+    drop(listener);
+}
