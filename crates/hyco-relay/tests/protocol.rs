@@ -1311,3 +1311,175 @@ async fn http_mode_errors_no_listener_502_silent_listener_504_auth_401() {
         .unwrap();
     assert_eq!(a.status, 404);
 }
+
+// === Listener details (protocol.md §5.1, §5.6) ===
+
+impl Env {
+    /// A listener with its own `sb-hc-id`.
+    async fn listen_as(&self, hc: &str, id: &str) -> Connected {
+        let t = self.token(Some(hc), now() + 600);
+        self.connector
+            .connect(
+                &format!(
+                    "wss://localhost:{}/$hc/{hc}?sb-hc-action=listen&sb-hc-id={id}",
+                    self.port
+                ),
+                &[("ServiceBusAuthorization", &t)],
+            )
+            .await
+            .unwrap()
+    }
+}
+
+/// Which of the listeners gets the next `request` (read with a short timeout each).
+async fn who_gets_it(ls: &mut [(&str, Connected)]) -> String {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        for (id, l) in ls.iter_mut() {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), l.ws.recv()).await {
+                match r.unwrap() {
+                    Message::Text(t) => {
+                        if let Ok(ListenerCommand::Request(req)) = ListenerCommand::parse(&t) {
+                            let resp = response_json(&req.id, 200, false);
+                            l.ws.send_text(&resp).await.unwrap();
+                            return (*id).to_owned();
+                        }
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no listener got the request"
+        );
+    }
+}
+
+#[tokio::test]
+async fn allowed_and_disallowed_listener_headers_choose_among_listeners() {
+    let env = Arc::new(start("allowed", |_| {}).await);
+    let mut ls = vec![
+        ("alpha", env.listen_as("hc1", "alpha").await),
+        ("beta", env.listen_as("hc1", "beta").await),
+        ("gamma", env.listen_as("hc1", "gamma").await),
+    ];
+    for (header, value, expect) in [
+        ("Microsoft-Relay-AllowedListeners", "beta", &["beta"][..]),
+        (
+            "Microsoft-Relay-AllowedListeners",
+            "gamma, alpha",
+            &["gamma", "alpha"][..],
+        ),
+        (
+            "Microsoft-Relay-DisallowedListeners",
+            "alpha,beta",
+            &["gamma"][..],
+        ),
+    ] {
+        for _ in 0..4 {
+            let e = Arc::clone(&env);
+            let sender = tokio::spawn(async move {
+                http_send(&e, http::Method::GET, "/hc1/x", &[(header, value)], vec![]).await
+            });
+            let got = who_gets_it(&mut ls).await;
+            assert!(
+                expect.contains(&got.as_str()),
+                "{header}: {value} went to {got}"
+            );
+            assert_eq!(sender.await.unwrap().status, 200);
+        }
+    }
+    // Nobody eligible: the sender learns at once.
+    let a = http_send(
+        &env,
+        http::Method::GET,
+        "/hc1/x",
+        &[("Microsoft-Relay-AllowedListeners", "nobody")],
+        vec![],
+    )
+    .await;
+    assert_eq!(a.status, 502);
+}
+
+#[tokio::test]
+async fn the_26th_listener_is_refused_with_maximum_listeners() {
+    let env = start("maxl", |_| {}).await;
+    let mut keep = Vec::new();
+    for i in 0..25 {
+        keep.push(env.listen_as("hc1", &format!("l{i}")).await);
+    }
+    let t = env.token(Some("hc1"), now() + 600);
+    let e = env.listen_refused("hc1", &t).await;
+    match e {
+        ConnectError::Rejected { status, reason, .. } => {
+            assert_eq!(status, 403);
+            assert!(reason.contains("MaximumListenersPerEndpoint"), "{reason}");
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    drop(keep.pop());
+    // A freed place is usable again (the relay notices the close promptly).
+    let mut ok = false;
+    for _ in 0..50 {
+        let t = env.token(Some("hc1"), now() + 600);
+        if env
+            .connector
+            .connect(
+                &env.url("hc1", "listen", ""),
+                &[("ServiceBusAuthorization", &t)],
+            )
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the 25th place did not free up");
+}
+
+#[tokio::test]
+async fn a_listener_that_stops_answering_pings_leaves_the_rotation() {
+    let env = start("deadl", |c| {
+        c.limits.ping_interval = Duration::from_millis(200);
+        c.limits.dead_after = Duration::from_secs(1);
+    })
+    .await;
+    // Connected but never read from: its pings go unanswered.
+    let _silent = env.listen_as("hc1", "silent").await;
+    let mut alive = env.listen_as("hc1", "alive").await;
+    // Keep `alive` answering pings while the silent one is found dead.
+    let pump = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + T;
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), alive.ws.recv()).await {
+                Ok(Ok(Message::Text(t))) => {
+                    if let Ok(ListenerCommand::Request(r)) = ListenerCommand::parse(&t) {
+                        alive
+                            .ws
+                            .send_text(&response_json(&r.id, 200, false))
+                            .await
+                            .unwrap();
+                    }
+                }
+                Ok(other) => panic!("alive listener got {other:?}"),
+                Err(_) => {}
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every request now reaches the live one: none waits for the dead one (were it still in
+    // the rotation, 10 random picks would all miss it with odds of 1 in 1 024).
+    for _ in 0..10 {
+        let a = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_send(&env, http::Method::GET, "/hc1/x", &[], vec![]),
+        )
+        .await
+        .expect("a request went to the dead listener");
+        assert_eq!(a.status, 200);
+    }
+    pump.abort();
+}
