@@ -3,185 +3,19 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::{bin, relay, Relay, T};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyco_client::{connect_with, ClientOptions, ConnectOptions};
 use hyco_proto::ConnectionString;
-use hyco_testkit::{dead_port, echo_server, eventually, field, run, Proc, TempDir};
+use hyco_testkit::{dead_port, echo_server, eventually, run, Proc, TempDir};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const T: Duration = Duration::from_secs(20);
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hyco"))
-}
-
-struct Relay {
-    proc: Proc,
-    dir: TempDir,
-    port: u16,
-    root: String,
-}
-
-impl Relay {
-    async fn start(dir: TempDir, port: u16) -> Relay {
-        Self::start_with(dir, port, &[]).await
-    }
-
-    async fn start_with(dir: TempDir, port: u16, extra: &[&str]) -> Relay {
-        let listen = format!("127.0.0.1:{port}");
-        let data = dir.0.join("data");
-        let mut args = vec![
-            "relay",
-            "--listen",
-            &listen,
-            "--data",
-            data.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let proc = Proc::spawn("relay", &bin(), &args, &[]);
-        let line = proc.wait_line("relay listening", T).await;
-        let port: u16 = field(&line, "listen")
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let root = std::fs::read_to_string(data.join("root.connection-string"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Relay {
-            proc,
-            dir,
-            port,
-            root,
-        }
-    }
-
-    fn ca(&self) -> String {
-        self.dir.0.join("data/ca.pem").display().to_string()
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("HYCO_CA_FILE", self.ca()),
-            ("HYCO_CONNECTION_STRING", self.root.clone()),
-        ]
-    }
-
-    async fn admin(&self, args: &[&str]) -> (i32, String, String) {
-        let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut full = vec!["admin"];
-        full.extend_from_slice(args);
-        run(&bin(), &full, &env, T).await
-    }
-
-    /// Creates an HC for `endpoint` and returns (listen cs, send cs).
-    async fn hc(&self, name: &str, endpoint: &str) -> (String, String) {
-        let (code, _, err) = self
-            .admin(&["hc", "create", name, "--endpoint", endpoint])
-            .await;
-        assert_eq!(code, 0, "{err}");
-        let (code, l, err) = self
-            .admin(&["rule", "create", "l", "--hc", name, "--rights", "listen"])
-            .await;
-        assert_eq!(code, 0, "{err}");
-        let (code, s, err) = self
-            .admin(&["rule", "create", "s", "--hc", name, "--rights", "send"])
-            .await;
-        assert_eq!(code, 0, "{err}");
-        (l.trim().to_owned(), s.trim().to_owned())
-    }
-
-    fn manager(&self, tag: &str, cs: &str) -> Proc {
-        self.manager_with(tag, cs, &[], &[])
-    }
-
-    /// A manager for `cs` with extra arguments (global flags such as `--log-json` included).
-    fn manager_with(&self, tag: &str, cs: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        let ca = self.ca();
-        let mut args = vec![
-            "manager",
-            "run",
-            "--connection-string",
-            cs,
-            "--ca-file",
-            &ca,
-        ];
-        args.extend_from_slice(extra);
-        Proc::spawn(tag, &bin(), &args, env)
-    }
-
-    async fn forward(&self, hc: &str, cs: &str) -> (Proc, u16) {
-        self.forward_with(hc, cs, &[]).await
-    }
-
-    /// A forwarder for `hc` with extra arguments; returns it and its local port.
-    async fn forward_with(&self, hc: &str, cs: &str, extra: &[&str]) -> (Proc, u16) {
-        let (spec, ca) = (format!("127.0.0.1:0:{hc}"), self.ca());
-        let mut args = vec![
-            "forward",
-            "-L",
-            &spec,
-            "--connection-string",
-            cs,
-            "--ca-file",
-            &ca,
-        ];
-        args.extend_from_slice(extra);
-        let p = Proc::spawn("forward", &bin(), &args, &[]);
-        let line = p.wait_line("forwarding", T).await;
-        // Text logs say `local=127.0.0.1:PORT`; JSON logs `"local":"127.0.0.1:PORT"`.
-        let port = field(&line, "local")
-            .or_else(|| {
-                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-                v["fields"]["local"].as_str().map(str::to_owned)
-            })
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        (p, port)
-    }
-
-    async fn listeners(&self, hc: &str) -> u64 {
-        let (_, out, _) = self.admin(&["hc", "list"]).await;
-        out.lines()
-            .find(|l| l.split_whitespace().next() == Some(hc))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-
-    async fn wait_listeners(&self, hc: &str, n: u64) {
-        eventually(&format!("{n} listener(s) on {hc}"), T, || async {
-            self.listeners(hc).await == n
-        })
-        .await;
-    }
-
-    fn connector(&self) -> hyco_client::Connector {
-        ClientOptions {
-            ca_file: Some(PathBuf::from(self.ca())),
-            ..ClientOptions::default()
-        }
-        .connector()
-        .unwrap()
-    }
-}
-
-async fn relay(tag: &str) -> Relay {
-    Relay::start(TempDir::new(tag), 0).await
-}
 
 /// Sends `len` random bytes and reads the echo concurrently; returns (sent hash, received hash).
 async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize) {

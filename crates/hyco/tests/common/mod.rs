@@ -1,0 +1,178 @@
+//! Shared helpers of the process tests: a relay process with its data folder, and the admin,
+//! manager and forwarder processes that work against it.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyco_client::ClientOptions;
+use hyco_testkit::{eventually, field, run, Proc, TempDir};
+
+pub const T: Duration = Duration::from_secs(20);
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hyco"))
+}
+
+pub struct Relay {
+    pub proc: Proc,
+    pub dir: TempDir,
+    pub port: u16,
+    pub root: String,
+}
+
+impl Relay {
+    pub async fn start(dir: TempDir, port: u16) -> Relay {
+        Self::start_with(dir, port, &[]).await
+    }
+
+    pub async fn start_with(dir: TempDir, port: u16, extra: &[&str]) -> Relay {
+        let listen = format!("127.0.0.1:{port}");
+        let data = dir.0.join("data");
+        let mut args = vec![
+            "relay",
+            "--listen",
+            &listen,
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("relay", &bin(), &args, &[]);
+        let line = proc.wait_line("relay listening", T).await;
+        let port: u16 = field(&line, "listen")
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let root = std::fs::read_to_string(data.join("root.connection-string"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Relay {
+            proc,
+            dir,
+            port,
+            root,
+        }
+    }
+
+    pub fn ca(&self) -> String {
+        self.dir.0.join("data/ca.pem").display().to_string()
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HYCO_CA_FILE", self.ca()),
+            ("HYCO_CONNECTION_STRING", self.root.clone()),
+        ]
+    }
+
+    pub async fn admin(&self, args: &[&str]) -> (i32, String, String) {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut full = vec!["admin"];
+        full.extend_from_slice(args);
+        run(&bin(), &full, &env, T).await
+    }
+
+    /// Creates an HC for `endpoint` and returns (listen cs, send cs).
+    pub async fn hc(&self, name: &str, endpoint: &str) -> (String, String) {
+        let (code, _, err) = self
+            .admin(&["hc", "create", name, "--endpoint", endpoint])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        let (code, l, err) = self
+            .admin(&["rule", "create", "l", "--hc", name, "--rights", "listen"])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        let (code, s, err) = self
+            .admin(&["rule", "create", "s", "--hc", name, "--rights", "send"])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        (l.trim().to_owned(), s.trim().to_owned())
+    }
+
+    pub fn manager(&self, tag: &str, cs: &str) -> Proc {
+        self.manager_with(tag, cs, &[], &[])
+    }
+
+    /// A manager for `cs` with extra arguments (global flags such as `--log-json` included).
+    pub fn manager_with(&self, tag: &str, cs: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let ca = self.ca();
+        let mut args = vec![
+            "manager",
+            "run",
+            "--connection-string",
+            cs,
+            "--ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(tag, &bin(), &args, env)
+    }
+
+    pub async fn forward(&self, hc: &str, cs: &str) -> (Proc, u16) {
+        self.forward_with(hc, cs, &[]).await
+    }
+
+    /// A forwarder for `hc` with extra arguments; returns it and its local port.
+    pub async fn forward_with(&self, hc: &str, cs: &str, extra: &[&str]) -> (Proc, u16) {
+        let (spec, ca) = (format!("127.0.0.1:0:{hc}"), self.ca());
+        let mut args = vec![
+            "forward",
+            "-L",
+            &spec,
+            "--connection-string",
+            cs,
+            "--ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn("forward", &bin(), &args, &[]);
+        let line = p.wait_line("forwarding", T).await;
+        // Text logs say `local=127.0.0.1:PORT`; JSON logs `"local":"127.0.0.1:PORT"`.
+        let port = field(&line, "local")
+            .or_else(|| {
+                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+                v["fields"]["local"].as_str().map(str::to_owned)
+            })
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (p, port)
+    }
+
+    pub async fn listeners(&self, hc: &str) -> u64 {
+        let (_, out, _) = self.admin(&["hc", "list"]).await;
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(hc))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn wait_listeners(&self, hc: &str, n: u64) {
+        eventually(&format!("{n} listener(s) on {hc}"), T, || async {
+            self.listeners(hc).await == n
+        })
+        .await;
+    }
+
+    pub fn connector(&self) -> hyco_client::Connector {
+        ClientOptions {
+            ca_file: Some(PathBuf::from(self.ca())),
+            ..ClientOptions::default()
+        }
+        .connector()
+        .unwrap()
+    }
+}
+
+pub async fn relay(tag: &str) -> Relay {
+    Relay::start(TempDir::new(tag), 0).await
+}
