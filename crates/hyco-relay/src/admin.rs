@@ -8,8 +8,18 @@
 //! | `PUT /$hyco/v1/hybridconnections/{hc}` | create (`{"requiresClientAuthorization", "userMetadata"}`) |
 //! | `GET /$hyco/v1/hybridconnections/{hc}` | get |
 //! | `DELETE /$hyco/v1/hybridconnections/{hc}` | delete; its listeners are closed with 1001 |
-//! | `PUT /$hyco/v1/hybridconnections/{hc}/authorizationrules/{rule}` | create an entity rule (`{"rights":["Listen","Send"]}`), returns keys and connection strings |
-//! | `PUT /$hyco/v1/authorizationrules/{rule}` | create a namespace rule |
+//! | `PATCH /$hyco/v1/hybridconnections/{hc}` | update `requiresClientAuthorization` and/or `userMetadata` (`null` clears it) |
+//! | `GET /$hyco/v1/hybridconnections/{hc}/listeners` | live listeners: id, remote address, since, last seen |
+//! | `GET /$hyco/v1/hybridconnections/{hc}/connections` | live tunnels: id, sender address, since, bytes each way |
+//! | `…/authorizationrules` | list rules (name and rights, no keys) |
+//! | `PUT …/authorizationrules/{rule}` | create (`{"rights":["Listen","Send"]}`, 201) or change rights keeping the keys (200); returns keys and connection strings |
+//! | `GET …/authorizationrules/{rule}` | name and rights |
+//! | `DELETE …/authorizationrules/{rule}` | delete (not the last namespace rule with Manage) |
+//! | `POST …/authorizationrules/{rule}/listkeys` | keys and connection strings |
+//! | `POST …/authorizationrules/{rule}/regeneratekeys` | `{"keyType":"PrimaryKey"}` or `SecondaryKey`: a new key; tokens signed with the other keep working |
+//!
+//! `…` is `/$hyco/v1` for namespace rules or `/$hyco/v1/hybridconnections/{hc}` for entity rules.
+//! The full contract, with schemas, is `docs/openapi.json`.
 
 use std::sync::Arc;
 
@@ -37,8 +47,56 @@ struct HcCreate {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HcUpdate {
+    #[serde(default)]
+    requires_client_authorization: Option<bool>,
+    /// Absent: unchanged; `null`: cleared.
+    #[serde(default, deserialize_with = "present")]
+    user_metadata: Option<Option<String>>,
+}
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RuleCreate {
     rights: Rights,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Regenerate {
+    #[serde(default)]
+    key_type: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RuleView {
+    name: String,
+    rights: Rights,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListenerView {
+    id: String,
+    remote_address: String,
+    since: String,
+    last_seen: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectionView {
+    id: String,
+    sender_address: String,
+    since: String,
+    bytes_sender_to_listener: u64,
+    bytes_listener_to_sender: u64,
 }
 
 #[derive(Serialize)]
@@ -67,6 +125,7 @@ fn store_err(e: StoreError) -> RelayError {
     match e {
         StoreError::Exists(what) => RelayError::Conflict(format!("{what}.")),
         StoreError::NotFound(what) => RelayError::NotFound(format!("{what}.")),
+        StoreError::Refused(why) => RelayError::Conflict(why),
         other => RelayError::Internal(other.to_string()),
     }
 }
@@ -128,9 +187,7 @@ pub fn connection_string(
 }
 
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    rfc3339(std::time::SystemTime::now())
 }
 
 /// Handles `/$hyco/v1/…`.
@@ -186,10 +243,7 @@ pub async fn handle(
             json(StatusCode::OK, &serde_json::json!({ "value": list }))
         }
         (Method::GET, ["hybridconnections", name]) => {
-            let key = hyco_proto::address::entity_key(name);
-            let hc = ns.hcs.get(&key).ok_or_else(|| {
-                RelayError::NotFound(format!("Hybrid connection '{name}' does not exist."))
-            })?;
+            let (key, hc) = existing(&ns, name)?;
             json(StatusCode::OK, &view(shared, &key, hc))
         }
         (Method::PUT, ["hybridconnections", name]) => {
@@ -197,13 +251,7 @@ pub async fn handle(
                 RelayError::BadRequest(format!("Invalid hybrid connection name '{name}': {e}"))
             })?;
             let body: HcCreate = read_json(req).await?;
-            if let Some(m) = &body.user_metadata {
-                if m.len() > 1024 {
-                    return Err(RelayError::BadRequest(
-                        "userMetadata is limited to 1024 characters.".into(),
-                    ));
-                }
-            }
+            check_metadata(body.user_metadata.as_deref())?;
             let now = now_rfc3339();
             let hc = HybridConnection {
                 name: (*name).to_owned(),
@@ -213,62 +261,271 @@ pub async fn handle(
                 updated_at: now,
                 rules: Vec::new(),
             };
-            let store = Arc::clone(shared);
-            let created = tokio::task::spawn_blocking(move || store.store.create_hc(hc))
-                .await
-                .map_err(|e| RelayError::Internal(e.to_string()))?
-                .map_err(store_err)?;
+            let created = write(shared, move |s| s.create_hc(hc)).await?;
             info!(event = "HybridConnectionCreated", hc = %created.name, "admin");
             let key = hyco_proto::address::entity_key(name);
             json(StatusCode::CREATED, &view(shared, &key, &created))
         }
-        (Method::DELETE, ["hybridconnections", name]) => {
-            let store = Arc::clone(shared);
+        (Method::PATCH, ["hybridconnections", name]) => {
+            let body: HcUpdate = read_json(req).await?;
+            if let Some(Some(m)) = &body.user_metadata {
+                check_metadata(Some(m))?;
+            }
             let n = (*name).to_owned();
-            let deleted = tokio::task::spawn_blocking(move || store.store.delete_hc(&n))
-                .await
-                .map_err(|e| RelayError::Internal(e.to_string()))?
-                .map_err(store_err)?;
+            let updated = write(shared, move |s| {
+                s.update_hc(
+                    &n,
+                    body.requires_client_authorization,
+                    body.user_metadata,
+                    now_rfc3339(),
+                )
+            })
+            .await?;
+            info!(event = "HybridConnectionUpdated", hc = %updated.name, "admin");
+            let key = hyco_proto::address::entity_key(name);
+            json(StatusCode::OK, &view(shared, &key, &updated))
+        }
+        (Method::DELETE, ["hybridconnections", name]) => {
+            let n = (*name).to_owned();
+            let deleted = write(shared, move |s| s.delete_hc(&n)).await?;
             shared.registry.close_all(
                 &hyco_proto::address::entity_key(name),
                 1001,
                 "The hybrid connection was deleted.",
             );
             info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
-            let mut resp = Response::new(crate::error::empty());
-            *resp.status_mut() = StatusCode::NO_CONTENT;
-            Ok(resp)
+            no_content()
         }
-        (Method::PUT, ["hybridconnections", name, "authorizationrules", rule]) => {
-            let body: RuleCreate = read_json(req).await?;
-            let rule = make_rule(rule, body)?;
-            let store = Arc::clone(shared);
-            let n = (*name).to_owned();
-            let r = rule.clone();
-            tokio::task::spawn_blocking(move || store.store.put_hc_rule(&n, r))
-                .await
-                .map_err(|e| RelayError::Internal(e.to_string()))?
-                .map_err(store_err)?;
-            let entity = hc
-                .map(|h| h.name.clone())
-                .unwrap_or_else(|| (*name).to_owned());
-            json(
-                StatusCode::CREATED,
-                &keys_view(shared, &rule, Some(&entity))?,
-            )
+        (Method::GET, ["hybridconnections", name, "listeners"]) => {
+            let (key, _) = existing(&ns, name)?;
+            let list: Vec<ListenerView> = shared
+                .registry
+                .list(&key)
+                .iter()
+                .map(|e| ListenerView {
+                    id: e.listener_id.clone(),
+                    remote_address: e.remote.to_string(),
+                    since: rfc3339(e.since),
+                    last_seen: rfc3339(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(
+                                e.last_seen.load(std::sync::atomic::Ordering::Relaxed),
+                            ),
+                    ),
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "value": list }))
         }
-        (Method::PUT, ["authorizationrules", rule]) => {
-            let body: RuleCreate = read_json(req).await?;
-            let rule = make_rule(rule, body)?;
-            let store = Arc::clone(shared);
-            let r = rule.clone();
-            tokio::task::spawn_blocking(move || store.store.put_namespace_rule(r))
-                .await
-                .map_err(|e| RelayError::Internal(e.to_string()))?
-                .map_err(store_err)?;
-            json(StatusCode::CREATED, &keys_view(shared, &rule, None)?)
+        (Method::GET, ["hybridconnections", name, "connections"]) => {
+            let (key, _) = existing(&ns, name)?;
+            let mut list: Vec<ConnectionView> = crate::service::lock(&shared.tunnels)
+                .values()
+                .filter(|t| t.hc_key == key)
+                .map(|t| ConnectionView {
+                    id: t.id.clone(),
+                    sender_address: t.peer.to_string(),
+                    since: rfc3339(t.since),
+                    bytes_sender_to_listener: t
+                        .counters
+                        .a_to_b
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    bytes_listener_to_sender: t
+                        .counters
+                        .b_to_a
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                })
+                .collect();
+            list.sort_by(|a, b| a.since.cmp(&b.since));
+            json(StatusCode::OK, &serde_json::json!({ "value": list }))
+        }
+        (m, ["hybridconnections", name, "authorizationrules", rest @ ..]) => {
+            let entity = hc.map(|h| h.name.clone()).ok_or_else(|| {
+                RelayError::NotFound(format!("Hybrid connection '{name}' does not exist."))
+            })?;
+            rules(shared, req, m, Some(&entity), rest).await
+        }
+        (m, ["authorizationrules", rest @ ..]) => rules(shared, req, m, None, rest).await,
+        (_, ["hybridconnections"])
+        | (_, ["hybridconnections", _])
+        | (_, ["hybridconnections", _, "listeners" | "connections"]) => {
+            Err(RelayError::MethodNotAllowed)
         }
         _ => Err(RelayError::NotFound("No such management operation.".into())),
+    }
+}
+
+/// Rules of one scope: `entity` is `None` for the namespace.
+async fn rules(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    method: Method,
+    entity: Option<&str>,
+    rest: &[&str],
+) -> Result<Response<Body>, RelayError> {
+    let scope = entity.map(str::to_owned);
+    let ns = shared.store.snapshot();
+    let current: &[Rule] = match entity {
+        None => &ns.rules,
+        Some(e) => existing(&ns, e)?.1.rules.as_slice(),
+    };
+    let find = |name: &str| {
+        current.iter().find(|r| r.name == name).ok_or_else(|| {
+            RelayError::NotFound(format!("Authorization rule '{name}' does not exist."))
+        })
+    };
+    let action = rest.get(1).map(|a| a.to_ascii_lowercase());
+    match (method, rest.first(), action.as_deref(), rest.len()) {
+        (Method::GET, None, None, 0) => {
+            let list: Vec<RuleView> = current.iter().map(rule_view).collect();
+            json(StatusCode::OK, &serde_json::json!({ "value": list }))
+        }
+        (Method::GET, Some(name), None, 1) => json(StatusCode::OK, &rule_view(find(name)?)),
+        (Method::PUT, Some(name), None, 1) => {
+            let body: RuleCreate = read_json(req).await?;
+            let fresh = make_rule(name, body)?;
+            let (rule, created) = write(shared, move |s| {
+                s.with_rules(scope.as_deref(), |rules| {
+                    if let Some(r) = rules.iter_mut().find(|r| r.name == fresh.name) {
+                        // An update changes rights and keeps the keys.
+                        r.rights = fresh.rights;
+                        return Ok((r.clone(), false));
+                    }
+                    if rules.len() >= MAX_RULES_PER_SCOPE {
+                        return Err(StoreError::Refused(format!(
+                            "A scope holds at most {MAX_RULES_PER_SCOPE} rules."
+                        )));
+                    }
+                    rules.push(fresh.clone());
+                    Ok((fresh, true))
+                })
+            })
+            .await?;
+            info!(event = if created { "AuthorizationRuleCreated" } else { "AuthorizationRuleUpdated" }, rule = %rule.name, hc = entity.unwrap_or("-"), "admin");
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json(status, &keys_view(shared, &rule, entity)?)
+        }
+        (Method::DELETE, Some(name), None, 1) => {
+            find(name)?;
+            let n = (*name).to_owned();
+            write(shared, move |s| {
+                s.with_rules(scope.as_deref(), |rules| {
+                    let remaining_managers = rules
+                        .iter()
+                        .filter(|r| r.name != n && r.rights.manage)
+                        .count();
+                    if scope.is_none() && remaining_managers == 0 {
+                        return Err(StoreError::Refused(
+                            "This is the last namespace rule with Manage; deleting it would lock everyone out."
+                                .into(),
+                        ));
+                    }
+                    rules.retain(|r| r.name != n);
+                    Ok(())
+                })
+            })
+            .await?;
+            info!(event = "AuthorizationRuleDeleted", rule = %name, hc = entity.unwrap_or("-"), "admin");
+            no_content()
+        }
+        (Method::POST, Some(name), Some("listkeys"), 2) => {
+            json(StatusCode::OK, &keys_view(shared, find(name)?, entity)?)
+        }
+        (Method::POST, Some(name), Some("regeneratekeys"), 2) => {
+            find(name)?;
+            let body: Regenerate = read_json(req).await?;
+            let primary = match body.key_type.as_deref() {
+                Some(k) if k.eq_ignore_ascii_case("PrimaryKey") => true,
+                Some(k) if k.eq_ignore_ascii_case("SecondaryKey") => false,
+                _ => {
+                    return Err(RelayError::BadRequest(
+                        "keyType must be \"PrimaryKey\" or \"SecondaryKey\".".into(),
+                    ))
+                }
+            };
+            let n = (*name).to_owned();
+            let key = new_key();
+            let rule = write(shared, move |s| {
+                s.with_rules(scope.as_deref(), |rules| {
+                    let r = rules
+                        .iter_mut()
+                        .find(|r| r.name == n)
+                        .ok_or_else(|| StoreError::NotFound(format!("authorization rule '{n}'")))?;
+                    if primary {
+                        r.primary_key = key;
+                    } else {
+                        r.secondary_key = key;
+                    }
+                    Ok(r.clone())
+                })
+            })
+            .await?;
+            info!(event = "AuthorizationRuleKeyRegenerated", rule = %rule.name, hc = entity.unwrap_or("-"), key = if primary { "primary" } else { "secondary" }, "admin");
+            json(StatusCode::OK, &keys_view(shared, &rule, entity)?)
+        }
+        (_, _, None, 0 | 1) | (_, _, Some("listkeys" | "regeneratekeys"), 2) => {
+            Err(RelayError::MethodNotAllowed)
+        }
+        _ => Err(RelayError::NotFound("No such management operation.".into())),
+    }
+}
+
+/// Rules per scope, as Azure allows (protocol.md §5.7).
+const MAX_RULES_PER_SCOPE: usize = 12;
+
+fn existing<'a>(
+    ns: &'a crate::store::Namespace,
+    name: &str,
+) -> Result<(String, &'a HybridConnection), RelayError> {
+    let key = hyco_proto::address::entity_key(name);
+    match ns.hcs.get(&key) {
+        Some(hc) => Ok((key, hc)),
+        None => Err(RelayError::NotFound(format!(
+            "Hybrid connection '{name}' does not exist."
+        ))),
+    }
+}
+
+fn check_metadata(m: Option<&str>) -> Result<(), RelayError> {
+    match m {
+        Some(m) if m.len() > 1024 => Err(RelayError::BadRequest(
+            "userMetadata is limited to 1024 characters.".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Runs a store write off the async threads (it fsyncs) and maps its errors.
+async fn write<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, RelayError> {
+    let s = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || f(&s.store))
+        .await
+        .map_err(|e| RelayError::Internal(e.to_string()))?
+        .map_err(store_err)
+}
+
+fn no_content() -> Result<Response<Body>, RelayError> {
+    let mut resp = Response::new(crate::error::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn rule_view(r: &Rule) -> RuleView {
+    RuleView {
+        name: r.name.clone(),
+        rights: r.rights,
     }
 }
 

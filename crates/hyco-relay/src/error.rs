@@ -74,6 +74,9 @@ pub enum RelayError {
     /// The listener did not answer within the rendezvous deadline.
     #[error("The listener did not accept the connection within {0} seconds.")]
     ListenerTimeout(u64),
+    /// A known management path with a method it does not take.
+    #[error("This operation does not take that HTTP method.")]
+    MethodNotAllowed,
     /// A feature this relay does not offer.
     #[error("{0}")]
     NotImplemented(&'static str),
@@ -109,6 +112,7 @@ impl RelayError {
             ),
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
+            RelayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
             RelayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }

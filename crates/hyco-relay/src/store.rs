@@ -90,6 +90,9 @@ pub enum StoreError {
     /// Create of something that exists.
     #[error("{0} already exists")]
     Exists(String),
+    /// A change the rules refuse (the message says why).
+    #[error("{0}")]
+    Refused(String),
     /// Change of something that does not exist.
     #[error("{0} does not exist")]
     NotFound(String),
@@ -218,6 +221,48 @@ impl Store {
             None => Err(StoreError::NotFound(format!(
                 "hybrid connection '{hc_name}'"
             ))),
+        })
+    }
+
+    /// Changes a hybrid connection's settings; `None` leaves a field as it is.
+    pub fn update_hc(
+        &self,
+        name: &str,
+        requires_client_authorization: Option<bool>,
+        user_metadata: Option<Option<String>>,
+        updated_at: String,
+    ) -> Result<HybridConnection, StoreError> {
+        let key = hyco_proto::address::entity_key(name);
+        self.update(|ns| match ns.hcs.get_mut(&key) {
+            Some(hc) => {
+                if let Some(r) = requires_client_authorization {
+                    hc.requires_client_authorization = r;
+                }
+                if let Some(m) = user_metadata {
+                    hc.user_metadata = m;
+                }
+                hc.updated_at = updated_at;
+                Ok((hc.clone(), vec![Change::Hc(key)]))
+            }
+            None => Err(StoreError::NotFound(format!("hybrid connection '{name}'"))),
+        })
+    }
+
+    /// Applies `f` to the rules of a scope (`None`: the namespace) and persists them.
+    pub fn with_rules<T>(
+        &self,
+        scope: Option<&str>,
+        f: impl FnOnce(&mut Vec<Rule>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.update(|ns| match scope {
+            None => Ok((f(&mut ns.rules)?, vec![Change::Namespace])),
+            Some(name) => {
+                let key = hyco_proto::address::entity_key(name);
+                match ns.hcs.get_mut(&key) {
+                    Some(hc) => Ok((f(&mut hc.rules)?, vec![Change::Hc(key)])),
+                    None => Err(StoreError::NotFound(format!("hybrid connection '{name}'"))),
+                }
+            }
         })
     }
 }

@@ -2,181 +2,15 @@
 //! (protocol.md §2–§5) and the refusals of attacks.md that belong to the core.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::PathBuf;
+mod common;
+use common::{eventually, now, start, Env, T};
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hyco_io::ws::{ConnectError, Connected, Connector, Message};
-use hyco_io::CancellationToken;
 use hyco_proto::control::ListenerCommand;
-use hyco_proto::{ConnectionString, ConnectionStringAuth, SecretKey};
-use hyco_relay::{Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const T: Duration = Duration::from_secs(10);
-
-struct Env {
-    port: u16,
-    status_port: u16,
-    ca: PathBuf,
-    key_name: String,
-    key: SecretKey,
-    dir: PathBuf,
-    connector: Connector,
-    stop: CancellationToken,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
-    let dir = std::env::temp_dir().join(format!(
-        "hyco-relay-{tag}-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut cfg = RelayConfig::new(&dir, format!("localhost:{port}"));
-    tweak(&mut cfg);
-    // With given certificate files, the test puts their CA next to them as `myca.pem`.
-    let given_ca = cfg
-        .tls_files
-        .as_ref()
-        .map(|(c, _)| c.with_file_name("myca.pem"));
-    let relay = Relay::prepare(cfg).unwrap();
-    let cs = ConnectionString::parse(&relay.root_connection_string).unwrap();
-    let ConnectionStringAuth::Key { name, key } = cs.auth else {
-        panic!("root has a key")
-    };
-    let ca = relay.ca_file.clone().or(given_ca).unwrap();
-    let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let status_port = status.local_addr().unwrap().port();
-    relay.serve_status(status);
-    let stop = CancellationToken::new();
-    tokio::spawn(relay.run(listener, stop.clone()));
-    let tls = hyco_io::tls::client_config(Some(&ca)).unwrap();
-    let mut connector = Connector::new(Arc::clone(&tls));
-    connector.timeout = T;
-    let env = Env {
-        port,
-        status_port,
-        ca,
-        key_name: name,
-        key,
-        dir,
-        connector,
-        stop,
-    };
-    env.admin(
-        http::Method::PUT,
-        "/hybridconnections/hc1",
-        r#"{"userMetadata":"[{\"key\":\"endpoint\",\"value\":\"127.0.0.1:9\"}]"}"#,
-    )
-    .await;
-    env.admin(http::Method::PUT, "/hybridconnections/hc10", "{}")
-        .await;
-    env
-}
-
-impl Env {
-    fn token(&self, entity: Option<&str>, expiry: u64) -> String {
-        hyco_proto::sas::sign(
-            &hyco_proto::sas::resource_uri("localhost", entity),
-            &self.key_name,
-            &self.key,
-            expiry,
-        )
-        .as_str()
-        .to_owned()
-    }
-
-    async fn admin(&self, method: http::Method, path: &str, body: &str) -> (u16, String) {
-        let t = self.token(None, now() + 600);
-        let a = self
-            .connector
-            .https_request(
-                method,
-                &format!("https://localhost:{}/$hyco/v1{path}", self.port),
-                &[("Authorization", &t)],
-                bytes::Bytes::from(body.to_owned()),
-                1 << 20,
-            )
-            .await
-            .unwrap();
-        (a.status, String::from_utf8_lossy(&a.body).into_owned())
-    }
-
-    /// A rule on `hc` with `rights`; returns (name, key).
-    async fn rule(&self, hc: &str, name: &str, rights: &str) -> (String, SecretKey) {
-        let (s, body) = self
-            .admin(
-                http::Method::PUT,
-                &format!("/hybridconnections/{hc}/authorizationrules/{name}"),
-                &format!(r#"{{"rights":{rights}}}"#),
-            )
-            .await;
-        assert_eq!(s, 201, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        (
-            name.to_owned(),
-            SecretKey::new(v["primaryKey"].as_str().unwrap()),
-        )
-    }
-
-    fn url(&self, hc: &str, action: &str, extra: &str) -> String {
-        format!(
-            "wss://localhost:{}/$hc/{hc}?{extra}sb-hc-action={action}&sb-hc-id=test-{action}",
-            self.port
-        )
-    }
-
-    /// The status a listen attempt with `token` is refused with.
-    async fn listen_refused(&self, hc: &str, token: &str) -> ConnectError {
-        self.connector
-            .connect(
-                &self.url(hc, "listen", ""),
-                &[("ServiceBusAuthorization", token)],
-            )
-            .await
-            .map(|_| ())
-            .unwrap_err()
-    }
-
-    async fn listen(&self, hc: &str) -> Connected {
-        let t = self.token(Some(hc), now() + 600);
-        self.connector
-            .connect(
-                &self.url(hc, "listen", ""),
-                &[("ServiceBusAuthorization", &t)],
-            )
-            .await
-            .unwrap()
-    }
-
-    async fn connect(&self, hc: &str, headers: &[(&str, &str)]) -> Result<Connected, ConnectError> {
-        let t = self.token(Some(hc), now() + 600);
-        let mut h = headers.to_vec();
-        h.push(("ServiceBusAuthorization", &t));
-        self.connector
-            .connect(&self.url(hc, "connect", "app=1&"), &h)
-            .await
-    }
-}
 
 async fn next_accept(l: &mut Connected) -> hyco_proto::control::AcceptCommand {
     match tokio::time::timeout(T, l.ws.recv()).await.unwrap().unwrap() {
@@ -733,20 +567,6 @@ async fn unfinished_handshakes_are_capped_per_address() {
         .contains("404")
     })
     .await;
-}
-
-async fn eventually<F, Fut>(mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition not reached within 5 s");
 }
 
 #[tokio::test]
