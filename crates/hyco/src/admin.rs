@@ -24,8 +24,19 @@ pub struct AdminArgs {
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE", global = true)]
     ca_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
     #[command(subcommand)]
     cmd: AdminCmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -35,7 +46,7 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: HcCmd,
     },
-    /// Shared access rules.
+    /// Shared access rules (keys), on the namespace or on one hybrid connection.
     Rule {
         #[command(subcommand)]
         cmd: RuleCmd,
@@ -57,25 +68,119 @@ enum HcCmd {
     },
     /// List hybrid connections.
     List,
+    /// One hybrid connection with its live listeners and connections.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Change the endpoint or whether senders need a token (managers pick up a new endpoint
+    /// when they reconnect).
+    Update {
+        /// Name.
+        name: String,
+        /// New `host:port`.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Whether senders need a Send token.
+        #[arg(long, value_name = "BOOL")]
+        client_auth: Option<bool>,
+    },
     /// Delete a hybrid connection (its listeners are disconnected).
     Delete {
         /// Name.
         name: String,
     },
+    /// Listeners connected now.
+    Listeners {
+        /// Name.
+        name: String,
+    },
+    /// Tunnels open now.
+    Connections {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KeyType {
+    Primary,
+    Secondary,
+}
+
+#[derive(Args)]
+struct RuleRef {
+    /// Rule (key) name.
+    name: String,
+    /// The rule belongs to this hybrid connection; without it, to the namespace.
+    #[arg(long)]
+    hc: Option<String>,
+}
+
+impl RuleRef {
+    fn path(&self) -> String {
+        match &self.hc {
+            Some(hc) => format!("/hybridconnections/{hc}/authorizationrules/{}", self.name),
+            None => format!("/authorizationrules/{}", self.name),
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum RuleCmd {
-    /// Create a rule and print its connection string alone on stdout.
+    /// Create a rule and print its primary connection string alone on stdout.
     Create {
-        /// Rule (key) name.
-        name: String,
-        /// Scope it to this hybrid connection; without it the rule covers the namespace.
-        #[arg(long)]
-        hc: Option<String>,
+        #[command(flatten)]
+        rule: RuleRef,
         /// Rights, comma-separated: listen, send, manage.
         #[arg(long)]
         rights: String,
+    },
+    /// Change a rule's rights (its keys stay).
+    Update {
+        #[command(flatten)]
+        rule: RuleRef,
+        /// Rights, comma-separated: listen, send, manage.
+        #[arg(long)]
+        rights: String,
+    },
+    /// List rules (names and rights).
+    List {
+        /// Rules of this hybrid connection; without it, the namespace's.
+        #[arg(long)]
+        hc: Option<String>,
+    },
+    /// A rule's name and rights.
+    Show {
+        #[command(flatten)]
+        rule: RuleRef,
+    },
+    /// A rule's keys and connection strings.
+    Keys {
+        #[command(flatten)]
+        rule: RuleRef,
+    },
+    /// Print one connection string of a rule alone on stdout.
+    ConnectionString {
+        #[command(flatten)]
+        rule: RuleRef,
+        /// Which key signs it.
+        #[arg(long, value_enum, default_value = "primary")]
+        key: KeyType,
+    },
+    /// Replace one key; tokens signed with the other keep working. Prints the new
+    /// connection string of that key.
+    Regenerate {
+        #[command(flatten)]
+        rule: RuleRef,
+        /// Which key to replace.
+        #[arg(long, value_enum)]
+        key: KeyType,
+    },
+    /// Delete a rule (not the last namespace rule with Manage).
+    Delete {
+        #[command(flatten)]
+        rule: RuleRef,
     },
 }
 
@@ -149,92 +254,344 @@ pub async fn run(a: AdminArgs) -> Result<()> {
         auth: token.as_str().to_owned(),
         connector,
     };
+    let json_out = a.output == Output::Json;
+    let print_json = |v: &serde_json::Value| {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    };
     match a.cmd {
-        AdminCmd::Hc {
-            cmd:
-                HcCmd::Create {
-                    name,
-                    endpoint,
-                    no_client_auth,
-                },
-        } => {
-            let hp: HostPort = endpoint
-                .parse()
-                .map_err(|e| usage(format!("--endpoint {endpoint}: {e}")))?;
-            let v = api
-                .call(
-                    http::Method::PUT,
-                    &format!("/hybridconnections/{name}"),
-                    Some(serde_json::json!({
-                        "requiresClientAuthorization": !no_client_auth,
-                        "userMetadata": hyco_proto::entity::endpoint_metadata(&hp),
-                    })),
-                )
-                .await?;
-            eprintln!(
-                "created hybrid connection {} -> {hp}",
-                v["name"].as_str().unwrap_or(&name)
-            );
-        }
-        AdminCmd::Hc { cmd: HcCmd::List } => {
-            let v = api
-                .call(http::Method::GET, "/hybridconnections", None)
-                .await?;
-            println!(
-                "{:<32} {:<28} {:>9} {:>11}",
-                "NAME", "ENDPOINT", "LISTENERS", "CLIENT-AUTH"
-            );
-            for hc in v["value"].as_array().into_iter().flatten() {
-                let endpoint = hc["userMetadata"]
-                    .as_str()
-                    .and_then(|m| hyco_proto::entity::parse_endpoint_metadata(m).ok())
-                    .map(|hp| hp.to_string())
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<32} {:<28} {:>9} {:>11}",
-                    hc["name"].as_str().unwrap_or("?"),
-                    endpoint,
-                    hc["listenerCount"].as_u64().unwrap_or(0),
-                    if hc["requiresClientAuthorization"].as_bool().unwrap_or(true) {
-                        "required"
-                    } else {
-                        "off"
-                    }
-                );
+        AdminCmd::Hc { cmd } => match cmd {
+            HcCmd::Create {
+                name,
+                endpoint,
+                no_client_auth,
+            } => {
+                let hp = parse_endpoint(&endpoint)?;
+                let v = api
+                    .call(
+                        http::Method::PUT,
+                        &format!("/hybridconnections/{name}"),
+                        Some(serde_json::json!({
+                            "requiresClientAuthorization": !no_client_auth,
+                            "userMetadata": hyco_proto::entity::endpoint_metadata(&hp),
+                        })),
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    eprintln!(
+                        "created hybrid connection {} -> {hp}",
+                        v["name"].as_str().unwrap_or(&name)
+                    );
+                }
             }
-        }
-        AdminCmd::Hc {
-            cmd: HcCmd::Delete { name },
-        } => {
-            api.call(
-                http::Method::DELETE,
-                &format!("/hybridconnections/{name}"),
-                None,
-            )
-            .await?;
-            eprintln!("deleted hybrid connection {name}");
-        }
-        AdminCmd::Rule {
-            cmd: RuleCmd::Create { name, hc, rights },
-        } => {
-            let r = hyco_proto::Rights::parse_list(&rights)
-                .map_err(|e| usage(format!("--rights {rights}: {e}")))?;
-            let path = match &hc {
-                Some(hc) => format!("/hybridconnections/{hc}/authorizationrules/{name}"),
-                None => format!("/authorizationrules/{name}"),
-            };
-            let v = api
-                .call(
-                    http::Method::PUT,
-                    &path,
-                    Some(serde_json::json!({ "rights": r })),
+            HcCmd::List => {
+                let v = api
+                    .call(http::Method::GET, "/hybridconnections", None)
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    hc_table(v["value"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+                }
+            }
+            HcCmd::Show { name } => {
+                let hc = api
+                    .call(
+                        http::Method::GET,
+                        &format!("/hybridconnections/{name}"),
+                        None,
+                    )
+                    .await?;
+                let listeners = api
+                    .call(
+                        http::Method::GET,
+                        &format!("/hybridconnections/{name}/listeners"),
+                        None,
+                    )
+                    .await?;
+                let connections = api
+                    .call(
+                        http::Method::GET,
+                        &format!("/hybridconnections/{name}/connections"),
+                        None,
+                    )
+                    .await?;
+                if json_out {
+                    let mut v = hc;
+                    v["listeners"] = listeners["value"].clone();
+                    v["connections"] = connections["value"].clone();
+                    print_json(&v);
+                } else {
+                    hc_table(std::slice::from_ref(&hc));
+                    println!();
+                    listener_table(&listeners);
+                    println!();
+                    connection_table(&connections);
+                }
+            }
+            HcCmd::Update {
+                name,
+                endpoint,
+                client_auth,
+            } => {
+                let mut body = serde_json::Map::new();
+                if let Some(e) = &endpoint {
+                    let hp = parse_endpoint(e)?;
+                    body.insert(
+                        "userMetadata".into(),
+                        hyco_proto::entity::endpoint_metadata(&hp).into(),
+                    );
+                }
+                if let Some(c) = client_auth {
+                    body.insert("requiresClientAuthorization".into(), c.into());
+                }
+                if body.is_empty() {
+                    return Err(usage("hc update: give --endpoint and/or --client-auth"));
+                }
+                let v = api
+                    .call(
+                        http::Method::PATCH,
+                        &format!("/hybridconnections/{name}"),
+                        Some(body.into()),
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    eprintln!("updated hybrid connection {name}");
+                }
+            }
+            HcCmd::Delete { name } => {
+                api.call(
+                    http::Method::DELETE,
+                    &format!("/hybridconnections/{name}"),
+                    None,
                 )
                 .await?;
-            let s = v["primaryConnectionString"]
-                .as_str()
-                .ok_or_else(|| anyhow!("the relay's answer has no connection string"))?;
-            println!("{s}");
-        }
+                if json_out {
+                    print_json(&serde_json::json!({ "deleted": name }));
+                } else {
+                    eprintln!("deleted hybrid connection {name}");
+                }
+            }
+            HcCmd::Listeners { name } => {
+                let v = api
+                    .call(
+                        http::Method::GET,
+                        &format!("/hybridconnections/{name}/listeners"),
+                        None,
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    listener_table(&v);
+                }
+            }
+            HcCmd::Connections { name } => {
+                let v = api
+                    .call(
+                        http::Method::GET,
+                        &format!("/hybridconnections/{name}/connections"),
+                        None,
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    connection_table(&v);
+                }
+            }
+        },
+        AdminCmd::Rule { cmd } => match cmd {
+            RuleCmd::Create { rule, rights } | RuleCmd::Update { rule, rights } => {
+                let r = hyco_proto::Rights::parse_list(&rights)
+                    .map_err(|e| usage(format!("--rights {rights}: {e}")))?;
+                let v = api
+                    .call(
+                        http::Method::PUT,
+                        &rule.path(),
+                        Some(serde_json::json!({ "rights": r })),
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("{}", connection_string_of(&v, KeyType::Primary)?);
+                }
+            }
+            RuleCmd::List { hc } => {
+                let path = match &hc {
+                    Some(hc) => format!("/hybridconnections/{hc}/authorizationrules"),
+                    None => "/authorizationrules".to_owned(),
+                };
+                let v = api.call(http::Method::GET, &path, None).await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("{:<32} RIGHTS", "NAME");
+                    for r in v["value"].as_array().into_iter().flatten() {
+                        println!("{:<32} {}", str_of(&r["name"]), rights_of(&r["rights"]));
+                    }
+                }
+            }
+            RuleCmd::Show { rule } => {
+                let v = api.call(http::Method::GET, &rule.path(), None).await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("{:<32} RIGHTS", "NAME");
+                    println!("{:<32} {}", str_of(&v["name"]), rights_of(&v["rights"]));
+                }
+            }
+            RuleCmd::Keys { rule } => {
+                let v = api
+                    .call(
+                        http::Method::POST,
+                        &format!("{}/listkeys", rule.path()),
+                        None,
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    for (label, field) in [
+                        ("name", "keyName"),
+                        ("primary key", "primaryKey"),
+                        ("secondary key", "secondaryKey"),
+                        ("primary connection string", "primaryConnectionString"),
+                        ("secondary connection string", "secondaryConnectionString"),
+                    ] {
+                        println!("{label:<28} {}", str_of(&v[field]));
+                    }
+                    println!("{:<28} {}", "rights", rights_of(&v["rights"]));
+                }
+            }
+            RuleCmd::ConnectionString { rule, key } => {
+                let v = api
+                    .call(
+                        http::Method::POST,
+                        &format!("{}/listkeys", rule.path()),
+                        None,
+                    )
+                    .await?;
+                println!("{}", connection_string_of(&v, key)?);
+            }
+            RuleCmd::Regenerate { rule, key } => {
+                let key_type = match key {
+                    KeyType::Primary => "PrimaryKey",
+                    KeyType::Secondary => "SecondaryKey",
+                };
+                let v = api
+                    .call(
+                        http::Method::POST,
+                        &format!("{}/regeneratekeys", rule.path()),
+                        Some(serde_json::json!({ "keyType": key_type })),
+                    )
+                    .await?;
+                if json_out {
+                    print_json(&v);
+                } else {
+                    println!("{}", connection_string_of(&v, key)?);
+                }
+            }
+            RuleCmd::Delete { rule } => {
+                api.call(http::Method::DELETE, &rule.path(), None).await?;
+                if json_out {
+                    print_json(&serde_json::json!({ "deleted": rule.name }));
+                } else {
+                    eprintln!("deleted rule {}", rule.name);
+                }
+            }
+        },
     }
     Ok(())
+}
+
+fn parse_endpoint(e: &str) -> Result<HostPort> {
+    e.parse()
+        .map_err(|err| usage(format!("--endpoint {e}: {err}")))
+}
+
+fn str_of(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+fn rights_of(v: &serde_json::Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn connection_string_of(v: &serde_json::Value, key: KeyType) -> Result<String> {
+    let field = match key {
+        KeyType::Primary => "primaryConnectionString",
+        KeyType::Secondary => "secondaryConnectionString",
+    };
+    v[field]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the relay's answer has no {field}"))
+}
+
+fn hc_table(list: &[serde_json::Value]) {
+    println!(
+        "{:<32} {:<28} {:>9} {:>11}",
+        "NAME", "ENDPOINT", "LISTENERS", "CLIENT-AUTH"
+    );
+    for hc in list {
+        let endpoint = hc["userMetadata"]
+            .as_str()
+            .and_then(|m| hyco_proto::entity::parse_endpoint_metadata(m).ok())
+            .map(|hp| hp.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:<28} {:>9} {:>11}",
+            str_of(&hc["name"]),
+            endpoint,
+            hc["listenerCount"].as_u64().unwrap_or(0),
+            if hc["requiresClientAuthorization"].as_bool().unwrap_or(true) {
+                "required"
+            } else {
+                "off"
+            }
+        );
+    }
+}
+
+fn listener_table(v: &serde_json::Value) {
+    println!(
+        "{:<38} {:<24} {:<22} LAST-SEEN",
+        "LISTENER", "ADDRESS", "SINCE"
+    );
+    for l in v["value"].as_array().into_iter().flatten() {
+        println!(
+            "{:<38} {:<24} {:<22} {}",
+            str_of(&l["id"]),
+            str_of(&l["remoteAddress"]),
+            str_of(&l["since"]),
+            str_of(&l["lastSeen"])
+        );
+    }
+}
+
+fn connection_table(v: &serde_json::Value) {
+    println!(
+        "{:<34} {:<24} {:<22} {:>14} {:>14}",
+        "CONNECTION", "SENDER", "SINCE", "TO-LISTENER", "TO-SENDER"
+    );
+    for c in v["value"].as_array().into_iter().flatten() {
+        println!(
+            "{:<34} {:<24} {:<22} {:>14} {:>14}",
+            str_of(&c["id"]),
+            str_of(&c["senderAddress"]),
+            str_of(&c["since"]),
+            c["bytesSenderToListener"].as_u64().unwrap_or(0),
+            c["bytesListenerToSender"].as_u64().unwrap_or(0)
+        );
+    }
 }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
-use common::{bin, relay, Relay, T};
+use common::{bin, echo_roundtrip, relay, Relay, T};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,42 +16,6 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Sends `len` random bytes and reads the echo concurrently; returns (sent hash, received hash).
-async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize) {
-    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let mut h = Sha256::new();
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(buf.len());
-            rng.fill_bytes(&mut buf[..n]);
-            h.update(&buf[..n]);
-            w.write_all(&buf[..n]).await.unwrap();
-            left -= n;
-        }
-        w.shutdown().await.unwrap();
-        <[u8; 32]>::from(h.finalize())
-    });
-    let mut h = Sha256::new();
-    let mut total = 0;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
-            .await
-            .expect("echo stalled")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n;
-    }
-    (writer.await.unwrap(), h.finalize().into(), total)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_carries_64_mib_each_way_with_half_close() {

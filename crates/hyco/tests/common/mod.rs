@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use hyco_client::ClientOptions;
 use hyco_testkit::{eventually, field, run, Proc, TempDir};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 pub const T: Duration = Duration::from_secs(20);
 
@@ -175,4 +179,40 @@ impl Relay {
 
 pub async fn relay(tag: &str) -> Relay {
     Relay::start(TempDir::new(tag), 0).await
+}
+
+/// Sends `len` random bytes and reads the echo concurrently; returns (sent hash, received hash).
+pub async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize) {
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rng.fill_bytes(&mut buf[..n]);
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n]).await.unwrap();
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        <[u8; 32]>::from(h.finalize())
+    });
+    let mut h = Sha256::new();
+    let mut total = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .expect("echo stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+    (writer.await.unwrap(), h.finalize().into(), total)
 }
