@@ -86,7 +86,7 @@ test("status pages show hybrid connections live, and a dead manager", async (t) 
   const listen = admin("rule", "create", "l", "--hc", "web", "--rights", "listen");
   const send = admin("rule", "create", "s", "--hc", "web", "--rights", "send");
 
-  const manager = start(["manager", "run", "--connection-string", listen, "--status-listen", "127.0.0.1:0"], { HYCO_CA_FILE: env.HYCO_CA_FILE });
+  const manager = start(["manager", "run", "--connection-string", listen, "--status-listen", "127.0.0.1:0"], { HYCO_CA_FILE: env.HYCO_CA_FILE, HYCO_STATE_DIR: join(data, "manager-state") });
   procs.push(manager);
   const managerStatus = portOf(await manager.waitFor(/status page and metrics listening/), "status");
   const fwd = start(["forward", "-L", "127.0.0.1:0:web", "--connection-string", send], { HYCO_CA_FILE: env.HYCO_CA_FILE });

@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod control;
+pub mod logs;
+pub mod service;
 pub mod status;
 
 use std::path::PathBuf;
@@ -26,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+pub use service::{Manager, TestReport};
 pub use status::{HcStatus, StatusBoard};
 
 /// Manager configuration.
@@ -76,6 +80,12 @@ pub enum ManagerError {
     /// Client set-up failed.
     #[error(transparent)]
     Client(#[from] hyco_client::ClientError),
+    /// A hybrid connection of that name is already served.
+    #[error("hybrid connection '{0}' is already served by this manager")]
+    Exists(String),
+    /// No hybrid connection of that name is served.
+    #[error("this manager serves no hybrid connection '{0}'")]
+    NotFound(String),
 }
 
 impl ManagerConfig {
@@ -109,68 +119,32 @@ pub async fn run(cfg: ManagerConfig, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// Starts one supervisor per hybrid connection; returns their status board and a future that
-/// ends when all of them have stopped (after `shutdown`).
+/// Starts one supervisor per hybrid connection of `cfg` (no state file, nothing added at run
+/// time); returns their status board and a future that ends when all of them have stopped
+/// (after `shutdown`).
 pub fn start(
     cfg: ManagerConfig,
     shutdown: CancellationToken,
 ) -> Result<(Arc<StatusBoard>, impl std::future::Future<Output = ()>), ManagerError> {
-    let mut names = Vec::new();
-    for (i, cs) in cfg.connections.iter().enumerate() {
-        match &cs.entity_path {
-            Some(e) => names.push(e.clone()),
-            None => {
-                return Err(ManagerError::Config(format!(
-                    "connection string #{} has no EntityPath",
-                    i + 1
-                )))
-            }
-        }
-    }
-    let connector = cfg.client.connector()?;
-    let board = Arc::new(StatusBoard::new(&names));
-    let mut tasks = Vec::new();
-    for (cs, st) in cfg
-        .connections
-        .iter()
-        .cloned()
-        .zip(board.hcs.iter().cloned())
-    {
-        let opts = ListenerOptions {
-            token_lifetime: cfg.token_lifetime,
-            ..ListenerOptions::default()
-        };
-        tasks.push(tokio::spawn(supervise(
-            cs,
-            connector.clone(),
-            opts,
-            cfg.dial_timeout,
-            shutdown.clone(),
-            st,
-        )));
-    }
-    let running = async move {
-        for t in tasks {
-            let _ = t.await;
-        }
-    };
-    Ok((board, running))
+    let m = Manager::start(cfg, None, shutdown)?;
+    Ok((m.board(), async move { m.wait().await }))
 }
 
-/// Reads the endpoint from the entity's user metadata.
-async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<HostPort, String> {
+/// Reads the endpoint from the entity's user metadata, and the relay's listener count.
+async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<(HostPort, u32), String> {
     let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
     let meta = d
         .user_metadata
         .ok_or_else(|| "the hybrid connection has no user metadata with an endpoint".to_owned())?;
-    hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())
+    let hp = hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?;
+    Ok((hp, d.listener_count))
 }
 
 fn endpoint_of(st: &HcStatus) -> Option<HostPort> {
     st.endpoint.lock().ok().and_then(|g| g.clone())
 }
 
-fn set_endpoint(st: &HcStatus, hp: HostPort) {
+pub(crate) fn set_endpoint(st: &HcStatus, hp: HostPort) {
     if let Ok(mut g) = st.endpoint.lock() {
         if g.as_ref() != Some(&hp) {
             info!(hc = %st.name, endpoint = %hp, "endpoint resolved");
@@ -179,7 +153,7 @@ fn set_endpoint(st: &HcStatus, hp: HostPort) {
     }
 }
 
-async fn supervise(
+pub(crate) async fn supervise(
     cs: ConnectionString,
     connector: Connector,
     opts: ListenerOptions,
@@ -192,7 +166,11 @@ async fn supervise(
     // The endpoint must be known before listening: a listener that cannot dial would only reject.
     while endpoint_of(&st).is_none() {
         match resolve(&cs, &connector).await {
-            Ok(hp) => set_endpoint(&st, hp),
+            Ok((hp, n)) => {
+                set_endpoint(&st, hp);
+                st.relay_listeners
+                    .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) => {
                 let d = backoff.next_delay().max(Duration::from_millis(500));
                 warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
@@ -217,6 +195,9 @@ async fn supervise(
                 return;
             }
         };
+    if let Ok(mut g) = st.listener_id.lock() {
+        *g = Some(listener.listener_id().to_owned());
+    }
     // Mirror the control channel's state, and refresh the endpoint each time it comes (back) up.
     let mut status = listener.status_watch();
     let (cs2, conn2, st2) = (cs.clone(), connector.clone(), Arc::clone(&st));
@@ -226,7 +207,11 @@ async fn supervise(
             st2.set_listener(s.clone());
             if matches!(s, ListenerStatus::Connected { .. }) {
                 match resolve(&cs2, &conn2).await {
-                    Ok(hp) => set_endpoint(&st2, hp),
+                    Ok((hp, n)) => {
+                        set_endpoint(&st2, hp);
+                        st2.relay_listeners
+                            .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(e) => {
                         warn!(hc = %st2.name, error = %e, "endpoint refresh failed; keeping the previous one")
                     }

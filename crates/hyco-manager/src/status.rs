@@ -2,7 +2,7 @@
 //! view and `/metrics`.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyco_client::ListenerStatus;
@@ -43,6 +43,11 @@ pub struct HcStatus {
     pub rejected: AtomicU64,
     /// Bytes through completed bridges, both directions.
     pub bytes: AtomicU64,
+    /// Listeners the relay counts on this hybrid connection (ours included) when the entity
+    /// was last read; -1 before the first read.
+    pub relay_listeners: AtomicI64,
+    /// Our listener id (`sb-hc-id`), once the listener started.
+    pub listener_id: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -163,8 +168,8 @@ impl Default for Metrics {
 
 /// Every hybrid connection of this manager.
 pub struct StatusBoard {
-    /// In configuration order.
-    pub hcs: Vec<Arc<HcStatus>>,
+    /// In the order they were added.
+    hcs: RwLock<Vec<Arc<HcStatus>>>,
     metrics: Arc<Metrics>,
     registry: Registry,
 }
@@ -220,33 +225,66 @@ impl StatusBoard {
             "Time from the relay's accept to the bridge being open (endpoint dial + rendezvous)",
             m.connect_latency.clone(),
         );
-        let hcs = names
-            .iter()
-            .map(|n| {
-                let label = Hc {
-                    hybrid_connection: n.to_ascii_lowercase(),
-                };
-                metrics.active_listeners.get_or_create(&label).set(0);
-                Arc::new(HcStatus {
-                    name: n.clone(),
-                    label,
-                    endpoint: Mutex::new(None),
-                    listener: Mutex::new(ListenerStatus::Connecting),
-                    since: Mutex::new(SystemTime::now()),
-                    last_error: Mutex::new(None),
-                    active: AtomicI64::new(0),
-                    served: AtomicU64::new(0),
-                    rejected: AtomicU64::new(0),
-                    bytes: AtomicU64::new(0),
-                    metrics: Arc::clone(&metrics),
-                })
-            })
-            .collect();
-        StatusBoard {
-            hcs,
+        let board = StatusBoard {
+            hcs: RwLock::new(Vec::new()),
             metrics,
             registry,
+        };
+        for n in names {
+            board.add(n);
         }
+        board
+    }
+
+    /// Adds a hybrid connection (or returns the one of that name).
+    pub fn add(&self, name: &str) -> Arc<HcStatus> {
+        let mut g = self.hcs.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = g.iter().find(|h| h.name.eq_ignore_ascii_case(name)) {
+            return Arc::clone(h);
+        }
+        let label = Hc {
+            hybrid_connection: name.to_ascii_lowercase(),
+        };
+        self.metrics.active_listeners.get_or_create(&label).set(0);
+        let h = Arc::new(HcStatus {
+            name: name.to_owned(),
+            label,
+            endpoint: Mutex::new(None),
+            listener: Mutex::new(ListenerStatus::Connecting),
+            since: Mutex::new(SystemTime::now()),
+            last_error: Mutex::new(None),
+            active: AtomicI64::new(0),
+            served: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            relay_listeners: AtomicI64::new(-1),
+            listener_id: Mutex::new(None),
+            metrics: Arc::clone(&self.metrics),
+        });
+        g.push(Arc::clone(&h));
+        h
+    }
+
+    /// Removes a hybrid connection from the board (its metrics series stay, at their last
+    /// values, with ActiveListeners at 0).
+    pub fn remove(&self, name: &str) {
+        let mut g = self.hcs.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = g.iter().find(|h| h.name.eq_ignore_ascii_case(name)) {
+            self.metrics.active_listeners.get_or_create(&h.label).set(0);
+        }
+        g.retain(|h| !h.name.eq_ignore_ascii_case(name));
+    }
+
+    /// The hybrid connections, in the order they were added.
+    pub fn list(&self) -> Vec<Arc<HcStatus>> {
+        self.hcs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One hybrid connection by name (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<Arc<HcStatus>> {
+        self.list()
+            .into_iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
     }
 
     /// Prometheus text.
@@ -259,47 +297,7 @@ impl StatusBoard {
 
     /// The JSON document of the status page.
     pub fn snapshot(&self) -> String {
-        let unix = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
-        let hcs: Vec<_> = self
-            .hcs
-            .iter()
-            .map(|h| {
-                let st = lock(&h.listener).clone();
-                let (state, detail) = match &st {
-                    ListenerStatus::Connected { .. } => ("Connected".to_owned(), None),
-                    ListenerStatus::Connecting => {
-                        ("Connecting".to_owned(), lock(&h.last_error).clone())
-                    }
-                    ListenerStatus::Disconnected { reason } => {
-                        ("Disconnected".to_owned(), Some(reason.clone()))
-                    }
-                    ListenerStatus::NotFound => (
-                        "NotFound".to_owned(),
-                        Some("the relay has no such hybrid connection".into()),
-                    ),
-                    ListenerStatus::Unauthorized { reason } => {
-                        ("Unauthorized".to_owned(), Some(reason.clone()))
-                    }
-                };
-                let active = h.active.load(Ordering::Relaxed).max(0);
-                json!({
-                    "name": h.name,
-                    "endpoint": lock(&h.endpoint).as_ref().map(|e| e.to_string()),
-                    "state": state,
-                    "detail": detail,
-                    "since": unix(*lock(&h.since)),
-                    "activeConnections": active,
-                    "connections": h.served.load(Ordering::Relaxed) + active as u64,
-                    "rejected": h.rejected.load(Ordering::Relaxed),
-                    "bytes": h.bytes.load(Ordering::Relaxed),
-                    "lastError": lock(&h.last_error).clone(),
-                })
-            })
-            .collect();
+        let hcs: Vec<_> = self.list().iter().map(|h| h.to_json()).collect();
         json!({
             "role": "manager",
             "title": "hyco manager",
@@ -307,5 +305,48 @@ impl StatusBoard {
             "hybridConnections": hcs,
         })
         .to_string()
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl HcStatus {
+    /// This hybrid connection's state as the status page, `manager list` and `manager show`
+    /// see it. Holds no secret.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (state, detail) = match &*lock(&self.listener) {
+            ListenerStatus::Connected { .. } => ("Connected".to_owned(), None),
+            ListenerStatus::Connecting => ("Connecting".to_owned(), lock(&self.last_error).clone()),
+            ListenerStatus::Disconnected { reason } => {
+                ("Disconnected".to_owned(), Some(reason.clone()))
+            }
+            ListenerStatus::NotFound => (
+                "NotFound".to_owned(),
+                Some("the relay has no such hybrid connection".into()),
+            ),
+            ListenerStatus::Unauthorized { reason } => {
+                ("Unauthorized".to_owned(), Some(reason.clone()))
+            }
+        };
+        let active = self.active.load(Ordering::Relaxed).max(0);
+        let relay_listeners = self.relay_listeners.load(Ordering::Relaxed);
+        json!({
+            "name": self.name,
+            "endpoint": lock(&self.endpoint).as_ref().map(|e| e.to_string()),
+            "state": state,
+            "detail": detail,
+            "since": unix(*lock(&self.since)),
+            "listenerId": lock(&self.listener_id).clone(),
+            "relayListeners": (relay_listeners >= 0).then_some(relay_listeners),
+            "activeConnections": active,
+            "connections": self.served.load(Ordering::Relaxed) + active as u64,
+            "rejected": self.rejected.load(Ordering::Relaxed),
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "lastError": lock(&self.last_error).clone(),
+        })
     }
 }

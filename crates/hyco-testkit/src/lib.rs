@@ -22,7 +22,18 @@ pub struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     changed: Arc<Notify>,
+    /// This process's own `HYCO_STATE_DIR` (a manager's state file and control socket), so
+    /// that managers of parallel tests never share one.
+    pub state_dir: std::path::PathBuf,
 }
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+static SPAWNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Proc {
     /// Starts `bin args…` with extra environment variables.
@@ -34,6 +45,12 @@ impl Proc {
             .stderr(Stdio::piped())
             .env("HYCO_LOG", "info,hyco_relay=debug")
             .kill_on_drop(true);
+        let state_dir = std::env::temp_dir().join(format!(
+            "hyco-state-{}-{}",
+            std::process::id(),
+            SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        cmd.env("HYCO_STATE_DIR", &state_dir);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -74,6 +91,7 @@ impl Proc {
             child,
             lines,
             changed,
+            state_dir,
         }
     }
 

@@ -2,6 +2,7 @@
 //! library `run` of the role. No logic of its own; a bad configuration exits with 64.
 
 mod admin;
+mod manager_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,10 +30,12 @@ struct Cli {
 enum Cmd {
     /// Run the relay.
     Relay(RelayArgs),
-    /// The Hybrid Connection Manager.
+    /// The Hybrid Connection Manager: `run` is the service, the other commands talk to it.
     Manager {
         #[command(subcommand)]
         cmd: ManagerCmd,
+        #[command(flatten)]
+        state: manager_cli::StateDirArg,
     },
     /// Expose hybrid connections as local TCP ports.
     Forward(ForwardArgs),
@@ -80,8 +83,10 @@ struct RelayArgs {
 
 #[derive(Subcommand)]
 enum ManagerCmd {
-    /// Run the manager in the foreground.
+    /// Run the manager service in the foreground.
     Run(ManagerRunArgs),
+    #[command(flatten)]
+    Client(manager_cli::ClientCmd),
 }
 
 #[derive(Args)]
@@ -118,14 +123,15 @@ struct ForwardArgs {
     ca_file: Option<PathBuf>,
 }
 
-fn init_tracing(json: bool) {
+/// Logs go to stderr, and also into `logs` (what `hyco manager logs` shows).
+fn init_tracing(json: bool, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYCO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(manager_cli::Tee(logs));
     if json {
         b.json().init();
     } else {
@@ -173,7 +179,8 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
+    init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -184,7 +191,7 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    match rt.block_on(run(cli.cmd)) {
+    match rt.block_on(run(cli.cmd, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -197,12 +204,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cmd: Cmd) -> Result<()> {
+async fn run(cmd: Cmd, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) -> Result<()> {
     match cmd {
         Cmd::Relay(a) => relay(a).await,
         Cmd::Manager {
             cmd: ManagerCmd::Run(a),
-        } => manager(a).await,
+            state,
+        } => manager(a, &state, logs).await,
+        Cmd::Manager {
+            cmd: ManagerCmd::Client(c),
+            state,
+        } => manager_cli::run(c, &state).await,
         Cmd::Forward(a) => forward(a).await,
         Cmd::Admin(a) => admin::run(a).await,
     }
@@ -268,7 +280,11 @@ fn client_options(ca_file: Option<PathBuf>) -> hyco_client::ClientOptions {
     }
 }
 
-async fn manager(a: ManagerRunArgs) -> Result<()> {
+async fn manager(
+    a: ManagerRunArgs,
+    state: &manager_cli::StateDirArg,
+    logs: std::sync::Arc<hyco_manager::logs::LogBuffer>,
+) -> Result<()> {
     let mut cfg = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -290,14 +306,27 @@ async fn manager(a: ManagerRunArgs) -> Result<()> {
         return Err(usage("--token-lifetime must be at least 2 seconds"));
     }
     cfg.token_lifetime = Duration::from_secs(a.token_lifetime);
-    if cfg.connections.is_empty() {
-        return Err(usage(
-            "no hybrid connection: give --connection-string or --config",
-        ));
-    }
+    let dir = state.ensure()?;
+    let socket = state.socket();
+    let control = hyco_manager::control::bind(&socket)
+        .await
+        .with_context(|| format!("control socket {}", socket.display()))?;
     let shutdown = CancellationToken::new();
     on_signals(shutdown.clone());
-    let (board, running) = hyco_manager::start(cfg, shutdown.clone()).context("manager failed")?;
+    let m = hyco_manager::Manager::start(cfg, Some(state.state_file()), shutdown.clone())
+        .map_err(|e| usage(e.to_string()))?;
+    if m.names().is_empty() {
+        info!("no hybrid connections yet: add one with `hyco manager add <connection string>`");
+    }
+    tokio::spawn(hyco_manager::control::serve(
+        control,
+        socket.clone(),
+        std::sync::Arc::clone(&m),
+        logs,
+        shutdown.clone(),
+    ));
+    info!(state = %dir.display(), socket = %socket.display(), "manager running");
+    let board = m.board();
     if let Some(addr) = a.status_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -311,7 +340,7 @@ async fn manager(a: ManagerRunArgs) -> Result<()> {
         };
         tokio::spawn(hyco_io::status::serve(l, sources, shutdown.clone()));
     }
-    running.await;
+    m.wait().await;
     Ok(())
 }
 

@@ -1,0 +1,390 @@
+//! `hyco manager add|list|show|remove|restart|test|logs`: the commands that talk to a running
+//! `hyco manager run` over its control socket, and the log tee that feeds `logs`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use hyco_manager::logs::LogBuffer;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::usage;
+
+/// Where the manager keeps its state file and control socket.
+#[derive(Args, Clone)]
+pub struct StateDirArg {
+    /// Folder of the state file (`manager-state.json`, the connection strings added at run
+    /// time) and the control socket (`manager.sock`). Default: /var/lib/hyco as root, else
+    /// $XDG_STATE_HOME/hyco or ~/.local/state/hyco.
+    #[arg(long, env = "HYCO_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StateDirArg {
+    /// The folder, defaulted.
+    pub fn dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        // Root: effective uid 0, as /proc/self/status tells.
+        let is_root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+            })
+            .unwrap_or(false);
+        if is_root {
+            return PathBuf::from("/var/lib/hyco");
+        }
+        if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+            return PathBuf::from(x).join("hyco");
+        }
+        match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".local/state/hyco"),
+            None => PathBuf::from(".hyco-state"),
+        }
+    }
+
+    /// The control socket's path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir().join("manager.sock")
+    }
+
+    /// The state file's path.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir().join("manager-state.json")
+    }
+
+    /// Creates the folder (mode 0700) if needed.
+    pub fn ensure(&self) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let d = self.dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .with_context(|| format!("cannot create the state folder {}", d.display()))?;
+        Ok(d)
+    }
+}
+
+/// The commands that talk to a running manager.
+#[derive(Subcommand)]
+pub enum ClientCmd {
+    /// Serve one more hybrid connection (kept in the state file across restarts).
+    Add {
+        /// Connection string with EntityPath and a Listen key. `-` reads it from stdin, which
+        /// keeps it out of the process list and shell history.
+        connection_string: String,
+    },
+    /// Every hybrid connection with its state.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One hybrid connection in detail (the relay's listener count is re-read).
+    Show {
+        /// Name.
+        hc: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a hybrid connection (open tunnels finish on their own).
+    Remove {
+        /// Name.
+        hc: String,
+    },
+    /// Reconnect a hybrid connection's listener (the endpoint is read again).
+    Restart {
+        /// Name.
+        hc: String,
+    },
+    /// End to end: relay, this manager's listener, a tunnel through it to the endpoint.
+    Test {
+        /// Name.
+        hc: String,
+        /// A connection string with Send, when the manager's key has no Send right.
+        #[arg(long, env = "HYCO_SEND_CONNECTION_STRING", hide_env_values = true)]
+        send_connection_string: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The manager's recent log lines.
+    Logs {
+        /// How many recent lines.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// Sends one request; returns the answer lines as they come (`each` sees every line).
+async fn request(
+    socket: &Path,
+    req: &Value,
+    mut each: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
+    let conn = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        anyhow!(
+            "no manager is running with its control socket at {} ({e}); start `hyco manager run` (same --state-dir)",
+            socket.display()
+        )
+    })?;
+    let (r, mut w) = conn.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(l) = lines.next_line().await? {
+        let v: Value = serde_json::from_str(&l).context("the manager's answer is not JSON")?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("{e}");
+        }
+        each(v)?;
+    }
+    Ok(())
+}
+
+async fn one(socket: &Path, req: Value) -> Result<Value> {
+    let mut out = Value::Null;
+    request(socket, &req, |v| {
+        out = v;
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+fn row(h: &Value) {
+    let state = match h["detail"].as_str() {
+        Some(d) if h["state"] != "Connected" => {
+            format!("{} ({d})", h["state"].as_str().unwrap_or("?"))
+        }
+        _ => h["state"].as_str().unwrap_or("?").to_owned(),
+    };
+    println!(
+        "{:<24} {:<24} {:>6} {:>8} {:>12}  {}",
+        h["name"].as_str().unwrap_or("?"),
+        h["endpoint"].as_str().unwrap_or("-"),
+        h["relayListeners"]
+            .as_i64()
+            .map_or("-".into(), |n| n.to_string()),
+        h["connections"].as_u64().unwrap_or(0),
+        h["bytes"].as_u64().unwrap_or(0),
+        state
+    );
+}
+
+fn header() {
+    println!(
+        "{:<24} {:<24} {:>6} {:>8} {:>12}  STATE",
+        "HYBRID CONNECTION", "ENDPOINT", "RELAY", "SERVED", "BYTES"
+    );
+}
+
+/// Runs one client command against the manager at `state`.
+pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
+    let socket = state.socket();
+    match cmd {
+        ClientCmd::Add { connection_string } => {
+            let cs = if connection_string == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_line(&mut s)
+                    .context("cannot read the connection string from stdin")?;
+                s.trim().to_owned()
+            } else {
+                connection_string
+            };
+            // Check it here too, for a clear usage error before anything is sent.
+            let parsed = hyco_proto::ConnectionString::parse(&cs)
+                .map_err(|e| usage(format!("connection string: {e}")))?;
+            if parsed.entity_path.is_none() {
+                return Err(usage("the connection string has no EntityPath"));
+            }
+            let v = one(&socket, json!({"cmd": "add", "connectionString": cs})).await?;
+            eprintln!("added {}", v["added"].as_str().unwrap_or("?"));
+        }
+        ClientCmd::List { json } => {
+            let v = one(&socket, json!({"cmd": "list"})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                header();
+                for h in v["hybridConnections"].as_array().into_iter().flatten() {
+                    row(h);
+                }
+            }
+        }
+        ClientCmd::Show { hc, json } => {
+            let v = one(&socket, json!({"cmd": "show", "hc": hc})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (label, key) in [
+                    ("hybrid connection", "name"),
+                    ("state", "state"),
+                    ("detail", "detail"),
+                    ("endpoint", "endpoint"),
+                    ("listener id", "listenerId"),
+                    ("listeners on the relay", "relayListeners"),
+                    ("open connections", "activeConnections"),
+                    ("connections served", "connections"),
+                    ("senders rejected", "rejected"),
+                    ("bytes", "bytes"),
+                    ("last error", "lastError"),
+                ] {
+                    let val = match &v[key] {
+                        Value::Null => "-".to_owned(),
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    println!("{label:<24} {val}");
+                }
+            }
+        }
+        ClientCmd::Remove { hc } => {
+            let v = one(&socket, json!({"cmd": "remove", "hc": hc})).await?;
+            eprintln!("removed {}", v["removed"].as_str().unwrap_or("?"));
+        }
+        ClientCmd::Restart { hc } => {
+            let v = one(&socket, json!({"cmd": "restart", "hc": hc})).await?;
+            eprintln!("restarted {}", v["restarted"].as_str().unwrap_or("?"));
+        }
+        ClientCmd::Test {
+            hc,
+            send_connection_string,
+            json,
+        } => {
+            let v = one(
+                &socket,
+                json!({"cmd": "test", "hc": hc, "sendConnectionString": send_connection_string}),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for s in v["steps"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} {:<9} {}",
+                        if s["ok"].as_bool() == Some(true) {
+                            "ok  "
+                        } else {
+                            "FAIL"
+                        },
+                        s["step"].as_str().unwrap_or("?"),
+                        s["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if v["ok"].as_bool() != Some(true) {
+                bail!(
+                    "test of {} failed",
+                    v["hybridConnection"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        ClientCmd::Logs { lines, follow } => {
+            let stdout = std::io::stdout();
+            request(
+                &socket,
+                &json!({"cmd": "logs", "lines": lines, "follow": follow}),
+                |v| {
+                    let mut out = stdout.lock();
+                    writeln!(out, "{}", v["line"].as_str().unwrap_or(""))?;
+                    out.flush()?;
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The log writer: every formatted line goes to stderr and, without colour codes, to the
+/// manager's [`LogBuffer`].
+#[derive(Clone)]
+pub struct Tee(pub Arc<LogBuffer>);
+
+/// One event's writer; the line is handed on when it is dropped.
+pub struct TeeWriter {
+    buf: Vec<u8>,
+    logs: Arc<LogBuffer>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
+    type Writer = TeeWriter;
+    fn make_writer(&'a self) -> TeeWriter {
+        TeeWriter {
+            buf: Vec::with_capacity(256),
+            logs: Arc::clone(&self.0),
+        }
+    }
+}
+
+impl Write for TeeWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TeeWriter {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let _ = std::io::stderr().lock().write_all(&self.buf);
+        let text = strip_ansi(&String::from_utf8_lossy(&self.buf));
+        for line in text.lines() {
+            self.logs.push(line);
+        }
+    }
+}
+
+/// Removes `ESC [ … letter` sequences (the colours of terminal output).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_codes_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
+        );
+    }
+}
