@@ -498,16 +498,19 @@ fn check_metadata(m: Option<&str>) -> Result<(), RelayError> {
     }
 }
 
-/// Runs a store write off the async threads (it fsyncs) and maps its errors.
+/// Runs a store write off the async threads (it fsyncs) and maps its errors. Afterwards the
+/// control channels re-check their tokens against the new keys.
 async fn write<T: Send + 'static>(
     shared: &Arc<Shared>,
     f: impl FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, RelayError> {
     let s = Arc::clone(shared);
-    tokio::task::spawn_blocking(move || f(&s.store))
+    let out = tokio::task::spawn_blocking(move || f(&s.store))
         .await
         .map_err(|e| RelayError::Internal(e.to_string()))?
-        .map_err(store_err)
+        .map_err(store_err)?;
+    shared.keys_changed.send_modify(|g| *g += 1);
+    Ok(out)
 }
 
 fn no_content() -> Result<Response<Body>, RelayError> {

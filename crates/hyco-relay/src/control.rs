@@ -29,6 +29,8 @@ pub struct ControlChannel {
     pub entry: Arc<ListenerEntry>,
     /// Expiry of the token that opened (or last renewed) the channel.
     pub expiry: u64,
+    /// That token, kept to re-check it when keys change. Never logged.
+    pub token: String,
     /// Queue of commands for this listener.
     pub rx: mpsc::Receiver<ControlMsg>,
 }
@@ -73,6 +75,7 @@ impl ControlChannel {
         let mut seen = ws.frames_received();
         let mut last_progress = Instant::now();
         let shutdown = self.shared.shutdown.clone();
+        let mut keys_changed = self.shared.keys_changed.subscribe();
         // A `response` with `body: true` waits here for the binary message that must follow.
         let mut awaiting_body: Option<ResponseCommand> = None;
         let why = loop {
@@ -135,6 +138,13 @@ impl ControlChannel {
                     }
                     None => break "registry dropped".into(),
                 },
+                Ok(()) = keys_changed.changed() => {
+                    if let Err(e) = self.check_token(&self.token, 0) {
+                        info!(event = "ListenerTokenRevoked", hc = %self.hc_name, listener_id = %self.entry.listener_id, reason = %e, "closing: its token no longer verifies");
+                        let _ = ws.send_close(1008, "The token's key was regenerated or removed.").await;
+                        break "token key revoked".into();
+                    }
+                }
                 _ = sleep_until(expiry_at) => {
                     let _ = ws.send_close(1008, "The token has expired.").await;
                     break "token expired".into();
@@ -193,6 +203,28 @@ impl ControlChannel {
         );
     }
 
+    /// Verifies a token for Listen on this channel's hybrid connection, with the keys as they
+    /// are now, as of `now` (0: expiry not checked; the grace timer handles it).
+    fn check_token(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<crate::auth::Grant, crate::error::RelayError> {
+        let ns = self.shared.store.snapshot();
+        let hc = ns.hcs.get(&self.hc_key);
+        let mut hosts = self.shared.cfg.hostnames.clone();
+        hosts.push(crate::service::strip_port(&self.entry.host).to_ascii_lowercase());
+        crate::auth::authorize(
+            &ns,
+            &hosts,
+            Some((&self.hc_name, hc)),
+            Some(token),
+            Need::Listen,
+            now,
+            0,
+        )
+    }
+
     /// Hands a response that came on this channel to the request waiting for it.
     fn deliver(&self, r: ResponseCommand, body: bytes::Bytes) {
         let id = r.request_id.clone();
@@ -208,30 +240,19 @@ impl ControlChannel {
     /// Handles one text command; returns a close code and reason when the channel must end.
     fn on_text(&mut self, text: &str, expiry_at: &mut Instant) -> Option<(u16, &'static str)> {
         match ListenerCommand::parse(text) {
-            Ok(ListenerCommand::RenewToken(r)) => {
-                let ns = self.shared.store.snapshot();
-                let hc = ns.hcs.get(&self.hc_key);
-                match crate::auth::authorize(
-                    &ns,
-                    &self.shared.cfg.hostnames,
-                    Some((&self.hc_name, hc)),
-                    Some(&r.token),
-                    Need::Listen,
-                    unix_now(),
-                    0,
-                ) {
-                    Ok(grant) => {
-                        self.expiry = grant.expiry;
-                        *expiry_at = deadline_for(grant.expiry, self.shared.cfg.limits.token_grace);
-                        debug!(hc = %self.hc_name, "token renewed");
-                        None
-                    }
-                    Err(e) => {
-                        warn!(event = "InvalidSasToken", hc = %self.hc_name, error = %e, "renewToken refused");
-                        Some((1008, "The renewed token is invalid."))
-                    }
+            Ok(ListenerCommand::RenewToken(r)) => match self.check_token(&r.token, unix_now()) {
+                Ok(grant) => {
+                    self.expiry = grant.expiry;
+                    self.token = r.token;
+                    *expiry_at = deadline_for(grant.expiry, self.shared.cfg.limits.token_grace);
+                    debug!(hc = %self.hc_name, "token renewed");
+                    None
                 }
-            }
+                Err(e) => {
+                    warn!(event = "InvalidSasToken", hc = %self.hc_name, error = %e, "renewToken refused");
+                    Some((1008, "The renewed token is invalid."))
+                }
+            },
             Ok(other) => {
                 debug!(hc = %self.hc_name, command = ?std::mem::discriminant(&other), "control command ignored");
                 None

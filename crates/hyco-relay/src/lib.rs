@@ -150,6 +150,9 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Listener up/down events (JSON) for `/api/listener-events`.
     pub events: tokio::sync::broadcast::Sender<String>,
+    /// Bumped after every change to rules or keys: control channels re-check their token
+    /// (attacks A10: a regenerated or deleted key closes the listeners that used it).
+    pub keys_changed: tokio::sync::watch::Sender<u64>,
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
@@ -364,6 +367,7 @@ impl Relay {
             handshakes: Default::default(),
             metrics: metrics::Metrics::default(),
             events: tokio::sync::broadcast::channel(256).0,
+            keys_changed: tokio::sync::watch::channel(0).0,
             tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();

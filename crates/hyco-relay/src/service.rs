@@ -167,7 +167,9 @@ async fn websocket(
         .as_ref()
         .map(|(_, hc, _)| hc.name.clone())
         .unwrap_or_else(|| segments.join("/"));
-    let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
+    let token =
+        crate::auth::find_token(query.token.as_deref(), req.headers(), true).map(str::to_owned);
+    let token = token.as_deref();
     let needs_auth = match (&action, &resolved) {
         (Action::Connect, Some((_, hc, _))) => hc.requires_client_authorization,
         _ => true,
@@ -210,7 +212,8 @@ async fn websocket(
     match action {
         Action::Listen => {
             let expiry = grant.map(|g| g.expiry).unwrap_or(u64::MAX);
-            listen(shared, peer, req, route, expiry)
+            let token = token.unwrap_or_default().to_owned();
+            listen(shared, peer, req, route, expiry, token)
         }
         _ => connect(shared, peer, req, route).await,
     }
@@ -238,6 +241,7 @@ fn listen(
     mut req: Request<Incoming>,
     route: Route,
     expiry: u64,
+    token: String,
 ) -> Result<Response<Body>, RelayError> {
     let Route {
         accept_key,
@@ -275,6 +279,7 @@ fn listen(
         hc_name,
         entry: Arc::clone(&entry),
         expiry,
+        token,
         rx,
     };
     let registry_shared = Arc::clone(shared);

@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use common::{now, start, Env, T};
 use hyco_io::ws::Message;
@@ -624,7 +625,7 @@ async fn scopes_methods_and_rotation_behave() {
     }
 
     // Rotation: after the primary key is regenerated, tokens signed with the secondary still
-    // work, tokens with the old primary do not, and an open listener stays up.
+    // work and tokens with the old primary do not.
     let (s, keys) = call(
         &env,
         &spec,
@@ -670,8 +671,21 @@ async fn scopes_methods_and_rotation_behave() {
             .status(),
         Some(401)
     );
-    let _second = listen_with(&secondary).await.unwrap();
-    // The listener opened with the old key is still registered and answers.
+    let mut second = listen_with(&secondary).await.unwrap();
+    // Attacks A10: the listener whose token was signed with the replaced key is closed with
+    // 1008 at once; the one on the secondary key stays.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match live.ws.recv().await {
+                Ok(Message::Close(c)) => return c,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the listener on the replaced key was not closed within 5 s");
+    assert_eq!(closed.map(|c| c.0), Some(1008));
     let (s, v) = call(
         &env,
         &spec,
@@ -682,6 +696,30 @@ async fn scopes_methods_and_rotation_behave() {
         None,
     )
     .await;
-    assert_eq!((s, v["value"].as_array().unwrap().len()), (200, 2));
-    live.ws.send_ping(b"still here").await.unwrap();
+    assert_eq!((s, v["value"].as_array().unwrap().len()), (200, 1));
+    second.ws.send_ping(b"still here").await.unwrap();
+    // Deleting the rule closes the rest.
+    let (s, _) = call(
+        &env,
+        &spec,
+        "DELETE",
+        "/hybridconnections/{name}/authorizationrules/{rule}",
+        "/hybridconnections/hc1/authorizationrules/app",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match second.ws.recv().await {
+                Ok(Message::Close(c)) => return c,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the listener of a deleted rule was not closed within 5 s");
+    assert_eq!(closed.map(|c| c.0), Some(1008));
 }

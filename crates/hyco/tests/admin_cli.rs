@@ -184,8 +184,24 @@ async fn every_admin_command_in_both_formats() {
 async fn regenerating_keys_during_traffic_drops_nothing() {
     let r = relay("rotate").await;
     let echo = echo_server().await;
-    let (listen, send) = r.hc("svc", &echo.to_string()).await;
-    let _m = r.manager("manager", &listen);
+    let (_listen, send) = r.hc("svc", &echo.to_string()).await;
+    // Rotation done right: the manager runs on the listen rule's secondary key, so replacing
+    // the primaries touches no listener; the forwarder keeps the old send primary, so its
+    // open tunnel shows that tunnels are never cut by a key change.
+    let listen = ok(
+        &r,
+        &[
+            "rule",
+            "connection-string",
+            "l",
+            "--hc",
+            "svc",
+            "--key",
+            "secondary",
+        ],
+    )
+    .await;
+    let _m = r.manager("manager", listen.trim());
     r.wait_listeners("svc", 1).await;
     let (_f, port) = r.forward("svc", &send).await;
     // A 48 MiB echo is in flight while both primaries are replaced.
@@ -210,8 +226,8 @@ async fn regenerating_keys_during_traffic_drops_nothing() {
         (b, 48 << 20),
         "the tunnel open during rotation carried everything"
     );
-    // The manager's listener (opened with the old key) is still there and still serves: a
-    // forwarder with the new primary, and one with the untouched secondary, both get through.
+    // The manager (secondary key) is still there and serves: a forwarder with the new primary,
+    // and one with the untouched secondary, both get through.
     assert_eq!(r.listeners("svc").await, 1);
     let (_f2, port2) = r.forward("svc", new_send.trim()).await;
     let (a, b, n) = echo_roundtrip(port2, 100_000).await;
