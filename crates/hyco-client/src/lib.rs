@@ -27,6 +27,7 @@ use hyco_proto::entity::EntityDescription;
 use hyco_proto::{ConnectionString, ConnectionStringAuth};
 
 pub use forward::{run_forward, ForwardRule};
+pub use hyco_io::proxy::{NoProxy, ProxyUrl};
 pub use hyco_io::ws::Connector;
 pub use listener::{HybridListener, Incoming, ListenerOptions, ListenerStatus};
 
@@ -85,15 +86,21 @@ impl ClientError {
     }
 }
 
-/// Trust and timeouts.
+/// Trust, timeouts and the outbound proxy.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// An extra CA to trust, besides the system roots.
     pub ca_file: Option<PathBuf>,
-    /// TCP + TLS + upgrade deadline.
+    /// TCP + TLS + upgrade deadline (through the proxy: connecting to it and its `CONNECT`
+    /// answer included).
     pub connect_timeout: Duration,
     /// Lifetime of the tokens minted from a key.
     pub token_lifetime: Duration,
+    /// The HTTP proxy every connection (WebSocket, rendezvous, HTTPS request) goes through
+    /// with `CONNECT`, for networks that only let traffic out that way. `None`: direct.
+    pub proxy: Option<ProxyUrl>,
+    /// Relay hosts reached directly even when `proxy` is set (the `NO_PROXY` convention).
+    pub no_proxy: NoProxy,
 }
 
 impl Default for ClientOptions {
@@ -102,17 +109,38 @@ impl Default for ClientOptions {
             ca_file: None,
             connect_timeout: Duration::from_secs(30),
             token_lifetime: Duration::from_secs(3600),
+            proxy: None,
+            no_proxy: NoProxy::default(),
         }
     }
 }
 
 impl ClientOptions {
-    /// Defaults, with `HYCO_CA_FILE` as the extra CA.
+    /// Defaults, with `HYCO_CA_FILE` as the extra CA and the proxy settings of the environment
+    /// (see [`ClientOptions::proxy_from_env`]). An unusable proxy URL there is logged and
+    /// ignored; use `proxy_from_env` to treat it as an error.
     pub fn from_env() -> Self {
+        let proxy = Self::proxy_from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring the proxy setting of the environment");
+            None
+        });
         ClientOptions {
             ca_file: std::env::var_os("HYCO_CA_FILE").map(PathBuf::from),
+            proxy,
+            no_proxy: Self::no_proxy_from_env(),
             ..ClientOptions::default()
         }
+    }
+
+    /// The proxy from `HTTPS_PROXY`, `https_proxy`, `ALL_PROXY` or `all_proxy`: the first one
+    /// set and not blank.
+    pub fn proxy_from_env() -> Result<Option<ProxyUrl>, hyco_io::proxy::ProxyError> {
+        hyco_io::proxy::proxy_from_env_vars(|name| std::env::var(name).ok())
+    }
+
+    /// The hosts that bypass the proxy, from `NO_PROXY` or `no_proxy`.
+    pub fn no_proxy_from_env() -> NoProxy {
+        hyco_io::proxy::no_proxy_from_env_vars(|name| std::env::var(name).ok())
     }
 
     /// A connector with these settings.
@@ -120,6 +148,10 @@ impl ClientOptions {
         let tls = hyco_io::tls::client_config(self.ca_file.as_deref())?;
         let mut c = Connector::new(Arc::clone(&tls));
         c.timeout = self.connect_timeout;
+        c.set_proxy(self.proxy.clone().map(|url| hyco_io::proxy::Proxy {
+            url,
+            no_proxy: self.no_proxy.clone(),
+        }));
         Ok(c)
     }
 }

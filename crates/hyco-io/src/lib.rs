@@ -6,11 +6,13 @@
 //! * [`splice`]: the relay's frame-level join of two WebSocket connections.
 //! * [`tls`]: rustls configs and the generated development PKI.
 //! * [`backoff`]: jittered reconnect delays.
+//! * [`proxy`]: outbound HTTP proxies (`CONNECT` tunnels, `NO_PROXY` rules).
 //! * [`status`]: the loopback status server (metrics, JSON, live page).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod proxy;
 pub mod splice;
 pub mod status;
 pub mod tls;

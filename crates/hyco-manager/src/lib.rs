@@ -60,6 +60,8 @@ impl Default for ManagerConfig {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     ca_file: Option<PathBuf>,
+    proxy: Option<String>,
+    no_proxy: Option<String>,
     dial_timeout_secs: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
@@ -96,6 +98,12 @@ impl ManagerConfig {
         let mut cfg = ManagerConfig {
             client: ClientOptions {
                 ca_file: f.ca_file,
+                proxy: f
+                    .proxy
+                    .map(|p| p.parse())
+                    .transpose()
+                    .map_err(|e| ManagerError::Config(format!("proxy: {e}")))?,
+                no_proxy: hyco_client::NoProxy::parse(f.no_proxy.as_deref().unwrap_or("")),
                 ..ClientOptions::default()
             },
             ..ManagerConfig::default()
@@ -288,6 +296,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_example_configuration_parses() {
+        let text = include_str!("../../../packaging/manager.toml");
+        let cfg = ManagerConfig::from_toml(text).unwrap();
+        assert_eq!(cfg.dial_timeout, Duration::from_secs(10));
+        // Uncommented, its example hybrid connection parses too.
+        let uncommented = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.starts_with("[[") || r.starts_with("connection_string"))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = ManagerConfig::from_toml(&uncommented.replace('…', "a2V5")).unwrap();
+        assert_eq!(cfg.connections.len(), 1);
+    }
+
+    #[test]
     fn config_file() {
         let cfg = ManagerConfig::from_toml(
             "ca_file = \"/etc/hyco/ca.pem\"\n[[hybrid_connection]]\nconnection_string = \"Endpoint=sb://r:9443/;SharedAccessKeyName=l;SharedAccessKey=a2V5;EntityPath=db\"\n",
@@ -307,5 +334,20 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("#1"), "{e}");
+    }
+
+    #[test]
+    fn config_proxy_keys() {
+        let cfg = ManagerConfig::from_toml(
+            "proxy = \"http://u:secret@proxy.corp:3128\"\nno_proxy = \".corp,10.0.0.0/8\"\n",
+        )
+        .unwrap();
+        let p = cfg.client.proxy.unwrap();
+        assert_eq!(p.to_string(), "http://u:***@proxy.corp:3128");
+        assert!(cfg.client.no_proxy.matches("relay.corp", 443));
+        let e = ManagerConfig::from_toml("proxy = \"https://u:secret@proxy.corp\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy") && !e.contains("secret"), "{e}");
     }
 }

@@ -248,7 +248,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
         key,
         expiry,
     );
-    let connector = crate::client_options(a.ca_file).connector()?;
+    let connector = crate::client_options(Default::default(), a.ca_file)?.connector()?;
     let api = Api {
         base: format!("https://{}/$hyco/v1", cs.endpoint.host_port()),
         auth: token.as_str().to_owned(),

@@ -7,10 +7,12 @@ mod manager_cli;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use hyco_client::{ClientOptions, NoProxy, ProxyUrl};
 use hyco_io::CancellationToken;
 use hyco_proto::ConnectionString;
 use tracing::{error, info};
@@ -22,9 +24,24 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// HTTP proxy for the outbound connections of manager, forward and admin (CONNECT;
+    /// TLS stays end to end with the relay): http://[user:password@]host:port. Default:
+    /// HTTPS_PROXY, https_proxy, ALL_PROXY or all_proxy. An empty value means no proxy.
+    #[arg(long, global = true, value_name = "URL")]
+    proxy: Option<String>,
+    /// Relay hosts reached without the proxy: comma-separated host names (subdomains
+    /// included), IP addresses, CIDR blocks or `*`, each optionally with `:port`. Default:
+    /// NO_PROXY or no_proxy.
+    #[arg(long, global = true, value_name = "LIST")]
+    no_proxy: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// `--proxy` and `--no-proxy` as given, set once in `main` before any role starts. Process-wide
+/// so that manager, forward and admin all reach them through [`client_options`] without each
+/// subcommand carrying them; the environment is read there, and only by the roles that dial.
+static PROXY_FLAGS: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -179,6 +196,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = PROXY_FLAGS.set((cli.proxy.clone(), cli.no_proxy.clone()));
     let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
     init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -273,11 +291,40 @@ async fn relay(a: RelayArgs) -> Result<()> {
     Ok(())
 }
 
-fn client_options(ca_file: Option<PathBuf>) -> hyco_client::ClientOptions {
-    hyco_client::ClientOptions {
-        ca_file,
-        ..hyco_client::ClientOptions::default()
+/// The client options of manager, forward and admin: `file` (the manager's configuration
+/// file, or the defaults) with `--ca-file` and the proxy settings on top. The proxy is
+/// `--proxy`, else the environment (`HTTPS_PROXY`, `https_proxy`, `ALL_PROXY`, `all_proxy`),
+/// else the file's; the bypass list likewise (`--no-proxy`, `NO_PROXY`, `no_proxy`), as
+/// `--ca-file` and `HYCO_CA_FILE` win over the file's `ca_file`.
+fn client_options(file: ClientOptions, ca_file: Option<PathBuf>) -> Result<ClientOptions> {
+    let (proxy_flag, no_proxy_flag) = PROXY_FLAGS.get().cloned().unwrap_or_default();
+    let mut o = file;
+    if ca_file.is_some() {
+        o.ca_file = ca_file;
     }
+    match proxy_flag.as_deref().map(str::trim) {
+        Some("") => o.proxy = None,
+        Some(url) => {
+            o.proxy = Some(ProxyUrl::parse(url).map_err(|e| usage(format!("--proxy: {e}")))?)
+        }
+        None => {
+            if let Some(p) = ClientOptions::proxy_from_env().map_err(|e| usage(e.to_string()))? {
+                o.proxy = Some(p);
+            }
+        }
+    }
+    let no_proxy = match &no_proxy_flag {
+        Some(list) => NoProxy::parse(list),
+        None => ClientOptions::no_proxy_from_env(),
+    };
+    if no_proxy_flag.is_some() || !no_proxy.is_empty() {
+        o.no_proxy = no_proxy;
+    }
+    if let Some(p) = &o.proxy {
+        // Display masks the password.
+        info!(proxy = %p, no_proxy = %o.no_proxy, "outbound connections go through the proxy");
+    }
+    Ok(o)
 }
 
 async fn manager(
@@ -299,9 +346,7 @@ async fn manager(
             .map_err(|e| usage(format!("--connection-string #{}: {e}", i + 1)))?;
         cfg.connections.push(cs);
     }
-    if a.ca_file.is_some() {
-        cfg.client.ca_file = a.ca_file.clone();
-    }
+    cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     if a.token_lifetime < 2 {
         return Err(usage("--token-lifetime must be at least 2 seconds"));
     }
@@ -366,6 +411,7 @@ fn parse_local(spec: &str) -> Result<(SocketAddr, String)> {
 async fn forward(a: ForwardArgs) -> Result<()> {
     let cs = ConnectionString::parse(&a.connection_string)
         .map_err(|e| usage(format!("--connection-string: {e}")))?;
+    let connector = client_options(ClientOptions::default(), a.ca_file)?.connector()?;
     let mut rules = Vec::new();
     for spec in &a.locals {
         let (addr, hc) = parse_local(spec)?;
@@ -378,7 +424,6 @@ async fn forward(a: ForwardArgs) -> Result<()> {
             cs: cs.with_entity(&hc),
         });
     }
-    let connector = client_options(a.ca_file).connector()?;
     let shutdown = CancellationToken::new();
     on_signals(shutdown.clone());
     if let Err(e) = hyco_client::run_forward(rules, connector, shutdown).await {

@@ -157,6 +157,9 @@ pub enum ConnectError {
     /// A 101 that does not complete a valid WebSocket handshake.
     #[error("invalid handshake response: {0}")]
     BadHandshake(&'static str),
+    /// The HTTP proxy could not be reached or refused the tunnel.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 impl ConnectError {
@@ -233,24 +236,52 @@ pub struct Connected {
     pub protocol: Option<String>,
 }
 
-/// Dials relays: TCP (with `TCP_NODELAY`), TLS with verification, HTTP/1.1 upgrade.
+/// Dials relays: TCP (with `TCP_NODELAY`), directly or through an HTTP proxy's `CONNECT`
+/// tunnel, TLS with verification, HTTP/1.1 upgrade.
 #[derive(Clone)]
 pub struct Connector {
-    tls: tokio_rustls::TlsConnector,
+    /// How to reach a relay; shared, since a connector is cloned for every task.
+    dialer: Arc<Dialer>,
     /// Limit for TCP + TLS + upgrade together.
     pub timeout: Duration,
     /// Frame and buffer limits for the resulting stream.
     pub ws: WsConfig,
 }
 
+/// The TLS client, and the proxy if connections go through one.
+struct Dialer {
+    tls: tokio_rustls::TlsConnector,
+    /// Every connection goes through it with `CONNECT`, except to hosts its `no_proxy`
+    /// matches. TLS is still end to end with the relay: the proxy only sees `host:port`.
+    proxy: Option<crate::proxy::Proxy>,
+}
+
 impl Connector {
     /// A connector with the given client TLS config (see [`crate::tls::client_config`]).
     pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
         Connector {
-            tls: tokio_rustls::TlsConnector::from(tls),
+            dialer: Arc::new(Dialer {
+                tls: tokio_rustls::TlsConnector::from(tls),
+                proxy: None,
+            }),
             timeout: Duration::from_secs(30),
             ws: WsConfig::default(),
         }
+    }
+
+    /// Sends connections through an HTTP proxy (`CONNECT`), except to the hosts its
+    /// `no_proxy` list matches; `None` dials directly. The `CONNECT` exchange counts against
+    /// [`Connector::timeout`].
+    pub fn set_proxy(&mut self, proxy: Option<crate::proxy::Proxy>) {
+        self.dialer = Arc::new(Dialer {
+            tls: self.dialer.tls.clone(),
+            proxy,
+        });
+    }
+
+    /// The proxy connections go through, if any.
+    pub fn proxy(&self) -> Option<&crate::proxy::Proxy> {
+        self.dialer.proxy.as_ref()
     }
 
     /// Opens a WebSocket to `url` with extra request headers.
@@ -398,18 +429,34 @@ impl Connector {
         .map_err(|_| ConnectError::Timeout(self.timeout))?
     }
 
+    /// TCP to the relay (or a tunnel to it through the proxy), then TLS to the relay.
     async fn dial(&self, t: &Target) -> Result<ClientTls, ConnectError> {
-        let addr = format!("{}:{}", t.host_header_host(), t.port);
-        let tcp = TcpStream::connect((t.host.as_str(), t.port))
-            .await
-            .map_err(|source| ConnectError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let via = self
+            .dialer
+            .proxy
+            .as_ref()
+            .and_then(|p| p.for_target(&t.host, t.port));
+        let tcp = match via {
+            Some(proxy) => {
+                tracing::debug!(%proxy, host = %t.host, port = t.port, "dialling through the proxy");
+                crate::proxy::open_tunnel(proxy, &t.host, t.port, self.timeout).await?
+            }
+            None => {
+                let addr = format!("{}:{}", t.host_header_host(), t.port);
+                let tcp = TcpStream::connect((t.host.as_str(), t.port))
+                    .await
+                    .map_err(|source| ConnectError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                tcp
+            }
+        };
         let name = rustls::pki_types::ServerName::try_from(t.host.clone())
             .map_err(|_| ConnectError::BadUrl(format!("invalid server name {:?}", t.host)))?;
-        self.tls
+        self.dialer
+            .tls
             .connect(name, tcp)
             .await
             .map_err(|source| ConnectError::Tls {
