@@ -193,6 +193,7 @@ fn now_rfc3339() -> String {
 /// Handles `/$hyco/v1/…`.
 pub async fn handle(
     shared: &Arc<Shared>,
+    peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
     let path = req.uri().path().to_owned();
@@ -221,10 +222,10 @@ pub async fn handle(
             .to_ascii_lowercase(),
     );
     let token = crate::auth::find_token(None, req.headers(), true);
-    if let Err(e) = crate::auth::authorize(&ns, &hosts, None, token, Need::Manage, unix_now(), 0) {
-        match entity {
-            Some(name) => {
-                crate::auth::authorize(
+    crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+        crate::auth::authorize(&ns, &hosts, None, token, Need::Manage, unix_now(), 0).or_else(|e| {
+            match entity {
+                Some(name) => crate::auth::authorize(
                     &ns,
                     &hosts,
                     Some((name, hc)),
@@ -232,11 +233,11 @@ pub async fn handle(
                     Need::Manage,
                     unix_now(),
                     0,
-                )?;
+                ),
+                None => Err(e),
             }
-            None => return Err(e),
-        }
-    }
+        })
+    })?;
     match (method, parts.as_slice()) {
         (Method::GET, ["hybridconnections"]) => {
             let list: Vec<HcView> = ns.hcs.iter().map(|(k, hc)| view(shared, k, hc)).collect();

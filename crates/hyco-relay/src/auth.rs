@@ -21,6 +21,23 @@ pub struct Grant {
     pub expiry: u64,
 }
 
+/// Runs an authorization for a request from `ip` through the failure throttle: refused with
+/// 429 while `ip` is throttled (before any token is looked at), and a 401 counts against it.
+pub fn guarded<T>(
+    throttle: &crate::throttle::AuthThrottle,
+    ip: std::net::IpAddr,
+    f: impl FnOnce() -> Result<T, RelayError>,
+) -> Result<T, RelayError> {
+    throttle
+        .check(ip)
+        .map_err(|wait| RelayError::TooManyFailures(wait.as_secs()))?;
+    let r = f();
+    if matches!(r, Err(RelayError::Unauthorized(_))) {
+        throttle.failed(ip);
+    }
+    r
+}
+
 /// Where the credential came from (query first, then headers: protocol.md §3.3, attacks A2).
 pub fn find_token<'a>(
     query_token: Option<&'a str>,

@@ -35,6 +35,18 @@ pub struct ControlChannel {
     pub rx: mpsc::Receiver<ControlMsg>,
 }
 
+/// The `requestId` of a `response` command that does not parse as one.
+fn unreadable_response_id(text: &str) -> Option<String> {
+    if text.len() > 64 * 1024 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("response")?
+        .get("requestId")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 fn deadline_for(expiry: u64, grace: Duration) -> Instant {
     let left = expiry.saturating_sub(unix_now()) + grace.as_secs();
     Instant::now() + Duration::from_secs(left)
@@ -86,13 +98,25 @@ impl ControlChannel {
                             debug!(hc = %self.hc_name, "a response's body did not follow it; the request fails");
                             self.shared.http.abandon(self.entry.conn_id, &r.request_id);
                         }
-                        if let Ok(ListenerCommand::Response(r)) = ListenerCommand::parse(&t) {
-                            if r.body {
-                                awaiting_body = Some(r);
-                            } else {
-                                self.deliver(r, bytes::Bytes::new());
+                        match ListenerCommand::parse(&t) {
+                            Ok(ListenerCommand::Response(r)) => {
+                                if r.body {
+                                    awaiting_body = Some(r);
+                                } else {
+                                    self.deliver(r, bytes::Bytes::new());
+                                }
+                                continue;
                             }
-                            continue;
+                            Err(_) => {
+                                // A response we cannot read (statusCode "abc", -1…) fails its
+                                // request at once (502) instead of leaving it to time out.
+                                if let Some(id) = unreadable_response_id(&t) {
+                                    debug!(hc = %self.hc_name, request_id = %id, "unreadable response; the request fails");
+                                    self.shared.http.abandon(self.entry.conn_id, &id);
+                                    continue;
+                                }
+                            }
+                            Ok(_) => {}
                         }
                         if let Some(code_reason) = self.on_text(&t, &mut expiry_at) {
                             let _ = ws.send_close(code_reason.0, code_reason.1).await;

@@ -74,6 +74,9 @@ pub enum RelayError {
     /// The listener did not answer within the rendezvous deadline.
     #[error("The listener did not accept the connection within {0} seconds.")]
     ListenerTimeout(u64),
+    /// Too many failed authorizations from this address; retry after the seconds given.
+    #[error("Too many failed authorization attempts from this address; retry in {0} s.")]
+    TooManyFailures(u64),
     /// A known management path with a method it does not take.
     #[error("This operation does not take that HTTP method.")]
     MethodNotAllowed,
@@ -113,6 +116,7 @@ impl RelayError {
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
             RelayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            RelayError::TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
             RelayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
@@ -133,6 +137,11 @@ impl RelayError {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
         let mut resp = error_response(status, code, &message);
+        if let RelayError::TooManyFailures(secs) = self {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
         if matches!(self, RelayError::UpgradeRequired) {
             resp.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,

@@ -234,15 +234,17 @@ pub async fn handle(
         let mut hosts = shared.cfg.hostnames.clone();
         hosts.push(strip_port(&host).to_ascii_lowercase());
         let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
-        if let Err(e) = crate::auth::authorize(
-            &ns,
-            &hosts,
-            Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
-            token,
-            Need::Send,
-            unix_now(),
-            0,
-        ) {
+        if let Err(e) = crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+            crate::auth::authorize(
+                &ns,
+                &hosts,
+                Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
+                token,
+                Need::Send,
+                unix_now(),
+                0,
+            )
+        }) {
             info!(event = "AuthorizationFailed", peer = %peer, hc = %entity_name, action = "request", reason = %e, "refused");
             return Err(e);
         }
@@ -395,7 +397,12 @@ pub async fn handle(
     };
     let delivery = match waited {
         Ok(Ok(d)) => d,
-        Ok(Err(_)) => return Err(RelayError::ListenerGone),
+        // The wait was abandoned: an unreadable response, or a failed rendezvous.
+        Ok(Err(_)) => {
+            return Err(RelayError::BadGateway(
+                "The listener failed to answer the request.".into(),
+            ))
+        }
         Err(_) => return Err(timeout()),
     };
     let (cmd, body) = match delivery {
@@ -449,9 +456,10 @@ fn response_for_sender(
     method: &Method,
     host: &str,
 ) -> Result<Response<Body>, RelayError> {
+    // 1xx (101 above all) and anything outside 200–599 never reach an HTTP sender (F3).
     let status = StatusCode::from_u16(cmd.status_code)
         .ok()
-        .filter(|s| !s.is_informational())
+        .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or_else(|| {
             RelayError::BadGateway(format!(
                 "The listener answered with an unusable status {}.",

@@ -23,6 +23,7 @@ pub mod rendezvous;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,10 @@ pub struct Limits {
     pub max_handshake_waiters_per_ip: usize,
     /// Most request headers.
     pub max_headers: usize,
+    /// Failed authorizations one address may make at once (0: no throttle)…
+    pub auth_failure_burst: u32,
+    /// …and per second after that; beyond, it gets 429.
+    pub auth_failures_per_sec: f64,
 }
 
 impl Default for Limits {
@@ -90,6 +95,8 @@ impl Default for Limits {
             max_handshakes_per_ip: 64,
             max_handshake_waiters_per_ip: 1024,
             max_headers: 100,
+            auth_failure_burst: 30,
+            auth_failures_per_sec: 1.0,
         }
     }
 }
@@ -153,6 +160,8 @@ pub struct Shared {
     /// Bumped after every change to rules or keys: control channels re-check their token
     /// (attacks A10: a regenerated or deleted key closes the listeners that used it).
     pub keys_changed: tokio::sync::watch::Sender<u64>,
+    /// Failed authorizations per source address.
+    pub auth_throttle: throttle::AuthThrottle,
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
@@ -355,6 +364,10 @@ impl Relay {
                 secondary_key: admin::new_key(),
             })?;
         }
+        let auth_throttle = throttle::AuthThrottle::new(
+            cfg.limits.auth_failure_burst,
+            cfg.limits.auth_failures_per_sec,
+        );
         let shared = Arc::new(Shared {
             cfg,
             store,
@@ -368,6 +381,7 @@ impl Relay {
             metrics: metrics::Metrics::default(),
             events: tokio::sync::broadcast::channel(256).0,
             keys_changed: tokio::sync::watch::channel(0).0,
+            auth_throttle,
             tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();

@@ -38,7 +38,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path().to_owned();
     let result = if path.starts_with("/$hyco/") {
-        crate::admin::handle(&shared, req).await
+        crate::admin::handle(&shared, peer, req).await
     } else if is_hc_path(&path) {
         if is_upgrade(&req) {
             let counted = metric_label(&shared, &req);
@@ -180,15 +180,17 @@ async fn websocket(
         Need::Send
     };
     let grant = if needs_auth {
-        let g = crate::auth::authorize(
-            &ns,
-            &hosts,
-            Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
-            token,
-            need,
-            unix_now(),
-            0,
-        );
+        let g = crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+            crate::auth::authorize(
+                &ns,
+                &hosts,
+                Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
+                token,
+                need,
+                unix_now(),
+                0,
+            )
+        });
         if let Err(e) = &g {
             info!(event = "AuthorizationFailed", peer = %peer, hc = %entity_name, action = action.as_str(), reason = %e, "refused");
         }
@@ -603,27 +605,12 @@ async fn entity_or_http(
         HcQuery::parse(raw_query).map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
     let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
     // Any of Listen, Send, Manage may read the description (the manager has Listen only).
-    let mut last = None;
-    for need in [Need::Listen, Need::Send] {
-        match crate::auth::authorize(
-            &ns,
-            &hosts,
-            Some((&name, resolved.as_ref().map(|r| r.1))),
-            token,
-            need,
-            unix_now(),
-            0,
-        ) {
-            Ok(_) => {
-                last = None;
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    if let Some(e) = last {
-        return Err(e);
-    }
+    crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+        let entity = Some((name.as_str(), resolved.as_ref().map(|r| r.1)));
+        crate::auth::authorize(&ns, &hosts, entity, token, Need::Listen, unix_now(), 0).or_else(
+            |_| crate::auth::authorize(&ns, &hosts, entity, token, Need::Send, unix_now(), 0),
+        )
+    })?;
     let Some((key, hc, _)) = resolved else {
         return Err(RelayError::NotFound(format!(
             "Endpoint does not exist. No hybrid connection '{name}'."

@@ -51,6 +51,18 @@ impl Proc {
             SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         cmd.env("HYCO_STATE_DIR", &state_dir);
+        // Tests talk to 127.0.0.1 only: a proxy set in the runner's environment must not
+        // catch that traffic (tests about proxies set these themselves).
+        for v in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(v);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
