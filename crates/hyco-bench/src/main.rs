@@ -9,6 +9,7 @@
 //! RSS of every process idle and loaded.
 //!
 //! Not a test: nothing here asserts timings. `bench/run` installs the tools and calls this.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -258,12 +258,15 @@ impl ParsedToken {
     }
 
     /// Whether one of `keys` signed this token. Constant-time; every key is tried, and with no
-    /// keys a dummy HMAC is still computed so unknown key names cost the same.
+    /// keys two dummy HMACs are still computed (a rule has two keys), so an unknown key name
+    /// costs what a known one with a bad signature does (attacks A7).
     pub fn verify_signature(&self, keys: &[&SecretKey]) -> bool {
         let msg = format!("{}\n{}", self.raw_sr, self.raw_se);
         if keys.is_empty() {
-            let dummy = hmac(b"hyco-dummy-key-for-unknown-rules", msg.as_bytes());
-            let _ = constant_time_eq(&dummy, &self.sig);
+            for dummy_key in [&b"hyco-dummy-primary"[..], b"hyco-dummy-secondary"] {
+                let dummy = hmac(dummy_key, msg.as_bytes());
+                let _ = constant_time_eq(&dummy, &self.sig);
+            }
             return false;
         }
         let mut ok = false;

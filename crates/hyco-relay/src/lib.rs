@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod control;
 pub mod error;
 pub mod http;
@@ -74,6 +75,8 @@ pub struct Limits {
     pub max_handshake_waiters_per_ip: usize,
     /// Most request headers.
     pub max_headers: usize,
+    /// Resident memory past which new connections get 503 (`None`: no budget).
+    pub max_memory: Option<u64>,
     /// Failed authorizations one address may make at once (0: no throttle)…
     pub auth_failure_burst: u32,
     /// …and per second after that; beyond, it gets 429.
@@ -95,6 +98,7 @@ impl Default for Limits {
             max_handshakes_per_ip: 64,
             max_handshake_waiters_per_ip: 1024,
             max_headers: 100,
+            max_memory: None,
             auth_failure_burst: 30,
             auth_failures_per_sec: 1.0,
         }
@@ -162,6 +166,8 @@ pub struct Shared {
     pub keys_changed: tokio::sync::watch::Sender<u64>,
     /// Failed authorizations per source address.
     pub auth_throttle: throttle::AuthThrottle,
+    /// The memory budget for new connections.
+    pub memory: budget::MemoryBudget,
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
@@ -364,6 +370,7 @@ impl Relay {
                 secondary_key: admin::new_key(),
             })?;
         }
+        let limits_memory = cfg.limits.max_memory;
         let auth_throttle = throttle::AuthThrottle::new(
             cfg.limits.auth_failure_burst,
             cfg.limits.auth_failures_per_sec,
@@ -382,6 +389,7 @@ impl Relay {
             events: tokio::sync::broadcast::channel(256).0,
             keys_changed: tokio::sync::watch::channel(0).0,
             auth_throttle,
+            memory: budget::MemoryBudget::new(limits_memory),
             tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();

@@ -39,6 +39,12 @@ pub async fn handle(
     let path = req.uri().path().to_owned();
     let result = if path.starts_with("/$hyco/") {
         crate::admin::handle(&shared, peer, req).await
+    } else if path.len() > 1 && !shared.memory.allows_new() {
+        // Over the memory budget: new work is refused; the admin API and open tunnels go on.
+        warn!(peer = %peer, resident = shared.memory.resident(), "memory budget reached; refusing");
+        Err(RelayError::Unavailable(
+            "ServerBusy: the relay is at its memory budget; retry later.",
+        ))
     } else if is_hc_path(&path) {
         if is_upgrade(&req) {
             let counted = metric_label(&shared, &req);

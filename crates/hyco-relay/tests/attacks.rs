@@ -681,3 +681,29 @@ async fn failed_authorizations_are_throttled_per_source_address() {
     s.write_all(request(bad).as_bytes()).await.unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 401"));
 }
+
+/// E6: past the memory budget, new connections get 503; the admin API still answers.
+#[tokio::test]
+async fn e6_over_the_memory_budget_new_connections_get_503() {
+    let env = start("att-e6", |c| {
+        c.limits.max_memory = Some(1 << 20); // any process is past 1 MiB
+    })
+    .await;
+    let t = env.token(Some("hc1"), now() + 600);
+    let e = env.listen_refused("hc1", &t).await;
+    assert_eq!(e.status(), Some(503), "{e:?}");
+    let a = env
+        .connector
+        .https_request(
+            http::Method::GET,
+            &format!("https://localhost:{}/hc1/x", env.port),
+            &[("ServiceBusAuthorization", t.as_str())],
+            bytes::Bytes::new(),
+            1 << 16,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 503);
+    let (s, _) = env.admin(http::Method::GET, "/hybridconnections", "").await;
+    assert_eq!(s, 200, "the admin API is not cut off");
+}

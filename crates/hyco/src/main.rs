@@ -1,6 +1,8 @@
 //! `hyco`: one binary for every role. Parses arguments, sets up tracing, binds, and calls the
 //! library `run` of the role. No logic of its own; a bad configuration exits with 64.
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod manager_cli;
 
@@ -90,6 +92,14 @@ struct RelayArgs {
     /// Seconds a control channel outlives its token without renewal.
     #[arg(long, default_value_t = 300)]
     token_grace: u64,
+    /// Resident memory (MiB) past which new connections are refused with 503 (running tunnels
+    /// and the admin API go on). Default: no budget.
+    #[arg(long)]
+    max_memory_mib: Option<u64>,
+    /// Failed authorizations one address may make before it is throttled (429), then one per
+    /// second. 0 turns the throttle off.
+    #[arg(long, default_value_t = 30)]
+    auth_failure_burst: u32,
     /// Seconds running tunnels may drain after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_grace: u64,
@@ -262,6 +272,8 @@ async fn relay(a: RelayArgs) -> Result<()> {
     cfg.limits.rendezvous_timeout = Duration::from_secs(a.rendezvous_timeout);
     cfg.limits.http_timeout = Duration::from_secs(a.http_timeout.max(1));
     cfg.limits.token_grace = Duration::from_secs(a.token_grace);
+    cfg.limits.max_memory = a.max_memory_mib.map(|m| m << 20);
+    cfg.limits.auth_failure_burst = a.auth_failure_burst;
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
     let relay = hyco_relay::Relay::prepare(cfg).context("cannot prepare the relay")?;
     if relay.first_start {
