@@ -344,14 +344,7 @@ impl Actor {
                     Err(e) => return Ok(format!("control channel lost: {e}")),
                 },
                 Some((json, body)) = ctl_rx.recv() => {
-                    let sent = match ws.send_text(&json).await {
-                        Ok(()) => match body {
-                            Some(b) => ws.send_binary(&b).await,
-                            None => Ok(()),
-                        },
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = sent {
+                    if let Err(e) = ws.send_text_then_binary(&json, body.as_deref()).await {
                         return Ok(format!("control channel lost: {e}"));
                     }
                 }

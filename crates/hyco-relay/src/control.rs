@@ -145,14 +145,7 @@ impl ControlChannel {
                     }
                     Some(ControlMsg::Request { json, body }) => {
                         // The body follows its request with nothing between (§4.1).
-                        let sent = match ws.send_text(&json).await {
-                            Ok(()) => match body {
-                                Some(b) => ws.send_binary(&b).await,
-                                None => Ok(()),
-                            },
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = sent {
+                        if let Err(e) = ws.send_text_then_binary(&json, body.as_deref()).await {
                             break format!("write failed: {e}");
                         }
                     }

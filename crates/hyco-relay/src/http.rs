@@ -35,7 +35,7 @@ use tracing::{debug, info};
 
 use crate::error::{Body, RelayError};
 use crate::registry::{id_list, ControlMsg};
-use crate::service::{canonical_header_name, host_of, resolve, strip_port, Prefixed};
+use crate::service::{forwarded_headers, host_of, resolve, strip_port, Prefixed};
 use crate::{unix_now, ServerTls, Shared};
 
 /// Largest body sent inline on the control channel (protocol.md §4.7: 64 kB).
@@ -171,27 +171,13 @@ pub fn request_target(path: &str, query: Option<&str>) -> String {
 /// The sender's headers for `requestHeaders`: hop-by-hop headers, the relay's credentials and
 /// the listener-choice headers removed; repeated headers joined with ", ".
 fn request_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for name in headers.keys() {
-        let n = name.as_str();
-        if is_hop_header(n)
+    forwarded_headers(headers, |n| {
+        is_hop_header(n)
             || n == "servicebusauthorization"
             || (n == "authorization" && drop_authorization)
             || n == "microsoft-relay-allowedlisteners"
             || n == "microsoft-relay-disallowedlisteners"
-        {
-            continue;
-        }
-        let values: Vec<&str> = headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if !values.is_empty() {
-            out.push((canonical_header_name(n), values.join(", ")));
-        }
-    }
-    out
+    })
 }
 
 /// Serves one HTTP-mode request: authorize, pick a listener, send, wait, answer.

@@ -304,7 +304,7 @@ fn listen(
 }
 
 /// Header names the way Microsoft's clients spell them (Java looks them up case-sensitively).
-pub(crate) fn canonical_header_name(name: &str) -> String {
+fn canonical_header_name(name: &str) -> String {
     name.split('-')
         .map(|part| {
             if part.eq_ignore_ascii_case("websocket") {
@@ -326,17 +326,28 @@ pub(crate) fn canonical_header_name(name: &str) -> String {
 /// The sender's headers for `connectHeaders`: credentials and extensions removed, repeated
 /// headers joined with ", " (attacks A11).
 fn connect_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for name in headers.keys() {
-        let n = name.as_str();
-        if matches!(
+    forwarded_headers(headers, |n| {
+        matches!(
             n,
             "servicebusauthorization"
                 | "authorization"
                 | "sec-websocket-extensions"
                 | "microsoft-relay-allowedlisteners"
                 | "microsoft-relay-disallowedlisteners"
-        ) {
+        )
+    })
+}
+
+/// A sender's headers as a listener gets them: those `skip` names (lower-case) left out, names
+/// in the usual capitalisation, repeated headers joined with ", ", non-text values dropped.
+pub(crate) fn forwarded_headers(
+    headers: &http::HeaderMap,
+    skip: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        if skip(n) {
             continue;
         }
         let values: Vec<&str> = headers

@@ -89,6 +89,22 @@ impl Spec {
     }
 }
 
+/// The code of the Close a listener receives within 5 s (failing otherwise).
+async fn close_code_of(l: &mut hyco_io::ws::Connected) -> Option<u16> {
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match l.ws.recv().await {
+                Ok(Message::Close(c)) => return c,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("no Close within 5 s");
+    closed.map(|c| c.0)
+}
+
 /// One call: (status, parsed JSON or Null).
 async fn call(
     env: &Env,
@@ -511,18 +527,7 @@ async fn every_operation_answers_as_documented() {
     )
     .await;
     assert_eq!(s, 204);
-    let closed = tokio::time::timeout(T, async {
-        loop {
-            match l.ws.recv().await {
-                Ok(Message::Close(c)) => return c,
-                Ok(_) => continue,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(closed.map(|c| c.0), Some(1001));
+    assert_eq!(close_code_of(&mut l).await, Some(1001));
     let (s, _) = call(
         &env,
         &spec,
@@ -674,18 +679,7 @@ async fn scopes_methods_and_rotation_behave() {
     let mut second = listen_with(&secondary).await.unwrap();
     // Attacks A10: the listener whose token was signed with the replaced key is closed with
     // 1008 at once; the one on the secondary key stays.
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match live.ws.recv().await {
-                Ok(Message::Close(c)) => return c,
-                Ok(_) => continue,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("the listener on the replaced key was not closed within 5 s");
-    assert_eq!(closed.map(|c| c.0), Some(1008));
+    assert_eq!(close_code_of(&mut live).await, Some(1008));
     let (s, v) = call(
         &env,
         &spec,
@@ -710,16 +704,5 @@ async fn scopes_methods_and_rotation_behave() {
     )
     .await;
     assert_eq!(s, 204);
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match second.ws.recv().await {
-                Ok(Message::Close(c)) => return c,
-                Ok(_) => continue,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("the listener of a deleted rule was not closed within 5 s");
-    assert_eq!(closed.map(|c| c.0), Some(1008));
+    assert_eq!(close_code_of(&mut second).await, Some(1008));
 }

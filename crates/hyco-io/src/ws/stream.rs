@@ -593,6 +593,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.send_frame(OpCode::Binary, data).await
     }
 
+    /// Sends a text message and, right after it, `body` as one binary message: the shape of
+    /// an HTTP-mode `request` or `response` with its body (nothing of ours comes between).
+    pub async fn send_text_then_binary(
+        &mut self,
+        text: &str,
+        body: Option<&[u8]>,
+    ) -> io::Result<()> {
+        self.send_text(text).await?;
+        match body {
+            Some(b) => self.send_binary(b).await,
+            None => Ok(()),
+        }
+    }
+
     /// Sends a ping.
     pub async fn send_ping(&mut self, payload: &[u8]) -> io::Result<()> {
         self.send_frame(OpCode::Ping, payload).await
