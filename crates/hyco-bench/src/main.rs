@@ -470,11 +470,14 @@ async fn main() -> Result<()> {
         margs.push(format!("{listen};EntityPath={hc}"));
     }
     let margs_ref: Vec<&str> = margs.iter().map(String::as_str).collect();
+    // Its own state folder (control socket), not the machine's default.
+    let state_dir = scratch.join("manager-state");
+    let state_s = state_dir.to_string_lossy().to_string();
     let (manager, _) = spawn(
         "manager",
         &a.hyco,
         &margs_ref,
-        &[("HYCO_CA_FILE", &ca_s)],
+        &[("HYCO_CA_FILE", &ca_s), ("HYCO_STATE_DIR", &state_s)],
         "listener connected",
     )
     .await?;
