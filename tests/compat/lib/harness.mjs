@@ -29,8 +29,10 @@ export function within(p, ms, what) {
 
 /** Starts `hyco ARGS`, collects its log lines, and kills it (SIGKILL) when the test ends. */
 export function start(t, args, env = {}) {
-  const p = spawn(bin, args, { env: { ...process.env, HYCO_LOG: "info", ...env }, stdio: ["ignore", "pipe", "pipe"] });
-  t.after(() => p.kill("SIGKILL"));
+  // Each process gets its own state folder (a manager's control socket), never the machine's.
+  const state = mkdtempSync(join(tmpdir(), "hyco-compat-state-"));
+  const p = spawn(bin, args, { env: { ...process.env, HYCO_LOG: "info", HYCO_STATE_DIR: state, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  t.after(() => { p.kill("SIGKILL"); rmSync(state, { recursive: true, force: true }); });
   const lines = [];
   const waiters = [];
   let rest = "";
