@@ -11,6 +11,8 @@
 //! Not a test: nothing here asserts timings. `bench/run` installs the tools and calls this.
 #![forbid(unsafe_code)]
 
+mod http_mode;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -438,6 +440,8 @@ async fn main() -> Result<()> {
         ("echo", echo),
         ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
         ("discard", discard_addr),
+        // HTTP mode: the listener is in this process; the endpoint is never dialled.
+        ("web", SocketAddr::from(([127, 0, 0, 1], 9))),
     ] {
         admin(vec![
             "hc".into(),
@@ -562,8 +566,17 @@ async fn main() -> Result<()> {
         )
         .await?,
     );
+    eprintln!("http mode …");
+    let http = http_mode::run(
+        relay_port,
+        &ca,
+        format!("{listen};EntityPath=web").parse()?,
+        format!("{send};EntityPath=web").parse()?,
+        16,
+        plan.bulk_secs,
+    )
+    .await?;
     drop((relay, manager, fwd));
-    let _ = relay_port;
 
     // 4. rathole
     if let Some(rathole) = &a.rathole {
@@ -586,7 +599,10 @@ async fn main() -> Result<()> {
         }
     }
 
-    let report = ratios(Value::Object(results));
+    let mut report = ratios(Value::Object(results));
+    let http = with_http_ratios(http);
+    print_http(&http);
+    report["http_mode"] = http;
     std::fs::write(
         a.out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
@@ -776,6 +792,46 @@ fn ratios(mut v: Value) -> Value {
     v
 }
 
+/// The relayed figures as ratios of the direct ones (throughput: relayed / direct; latency:
+/// relayed / direct, so higher is slower).
+fn with_http_ratios(mut v: Value) -> Value {
+    let d = v["direct"].clone();
+    let r = &mut v["relayed"];
+    for k in ["requests_per_s", "p50_ms", "p99_ms"] {
+        if let (Some(rv), Some(dv)) = (r[k].as_f64(), d[k].as_f64()) {
+            if dv > 0.0 {
+                r[format!("{k}_ratio")] = json!(rv / dv);
+            }
+        }
+    }
+    v
+}
+
+fn print_http(v: &Value) {
+    let f = |x: &Value| {
+        x.as_f64()
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("\nHTTP mode, 16 keep-alive connections, small GET:");
+    println!(
+        "{:<10} {:>12} {:>9} {:>9} {:>9} {:>8}",
+        "", "requests/s", "p50 ms", "p99 ms", "errors", "rps ratio"
+    );
+    for side in ["direct", "relayed"] {
+        let c = &v[side];
+        println!(
+            "{:<10} {:>12} {:>9} {:>9} {:>9} {:>8}",
+            side,
+            f(&c["requests_per_s"]),
+            f(&c["p50_ms"]),
+            f(&c["p99_ms"]),
+            c["errors"].as_u64().unwrap_or(0),
+            f(&c["requests_per_s_ratio"]),
+        );
+    }
+}
+
 fn print_table(v: &Value) {
     println!(
         "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
@@ -791,7 +847,7 @@ fn print_table(v: &Value) {
         "KiB/conn"
     );
     if let Some(obj) = v.as_object() {
-        for (name, c) in obj {
+        for (name, c) in obj.iter().filter(|(n, _)| *n != "http_mode") {
             let f = |x: &Value| {
                 x.as_f64()
                     .map(|x| format!("{x:.2}"))
