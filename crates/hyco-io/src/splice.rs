@@ -354,6 +354,14 @@ where
             end -= start;
             start = 0;
         }
+        // Everything complete is written; push it out before waiting for more. A TLS stream
+        // may hold written bytes until it is flushed, and the peer may be waiting for exactly
+        // those (found by the conformance run: echoes stalled until the next frame came).
+        match tokio::time::timeout(cfg.write_timeout, w.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(DirError::Write(e)),
+            Err(_) => return Err(DirError::Stalled),
+        }
         let at_boundary = cur.is_none();
         let n = tokio::select! {
             biased;

@@ -128,3 +128,73 @@ async fn pings_are_answered_by_the_relay_not_forwarded() {
         .unwrap();
     assert_eq!(b.recv().await.unwrap(), Message::Text("z".into()));
 }
+
+/// A transport that keeps written bytes until it is flushed, as a TLS stream does when its
+/// socket is full.
+struct HoldUntilFlush {
+    inner: DuplexStream,
+    held: Vec<u8>,
+}
+
+impl tokio::io::AsyncRead for HoldUntilFlush {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HoldUntilFlush {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.held.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let this = &mut *self;
+            let n =
+                std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+            this.held.drain(..n);
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_flush(cx))?;
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn written_frames_are_flushed_before_the_splice_waits_for_more() {
+    let (ca, ra) = duplex(64 * 1024);
+    let (cb, rb) = duplex(64 * 1024);
+    let held = HoldUntilFlush {
+        inner: rb,
+        held: Vec::new(),
+    };
+    let _task = tokio::spawn(async move {
+        let counters = Counters::default();
+        splice(ra, held, SpliceConfig::default(), &counters).await
+    });
+    let mut a = WsStream::new(ca, Role::Client, WsConfig::default());
+    let mut b = WsStream::new(cb, Role::Client, WsConfig::default());
+    a.send_text("ping me back").await.unwrap();
+    // Nothing else is sent: the frame must arrive anyway.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(2), b.recv())
+        .await
+        .expect("the frame sat in the transport's buffer")
+        .unwrap();
+    assert_eq!(got, Message::Text("ping me back".into()));
+}
