@@ -511,12 +511,7 @@ pub fn rendezvous(
     req: &mut Request<Incoming>,
     accept_key: &str,
 ) -> Result<Response<Body>, RelayError> {
-    let rv = query
-        .extra_sb
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("sb-hc-rv"))
-        .map(|(_, v)| v.clone())
-        .ok_or(RelayError::RendezvousInvalid)?;
+    let rv = crate::service::rendezvous_capability(query)?;
     let id = query.id.clone().ok_or(RelayError::RendezvousInvalid)?;
     let ns = shared.store.snapshot();
     let (hc_key, _, _) = resolve(&ns, segments).ok_or(RelayError::RendezvousInvalid)?;

@@ -539,6 +539,16 @@ async fn connect(
     }
 }
 
+/// The rendezvous capability (`sb-hc-rv`) of an accept or request-rendezvous address.
+pub(crate) fn rendezvous_capability(query: &HcQuery) -> Result<String, RelayError> {
+    query
+        .extra_sb
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("sb-hc-rv"))
+        .map(|(_, v)| v.clone())
+        .ok_or(RelayError::RendezvousInvalid)
+}
+
 fn accept(
     shared: &Arc<Shared>,
     segments: &[&str],
@@ -546,12 +556,7 @@ fn accept(
     req: &mut Request<Incoming>,
     accept_key: &str,
 ) -> Result<Response<Body>, RelayError> {
-    let rv = query
-        .extra_sb
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("sb-hc-rv"))
-        .map(|(_, v)| v.clone())
-        .ok_or(RelayError::RendezvousInvalid)?;
+    let rv = rendezvous_capability(query)?;
     let ns = shared.store.snapshot();
     let (hc_key, _, _) = resolve(&ns, segments).ok_or(RelayError::RendezvousInvalid)?;
     let status = query
