@@ -47,7 +47,7 @@ async fn direct_server() -> Result<SocketAddr> {
 
 /// The same answer from a hyco-client HTTP listener on `listen` (a Listen connection string
 /// with EntityPath).
-fn relayed_server(
+async fn relayed_server(
     listen: ConnectionString,
     connector: hyco_client::Connector,
     stop: CancellationToken,
@@ -58,6 +58,14 @@ fn relayed_server(
         hyco_client::ListenerOptions::default(),
         stop,
     )?;
+    // Ready once its control channel is up.
+    let mut status = listener.status_watch();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s, hyco_client::ListenerStatus::Connected { .. })),
+    )
+    .await
+    .context("the HTTP listener did not connect within 10 s")??;
     tokio::spawn(async move {
         let _keep = listener;
         while let Some(req) = http.recv().await {
@@ -166,9 +174,7 @@ pub async fn run(
         ..Default::default()
     }
     .connector()?;
-    relayed_server(listen, connector, stop.clone())?;
-    // Let the listener's control channel come up.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    relayed_server(listen, connector, stop.clone()).await?;
 
     let direct_result = load(conns, secs, "/hello".into(), Vec::new(), || async move {
         let s = TcpStream::connect(direct).await?;
