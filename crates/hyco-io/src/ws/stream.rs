@@ -362,6 +362,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     /// Poll form of [`WsStream::recv`].
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
+        if self.part_started {
+            // The rest of a message begun with `recv_part` would come out without its type and
+            // size checks (found by fuzzing): it must be finished with `recv_part`.
+            return Poll::Ready(Err(WsError::Io(io::Error::other(
+                "recv called in the middle of a message being read with recv_part",
+            ))));
+        }
         let _ = self.poll_flush_wbuf(cx);
         loop {
             if let Some(info) = &self.peer_closed {

@@ -174,3 +174,36 @@ async fn parts_stream_a_large_message_and_mix_with_whole_messages() {
     );
     writer.await.unwrap();
 }
+
+#[tokio::test]
+async fn recv_in_the_middle_of_a_partly_read_message_is_refused() {
+    // Found by the ws_frame fuzz target (fuzz/regressions/ws_frame): the rest of a message
+    // begun with recv_part came out of recv as Binary, past max_message and unchecked UTF-8.
+    let cfg = WsConfig {
+        max_message: 2,
+        ..WsConfig::default()
+    };
+    let (mut c, mut s) = pair(cfg);
+    c.send_text("123456789").await.unwrap();
+    match s.recv_part(4).await.unwrap() {
+        Part::Data {
+            first, fin, data, ..
+        } => {
+            assert!(first && !fin);
+            assert_eq!(data, b"1234");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        s.recv().await.is_err(),
+        "recv must not return the rest of the message"
+    );
+    // Finishing with recv_part still works.
+    match s.recv_part(64).await.unwrap() {
+        Part::Data { fin, data, .. } => {
+            assert!(fin);
+            assert_eq!(data, b"56789");
+        }
+        other => panic!("{other:?}"),
+    }
+}
