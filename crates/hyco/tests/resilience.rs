@@ -41,7 +41,8 @@ async fn with_two_managers_killing_one_fails_only_connections_in_flight() {
     // Four loops of short connections run while manager-1 is killed, so some are in flight.
     let start = Instant::now();
     let mut loops = Vec::new();
-    for _ in 0..4 {
+    let loops_n = 4;
+    for _ in 0..loops_n {
         loops.push(tokio::spawn(async move {
             let mut out: Vec<(Instant, Instant, bool)> = Vec::new();
             for _ in 0..150 {
@@ -81,10 +82,12 @@ async fn with_two_managers_killing_one_fails_only_connections_in_flight() {
         failures.len(),
         window
     );
-    // The relay sees the dead manager's sockets close at once: at most the connections in
-    // flight at the kill fail, and nothing after the first second.
+    // The relay sees the dead manager's sockets close at once and offers pending accepts to
+    // the other manager: only tunnels already open through manager-1 fail. Each loop has at
+    // most one connection open at a time, so at most one failure per loop, all within the
+    // first second.
     assert!(
-        failures.len() <= 2,
+        failures.len() <= loops_n,
         "{} failures: {failures:?}",
         failures.len()
     );
