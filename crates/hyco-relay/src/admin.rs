@@ -126,6 +126,9 @@ fn store_err(e: StoreError) -> RelayError {
         StoreError::Exists(what) => RelayError::Conflict(format!("{what}.")),
         StoreError::NotFound(what) => RelayError::NotFound(format!("{what}.")),
         StoreError::Refused(why) => RelayError::Conflict(why),
+        StoreError::Unavailable(why) => {
+            RelayError::StoreUnavailable(format!("The cluster store is unavailable: {why}"))
+        }
         other => RelayError::Internal(other.to_string()),
     }
 }
@@ -511,6 +514,9 @@ async fn write<T: Send + 'static>(
         .map_err(|e| RelayError::Internal(e.to_string()))?
         .map_err(store_err)?;
     shared.keys_changed.send_modify(|g| *g += 1);
+    if let Some(c) = &shared.cluster {
+        c.config_changed(shared.store.version()).await;
+    }
     Ok(out)
 }
 

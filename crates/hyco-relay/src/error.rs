@@ -86,6 +86,9 @@ pub enum RelayError {
     /// Overload or shutdown.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The cluster store (Redis) cannot be reached.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// Our own fault.
     #[error("internal error")]
     Internal(String),
@@ -118,6 +121,9 @@ impl RelayError {
             RelayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             RelayError::TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
+            RelayError::StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "StoreUnavailable")
+            }
             RelayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }
@@ -129,7 +135,10 @@ impl RelayError {
 
     /// Whether the peer (rather than the relay) is at fault: decides the log level.
     pub fn is_peer_fault(&self) -> bool {
-        !matches!(self, RelayError::Internal(_) | RelayError::Unavailable(_))
+        !matches!(
+            self,
+            RelayError::Internal(_) | RelayError::Unavailable(_) | RelayError::StoreUnavailable(_)
+        )
     }
 
     /// The HTTP answer for this refusal.

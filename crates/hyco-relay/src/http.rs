@@ -56,6 +56,18 @@ pub enum Delivery {
     ),
 }
 
+/// The body an address-only request sends over its rendezvous.
+enum RequestBody {
+    /// Still with the sender: streamed as it arrives.
+    Streaming(Incoming),
+    /// Read already (a small body, sent address-only to another node's listener).
+    Read(Bytes),
+}
+
+/// `Slot::listener` of a request sent to another node's listener: no local control channel
+/// may answer it; its answer comes over the rendezvous.
+const REMOTE_LISTENER: u64 = u64::MAX;
+
 /// A request waiting for its response.
 struct Slot {
     hc_key: String,
@@ -65,7 +77,7 @@ struct Slot {
     /// control channel.
     listener: u64,
     /// The full request and body, for an address-only request: the rendezvous sends them.
-    pending: Option<(String, Incoming)>,
+    pending: Option<(String, RequestBody)>,
     /// Set once the listener opened the rendezvous (it may open it once).
     claimed: bool,
     /// Where the response goes.
@@ -271,28 +283,28 @@ pub async fn handle(
         None => None,
     };
 
-    let mut tried: Vec<u64> = Vec::new();
+    let mut tried = crate::cluster::Tried::default();
     let id = address::new_connection_id(rand::random());
     let table = &shared.http;
     let _guard = SlotGuard {
         table,
         id: id.clone(),
     };
-    let (listener, rx) = loop {
-        let Some(listener) = shared
-            .registry
-            .pick(&hc_key, allowed.as_deref(), &disallowed, &tried)
+    let (listener, listener_id, rx) = loop {
+        let Some(choice) =
+            crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
             return Err(RelayError::NoListener(hc_name));
         };
         if tried.len() >= 3 {
             return Err(RelayError::ListenerGone);
         }
-        tried.push(listener.conn_id);
+        tried.add(&choice);
         let rv = address::new_connection_id(rand::random());
         let address = format!(
             "wss://{}/$hc/{}?sb-hc-action=request&sb-hc-id={id}&sb-hc-rv={rv}",
-            listener.host, hc_name
+            choice.rendezvous_host(shared),
+            hc_name
         );
         let full = RequestCommand {
             address: address.clone(),
@@ -311,15 +323,18 @@ pub async fn handle(
             return Err(RelayError::HeadersTooLarge);
         }
         let (tx, rx) = oneshot::channel();
+        let remote = matches!(choice, crate::cluster::Target::Remote(_));
+        // Another node's listener gets the address-only form: it opens the rendezvous here,
+        // so neither the request nor the response crosses between nodes.
         let (msg, pending) = match &inline_body {
-            Some(b) => (
+            Some(b) if !remote => (
                 ControlMsg::Request {
                     json: full_json,
                     body: (!b.is_empty()).then(|| b.clone()),
                 },
                 None,
             ),
-            None => {
+            _ => {
                 let short = ListenerCommand::Request(RequestCommand {
                     address,
                     id: id.clone(),
@@ -330,10 +345,11 @@ pub async fn handle(
                     body: None,
                 })
                 .to_json();
-                (
-                    ControlMsg::Command(short),
-                    Some((full_json, body.take().ok_or_else(body_taken)?)),
-                )
+                let b = match &inline_body {
+                    Some(b) => RequestBody::Read(b.clone()),
+                    None => RequestBody::Streaming(body.take().ok_or_else(body_taken)?),
+                };
+                (ControlMsg::Command(short), Some((full_json, b)))
             }
         };
         table.lock().insert(
@@ -341,22 +357,45 @@ pub async fn handle(
             Slot {
                 hc_key: hc_key.clone(),
                 rv,
-                listener: listener.conn_id,
+                listener: match &choice {
+                    crate::cluster::Target::Local(l) => l.conn_id,
+                    crate::cluster::Target::Remote(_) => REMOTE_LISTENER,
+                },
                 pending,
                 claimed: false,
                 tx: Some(tx),
             },
         );
-        match listener.tx.try_send(msg) {
-            Ok(()) => break (listener, rx),
+        let sent = match choice {
+            crate::cluster::Target::Local(listener) => match listener.tx.try_send(msg) {
+                Ok(()) => {
+                    let lid = listener.listener_id.clone();
+                    Ok((Some(listener), lid))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            crate::cluster::Target::Remote(r) => {
+                let delivered = match (&shared.cluster, msg) {
+                    (Some(c), ControlMsg::Command(json)) => c.deliver(&hc_key, &r, json).await,
+                    _ => false,
+                };
+                if delivered {
+                    Ok((None, r.listener_id))
+                } else {
+                    Err(format!("node {} did not take the request", r.node))
+                }
+            }
+        };
+        match sent {
+            Ok((l, lid)) => break (l, lid, rx),
             Err(e) => {
                 // Full or gone: take the body back and offer the request to another listener.
                 if let Some(s) = table.lock().remove(&id) {
-                    if let Some((_, b)) = s.pending {
+                    if let Some((_, RequestBody::Streaming(b))) = s.pending {
                         body = Some(b);
                     }
                 }
-                debug!(hc = %hc_name, error = %e, "listener queue unavailable; trying another");
+                debug!(hc = %hc_name, error = %e, "listener unavailable; trying another");
             }
         }
     };
@@ -369,9 +408,16 @@ pub async fn handle(
         info!(hc = %hc_name, id = %id, "listener did not answer in time");
         RelayError::HttpTimeout(limits.http_timeout.as_secs())
     };
+    let closed = async {
+        match &listener {
+            Some(l) => l.tx.closed().await,
+            // Another node's listener: its leaving shows as the deadline.
+            None => std::future::pending().await,
+        }
+    };
     let waited = tokio::select! {
         r = tokio::time::timeout_at(deadline, &mut rx) => r,
-        _ = listener.tx.closed() => {
+        _ = closed => {
             let claimed = table.lock().get(&id).is_some_and(|s| s.claimed);
             if !claimed {
                 info!(hc = %hc_name, id = %id, "listener left before answering");
@@ -399,7 +445,7 @@ pub async fn handle(
         event = "HttpRequestRelayed",
         hc = %hc_name,
         id = %id,
-        listener_id = %listener.listener_id,
+        listener_id = %listener_id,
         peer = %peer,
         method = %method,
         status = cmd.status_code,
@@ -579,7 +625,7 @@ async fn exchange<S>(
     shared: &Shared,
     ws: &mut WsStream<S>,
     id: &str,
-    pending: Option<(String, Incoming)>,
+    pending: Option<(String, RequestBody)>,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -589,7 +635,14 @@ where
         ws.send_text(&json)
             .await
             .map_err(|e| format!("sending the request: {e}"))?;
-        stream_request_body(ws, body, idle).await?;
+        match body {
+            RequestBody::Streaming(b) => stream_request_body(ws, b, idle).await?,
+            RequestBody::Read(b) if b.is_empty() => {} // announced as `body: false`
+            RequestBody::Read(b) => ws
+                .send_part(false, true, true, &b)
+                .await
+                .map_err(|e| format!("sending the body: {e}"))?,
+        }
     }
     let text = match tokio::time::timeout(idle, ws.recv()).await {
         Ok(Ok(hyco_io::ws::Message::Text(t))) => t,

@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod auth;
 pub mod budget;
+pub mod cluster;
 pub mod control;
 pub mod error;
 pub mod http;
@@ -122,6 +123,8 @@ pub struct RelayConfig {
     pub splice: SpliceConfig,
     /// How long running tunnels may drain after shutdown begins.
     pub drain_grace: Duration,
+    /// Run as a node of a cluster: configuration and listener directory in Redis.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl RelayConfig {
@@ -135,6 +138,7 @@ impl RelayConfig {
             limits: Limits::default(),
             splice: SpliceConfig::default(),
             drain_grace: Duration::from_secs(30),
+            cluster: None,
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct Shared {
     pub cfg: RelayConfig,
     /// The store.
     pub store: store::Store,
+    /// This node's cluster membership, when clustered.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     /// Connected listeners.
     pub registry: registry::Registry,
     /// Senders waiting for listeners.
@@ -287,6 +293,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The cluster could not be joined.
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// A prepared relay, ready to serve.
@@ -324,8 +333,9 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), StartError>
 }
 
 impl Relay {
-    /// Loads or creates everything in the data folder. Binds nothing.
-    pub fn prepare(cfg: RelayConfig) -> Result<Relay, StartError> {
+    /// Loads or creates everything in the data folder (and joins the cluster, when
+    /// configured). Binds nothing.
+    pub async fn prepare(cfg: RelayConfig) -> Result<Relay, StartError> {
         let dir = cfg.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
             path: dir.display().to_string(),
@@ -356,36 +366,54 @@ impl Relay {
                 )
             }
         };
-        let store = store::Store::open(&dir)?;
-        let first_start = store.is_empty();
-        if first_start {
-            store.put_namespace_rule(store::Rule {
-                name: ROOT_RULE.into(),
-                rights: Rights {
-                    listen: true,
-                    send: true,
-                    manage: true,
-                },
-                primary_key: admin::new_key(),
-                secondary_key: admin::new_key(),
-            })?;
-        }
+        let (store, cluster) = match &cfg.cluster {
+            None => (store::Store::open(&dir)?, None),
+            Some(cc) => {
+                let (url, prefix) = (cc.url.clone(), cc.prefix());
+                let store =
+                    tokio::task::spawn_blocking(move || store::Store::open_redis(&url, &prefix))
+                        .await
+                        .map_err(|e| store::StoreError::Db(e.to_string()))??;
+                let (c, tx) = cluster::Cluster::connect(cc.clone()).await?;
+                (store, Some((c, tx)))
+            }
+        };
+        let root = store::Rule {
+            name: ROOT_RULE.into(),
+            rights: Rights {
+                listen: true,
+                send: true,
+                manage: true,
+            },
+            primary_key: admin::new_key(),
+            secondary_key: admin::new_key(),
+        };
+        let first_start = store.is_empty() && store.ensure_root(root)?;
         let limits_memory = cfg.limits.max_memory;
         let auth_throttle = throttle::AuthThrottle::new(
             cfg.limits.auth_failure_burst,
             cfg.limits.auth_failures_per_sec,
         );
+        let (cluster, registry) = match cluster {
+            Some((c, tx)) => (Some(c), registry::Registry::with_directory(tx)),
+            None => (None, registry::Registry::default()),
+        };
+        let mut metrics = metrics::Metrics::default();
+        if let Some(c) = &cluster {
+            metrics.register_cluster(&c.stats);
+        }
         let shared = Arc::new(Shared {
             cfg,
             store,
-            registry: registry::Registry::default(),
+            cluster,
+            registry,
             rendezvous: Arc::new(rendezvous::Rendezvous::default()),
             http: http::HttpTable::default(),
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
             handshakes: Default::default(),
-            metrics: metrics::Metrics::default(),
+            metrics,
             events: tokio::sync::broadcast::channel(256).0,
             keys_changed: tokio::sync::watch::channel(0).0,
             auth_throttle,
@@ -436,6 +464,10 @@ impl Relay {
     /// Serves `listener` until `shutdown` fires, then drains for the configured grace.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let shared = self.shared;
+        if let Some(c) = &shared.cluster {
+            c.start(&shared);
+            info!(node = %c.cfg.node_id, advertise = %c.advertise(), "joined the cluster");
+        }
         let mut accept_backoff = Duration::from_millis(5);
         loop {
             let (tcp, peer) = tokio::select! {

@@ -158,6 +158,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds the cluster counters (`hyco_cluster_*`).
+    pub fn register_cluster(&mut self, stats: &crate::cluster::ClusterStats) {
+        stats.register(&mut self.registry);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

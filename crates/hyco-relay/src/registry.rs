@@ -58,9 +58,19 @@ pub struct Full;
 pub struct Registry {
     by_hc: Mutex<HashMap<String, Vec<Arc<ListenerEntry>>>>,
     next_id: AtomicU64,
+    /// In a cluster: every registration and removal, for the shared directory.
+    directory: Option<mpsc::UnboundedSender<crate::cluster::DirOp>>,
 }
 
 impl Registry {
+    /// A registry that reports its changes to a cluster directory.
+    pub fn with_directory(tx: mpsc::UnboundedSender<crate::cluster::DirOp>) -> Registry {
+        Registry {
+            directory: Some(tx),
+            ..Registry::default()
+        }
+    }
+
     /// A fresh process-unique id.
     pub fn next_conn_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -77,6 +87,13 @@ impl Registry {
         if list.len() >= max {
             return Err(Full);
         }
+        if let Some(d) = &self.directory {
+            let _ = d.send(crate::cluster::DirOp::Up {
+                hc: hc.to_owned(),
+                conn_id: entry.conn_id,
+                listener_id: entry.listener_id.clone(),
+            });
+        }
         list.push(entry);
         Ok(())
     }
@@ -85,11 +102,42 @@ impl Registry {
     pub fn remove(&self, hc: &str, conn_id: u64) {
         let mut g = self.lock();
         if let Some(list) = g.get_mut(hc) {
+            let before = list.len();
             list.retain(|e| e.conn_id != conn_id);
+            if list.len() < before {
+                if let Some(d) = &self.directory {
+                    let _ = d.send(crate::cluster::DirOp::Down {
+                        hc: hc.to_owned(),
+                        conn_id,
+                    });
+                }
+            }
             if list.is_empty() {
                 g.remove(hc);
             }
         }
+    }
+
+    /// The listener `conn_id` of a hybrid connection, if it is still here.
+    pub fn find(&self, hc: &str, conn_id: u64) -> Option<Arc<ListenerEntry>> {
+        self.lock()
+            .get(hc)?
+            .iter()
+            .find(|e| e.conn_id == conn_id)
+            .cloned()
+    }
+
+    /// Keys of the hybrid connections that have listeners.
+    pub fn hc_keys(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Every listener with its hybrid connection's key.
+    pub fn all(&self) -> Vec<(String, Arc<ListenerEntry>)> {
+        self.lock()
+            .iter()
+            .flat_map(|(hc, list)| list.iter().map(move |e| (hc.clone(), Arc::clone(e))))
+            .collect()
     }
 
     /// The listeners of a hybrid connection.
@@ -110,23 +158,28 @@ impl Registry {
         disallowed: &[String],
         tried: &[u64],
     ) -> Option<Arc<ListenerEntry>> {
-        let g = self.lock();
-        let list = g.get(hc)?;
-        let eligible: Vec<&Arc<ListenerEntry>> = list
-            .iter()
-            .filter(|e| {
-                allowed.is_none_or(|a| a.iter().any(|id| id.eq_ignore_ascii_case(&e.listener_id)))
-            })
-            .filter(|e| {
-                !disallowed
-                    .iter()
-                    .any(|id| id.eq_ignore_ascii_case(&e.listener_id))
-            })
-            .filter(|e| !tried.contains(&e.conn_id))
-            .collect();
-        eligible
+        self.eligible(hc, allowed, disallowed, tried)
             .choose(&mut rand::thread_rng())
-            .map(|e| Arc::clone(e))
+            .cloned()
+    }
+
+    /// The listeners a sender may be joined to, the `tried` ones left out.
+    pub fn eligible(
+        &self,
+        hc: &str,
+        allowed: Option<&[String]>,
+        disallowed: &[String],
+        tried: &[u64],
+    ) -> Vec<Arc<ListenerEntry>> {
+        let g = self.lock();
+        let Some(list) = g.get(hc) else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter(|e| eligible_id(&e.listener_id, allowed, disallowed))
+            .filter(|e| !tried.contains(&e.conn_id))
+            .cloned()
+            .collect()
     }
 
     /// Asks every listener of a hybrid connection to close (the entity was deleted).
@@ -136,6 +189,12 @@ impl Registry {
             let _ = e.tx.try_send(ControlMsg::Close(code, reason));
         }
     }
+}
+
+/// Whether a listener id passes `Microsoft-Relay-AllowedListeners` / `DisallowedListeners`.
+pub fn eligible_id(id: &str, allowed: Option<&[String]>, disallowed: &[String]) -> bool {
+    allowed.is_none_or(|a| a.iter().any(|x| x.eq_ignore_ascii_case(id)))
+        && !disallowed.iter().any(|x| x.eq_ignore_ascii_case(id))
 }
 
 /// Parses a comma-separated listener id header.

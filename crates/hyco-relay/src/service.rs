@@ -384,11 +384,10 @@ async fn connect(
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
     // A listener that leaves before answering does not cost the sender the whole deadline:
     // the accept is offered to another one (at most three), or the sender learns at once.
-    let mut tried: Vec<u64> = Vec::new();
-    let (listener, conn_id, outcome) = loop {
-        let Some(listener) = shared
-            .registry
-            .pick(&hc_key, allowed.as_deref(), &disallowed, &tried)
+    let mut tried = crate::cluster::Tried::default();
+    let (listener_id, conn_id, outcome) = loop {
+        let Some(target) =
+            crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
             return Err(if tried.is_empty() {
                 RelayError::NotFound(format!(
@@ -401,10 +400,15 @@ async fn connect(
         if tried.len() >= 3 {
             return Err(RelayError::ListenerGone);
         }
-        tried.push(listener.conn_id);
+        tried.add(&target);
         let rv = address::new_connection_id(rand::random());
         let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
-        let mut address = format!("wss://{}/$hc/{}{}?", listener.host, hc_name, suffix);
+        let mut address = format!(
+            "wss://{}/$hc/{}{}?",
+            target.rendezvous_host(shared),
+            hc_name,
+            suffix
+        );
         if !query.app_query.is_empty() {
             address.push_str(&query.app_query);
             address.push('&');
@@ -439,16 +443,37 @@ async fn connect(
                     }
                 })
             })?;
-        if listener
-            .tx
-            .try_send(ControlMsg::Command(cmd.to_json()))
-            .is_err()
-        {
-            continue;
-        }
+        let (listener, listener_id) = match target {
+            crate::cluster::Target::Local(listener) => {
+                if listener
+                    .tx
+                    .try_send(ControlMsg::Command(cmd.to_json()))
+                    .is_err()
+                {
+                    continue;
+                }
+                let id = listener.listener_id.clone();
+                (Some(listener), id)
+            }
+            crate::cluster::Target::Remote(r) => {
+                let Some(c) = &shared.cluster else { continue };
+                if !c.deliver(&hc_key, &r, cmd.to_json()).await {
+                    info!(hc = %hc_name, node = %r.node, listener_id = %r.listener_id, "listener's node did not take the accept; offering to another");
+                    continue;
+                }
+                (None, r.listener_id)
+            }
+        };
+        let closed = async {
+            match &listener {
+                Some(l) => l.tx.closed().await,
+                // Another node's listener: its leaving shows as the deadline.
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = tokio::time::timeout_at(deadline, rx) => match r {
-                Ok(Ok(o)) => break (listener, conn_id, o),
+                Ok(Ok(o)) => break (listener_id, conn_id, o),
                 Ok(Err(_)) => return Err(RelayError::Unavailable("The rendezvous was abandoned.")),
                 Err(_) => {
                     return Err(RelayError::ListenerTimeout(
@@ -456,8 +481,8 @@ async fn connect(
                     ))
                 }
             },
-            _ = listener.tx.closed() => {
-                info!(hc = %hc_name, listener_id = %listener.listener_id, "listener left before answering; offering to another");
+            _ = closed => {
+                info!(hc = %hc_name, listener_id = %listener_id, "listener left before answering; offering to another");
             }
         }
     };
@@ -477,7 +502,6 @@ async fn connect(
         Outcome::Accepted { upgrade, protocol } => {
             let sender_upgrade = hyper::upgrade::on(&mut req);
             let shared2 = Arc::clone(shared);
-            let listener_id = listener.listener_id.clone();
             let span = tracing::info_span!("tunnel", hc = %hc_name, id = %conn_id, listener_id = %listener_id, peer = %peer);
             shared.tracker.spawn(
                 async move {

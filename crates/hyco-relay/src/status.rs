@@ -95,6 +95,7 @@ pub fn snapshot(shared: &Shared) -> String {
         "title": format!("hyco relay · {}", shared.cfg.public_host),
         "time": unix(SystemTime::now()),
         "hybridConnections": hcs,
+        "cluster": shared.cluster.as_ref().map(|c| c.status()),
     })
     .to_string()
 }

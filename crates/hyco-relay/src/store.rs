@@ -1,13 +1,21 @@
-//! The embedded store: the namespace's rules and its hybrid connections, in a redb file in the
-//! data folder.
+//! The store: the namespace's rules and its hybrid connections. Embedded (a redb file in the
+//! data folder) or, for a cluster, in Redis.
 //!
 //! Reads come from an in-memory snapshot (`Arc<Namespace>`), so authorizing a connection never
-//! touches the disk. Writes are serialized, committed durably (redb fsyncs on commit) and only
-//! then published to the snapshot: when an admin call returns, its change survives a crash.
+//! touches the disk or the network. Writes are serialized, committed durably (redb fsyncs on
+//! commit; Redis applies them in one `MULTI` with `cfg:ver` incremented) and only then published
+//! to the snapshot: when an admin call returns, its change is stored.
+//!
+//! In Redis the records are the fields of the hash `cfg` (`namespace`, `hc/{key}`, the same JSON
+//! as the embedded store). A write holds the lock `cfg:lock` and watches `cfg:ver`, so writes from
+//! several nodes never interleave; other nodes reload when `cfg:ver` moves
+//! ([`crate::cluster`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use hyco_proto::Rights;
 use redb::{Database, ReadableTable, TableDefinition};
@@ -96,6 +104,9 @@ pub enum StoreError {
     /// Change of something that does not exist.
     #[error("{0} does not exist")]
     NotFound(String),
+    /// The shared store (Redis) cannot be reached; try again later.
+    #[error("the cluster store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 fn db<E: std::fmt::Display>(e: E) -> StoreError {
@@ -104,10 +115,75 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: Database,
+    backend: Backend,
     snapshot: RwLock<Arc<Namespace>>,
     /// Serializes writers so read-modify-write cycles do not interleave.
     write_lock: Mutex<()>,
+    /// `cfg:ver` of the snapshot (Redis); the embedded store counts its own writes.
+    version: AtomicI64,
+}
+
+enum Backend {
+    Embedded(Database),
+    Redis(Box<RedisStore>),
+}
+
+/// The configuration in Redis. Blocking calls: the store is used from blocking threads.
+struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    conn: Mutex<Option<redis::Connection>>,
+}
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    /// Runs `f` on the connection, reconnecting first if the last one failed.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            let c = self
+                .client
+                .get_connection_with_timeout(REDIS_TIMEOUT)
+                .map_err(unavailable)?;
+            c.set_read_timeout(Some(REDIS_TIMEOUT))
+                .map_err(unavailable)?;
+            c.set_write_timeout(Some(REDIS_TIMEOUT))
+                .map_err(unavailable)?;
+            *g = Some(c);
+        }
+        let Some(c) = g.as_mut() else {
+            return Err(StoreError::Unavailable("no connection".into()));
+        };
+        let r = f(c);
+        if matches!(r, Err(StoreError::Unavailable(_))) {
+            *g = None;
+        }
+        r
+    }
+
+    /// The version and records, read atomically.
+    fn read(c: &mut redis::Connection, s: &RedisStore) -> Result<(i64, Namespace), StoreError> {
+        let (ver, map): (Option<i64>, HashMap<String, Vec<u8>>) = redis::pipe()
+            .atomic()
+            .get(s.key("cfg:ver"))
+            .hgetall(s.key("cfg"))
+            .query(c)
+            .map_err(unavailable)?;
+        let ns = decode(map.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        Ok((ver.unwrap_or(0), ns))
+    }
 }
 
 impl Store {
@@ -116,10 +192,109 @@ impl Store {
         let db = Database::create(dir.join("hyco.redb")).map_err(db)?;
         let ns = load(&db)?;
         Ok(Store {
-            db,
+            backend: Backend::Embedded(db),
             snapshot: RwLock::new(Arc::new(ns)),
             write_lock: Mutex::new(()),
+            version: AtomicI64::new(0),
         })
+    }
+
+    /// Opens the configuration kept in Redis under `prefix` (blocking).
+    pub fn open_redis(url: &str, prefix: &str) -> Result<Store, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Db(e.to_string()))?;
+        let rs = RedisStore {
+            client,
+            prefix: prefix.to_owned(),
+            conn: Mutex::new(None),
+        };
+        let (ver, ns) = rs.with_conn(|c| RedisStore::read(c, &rs))?;
+        Ok(Store {
+            backend: Backend::Redis(Box::new(rs)),
+            snapshot: RwLock::new(Arc::new(ns)),
+            write_lock: Mutex::new(()),
+            version: AtomicI64::new(ver),
+        })
+    }
+
+    /// The configuration version of the snapshot.
+    pub fn version(&self) -> i64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the configuration from Redis (blocking); `true` when it changed. The embedded
+    /// store has only its own writes: `false`.
+    pub fn reload(&self) -> Result<bool, StoreError> {
+        let Backend::Redis(rs) = &self.backend else {
+            return Ok(false);
+        };
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (ver, ns) = rs.with_conn(|c| RedisStore::read(c, rs))?;
+        if ver == self.version() {
+            return Ok(false);
+        }
+        if ver == 0 && self.version() > 0 {
+            // A Redis that lost its data (restarted without persistence, flushed) must not wipe
+            // the namespace of every node: keep the cached configuration and say so.
+            return Err(StoreError::Unavailable(
+                "Redis has no configuration (cfg:ver is missing): it lost its data; keeping the cached configuration. Restore it with `hyco cluster migrate` from a node's backup or Redis persistence".into(),
+            ));
+        }
+        self.publish(ns, ver);
+        Ok(true)
+    }
+
+    fn publish(&self, ns: Namespace, version: i64) {
+        let mut g = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        *g = Arc::new(ns);
+        self.version.store(version, Ordering::Relaxed);
+    }
+
+    /// Copies the embedded store of `dir` into Redis under `prefix`. Refuses when Redis holds a
+    /// configuration already, unless `replace`. Returns the number of hybrid connections.
+    pub fn migrate_to_redis(
+        dir: &Path,
+        url: &str,
+        prefix: &str,
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        let path = dir.join("hyco.redb");
+        if !path.exists() {
+            return Err(StoreError::NotFound(format!("{}", path.display())));
+        }
+        let local = Store::open(dir)?;
+        let ns = local.snapshot();
+        let client = redis::Client::open(url).map_err(|e| StoreError::Db(e.to_string()))?;
+        let mut c = client
+            .get_connection_with_timeout(REDIS_TIMEOUT)
+            .map_err(unavailable)?;
+        let cfg = format!("{prefix}cfg");
+        let n: usize = redis::cmd("HLEN")
+            .arg(&cfg)
+            .query(&mut c)
+            .map_err(unavailable)?;
+        if n > 0 && !replace {
+            return Err(StoreError::Refused(format!(
+                "the cluster already has a configuration ({n} records); pass --replace to overwrite it"
+            )));
+        }
+        let mut p = redis::pipe();
+        p.atomic().del(&cfg).ignore();
+        let rec = NamespaceRecord {
+            rules: ns.rules.clone(),
+        };
+        p.hset(&cfg, NS_KEY, serde_json::to_vec(&rec).map_err(db)?)
+            .ignore();
+        for (key, hc) in &ns.hcs {
+            p.hset(
+                &cfg,
+                format!("{HC_PREFIX}{key}"),
+                serde_json::to_vec(hc).map_err(db)?,
+            )
+            .ignore();
+        }
+        p.incr(format!("{prefix}cfg:ver"), 1).ignore();
+        let _: () = p.query(&mut c).map_err(unavailable)?;
+        Ok(ns.hcs.len())
     }
 
     /// The current state.
@@ -136,9 +311,13 @@ impl Store {
         f: impl FnOnce(&mut Namespace) -> Result<(T, Vec<Change>), StoreError>,
     ) -> Result<T, StoreError> {
         let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let database = match &self.backend {
+            Backend::Embedded(d) => d,
+            Backend::Redis(rs) => return self.update_redis(rs, f),
+        };
         let mut ns = (*self.snapshot()).clone();
         let (out, changes) = f(&mut ns)?;
-        let txn = self.db.begin_write().map_err(db)?;
+        let txn = database.begin_write().map_err(db)?;
         {
             let mut t = txn.open_table(STATE).map_err(db)?;
             for c in changes {
@@ -166,9 +345,112 @@ impl Store {
             }
         }
         txn.commit().map_err(db)?;
-        let mut g = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        *g = Arc::new(ns);
+        self.publish(ns, self.version() + 1);
         Ok(out)
+    }
+
+    /// The Redis write: under `cfg:lock`, read the current records, apply `f`, write what it
+    /// changed and `INCR cfg:ver` in one `MULTI` that fails if `cfg:ver` moved meanwhile.
+    fn update_redis<T>(
+        &self,
+        rs: &RedisStore,
+        f: impl FnOnce(&mut Namespace) -> Result<(T, Vec<Change>), StoreError>,
+    ) -> Result<T, StoreError> {
+        rs.with_conn(|c| {
+            let lock = rs.key("cfg:lock");
+            let token = format!("{:032x}", rand::random::<u128>());
+            // Up to 5 s: a writer on another node holds it for one read-modify-write.
+            let mut attempts = 0;
+            loop {
+                let got: Option<String> = redis::cmd("SET")
+                    .arg(&lock)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(5000)
+                    .query(c)
+                    .map_err(unavailable)?;
+                if got.is_some() {
+                    break;
+                }
+                attempts += 1;
+                if attempts > 250 {
+                    return Err(StoreError::Unavailable(
+                        "another node holds the configuration lock".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let r = (|| {
+                let ver_key = rs.key("cfg:ver");
+                redis::cmd("WATCH")
+                    .arg(&ver_key)
+                    .query::<()>(c)
+                    .map_err(unavailable)?;
+                let (_, mut ns) = RedisStore::read(c, rs)?;
+                let (out, changes) = match f(&mut ns) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = redis::cmd("UNWATCH").query::<()>(c);
+                        return Err(e);
+                    }
+                };
+                let cfg = rs.key("cfg");
+                let mut p = redis::pipe();
+                p.atomic();
+                for ch in changes {
+                    match ch {
+                        Change::Namespace => {
+                            let rec = NamespaceRecord {
+                                rules: ns.rules.clone(),
+                            };
+                            p.hset(&cfg, NS_KEY, serde_json::to_vec(&rec).map_err(db)?)
+                                .ignore();
+                        }
+                        Change::Hc(key) => {
+                            let field = format!("{HC_PREFIX}{key}");
+                            match ns.hcs.get(&key) {
+                                Some(hc) => {
+                                    p.hset(&cfg, field, serde_json::to_vec(hc).map_err(db)?)
+                                        .ignore();
+                                }
+                                None => {
+                                    p.hdel(&cfg, field).ignore();
+                                }
+                            }
+                        }
+                    }
+                }
+                p.incr(&ver_key, 1);
+                let done: Option<(i64,)> = p.query(c).map_err(unavailable)?;
+                let Some((ver,)) = done else {
+                    return Err(StoreError::Unavailable(
+                        "the configuration changed during this write; try again".into(),
+                    ));
+                };
+                self.publish(ns, ver);
+                Ok(out)
+            })();
+            let _ = redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+            )
+            .key(&lock)
+            .arg(&token)
+            .invoke::<i64>(c);
+            r
+        })
+    }
+
+    /// Creates `rule` as the namespace's first rule unless it has rules already (several nodes
+    /// may start at once). `true` when it was created.
+    pub fn ensure_root(&self, rule: Rule) -> Result<bool, StoreError> {
+        self.update(|ns| {
+            if !ns.rules.is_empty() {
+                return Ok((false, Vec::new()));
+            }
+            ns.rules.push(rule);
+            Ok((true, vec![Change::Namespace]))
+        })
     }
 
     /// True until the first namespace rule exists.
@@ -281,19 +563,27 @@ fn load(db: &Database) -> Result<Namespace, StoreError> {
     }
     let txn = db.begin_read().map_err(self::db)?;
     let t = txn.open_table(STATE).map_err(self::db)?;
-    let mut ns = Namespace::default();
+    let mut records = Vec::new();
     for item in t.iter().map_err(self::db)? {
         let (k, v) = item.map_err(self::db)?;
-        let key = k.value().to_owned();
+        records.push((k.value().to_owned(), v.value().to_vec()));
+    }
+    decode(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+}
+
+/// Builds the namespace from its records (`namespace`, `hc/{key}`).
+fn decode<'a>(records: impl Iterator<Item = (&'a str, &'a [u8])>) -> Result<Namespace, StoreError> {
+    let mut ns = Namespace::default();
+    for (key, v) in records {
         let corrupt = |e: serde_json::Error| StoreError::Corrupt {
-            key: key.clone(),
+            key: key.to_owned(),
             msg: e.to_string(),
         };
         if key == NS_KEY {
-            let rec: NamespaceRecord = serde_json::from_slice(v.value()).map_err(corrupt)?;
+            let rec: NamespaceRecord = serde_json::from_slice(v).map_err(corrupt)?;
             ns.rules = rec.rules;
         } else if let Some(name) = key.strip_prefix(HC_PREFIX) {
-            let hc: HybridConnection = serde_json::from_slice(v.value()).map_err(corrupt)?;
+            let hc: HybridConnection = serde_json::from_slice(v).map_err(corrupt)?;
             ns.hcs.insert(name.to_owned(), hc);
         }
     }

@@ -46,6 +46,7 @@ struct Cli {
 static PROXY_FLAGS: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Run the relay.
     Relay(RelayArgs),
@@ -60,6 +61,58 @@ enum Cmd {
     Forward(ForwardArgs),
     /// Manage hybrid connections and keys on a relay.
     Admin(admin::AdminArgs),
+    /// Relay clusters on Redis.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Copy a relay's embedded store (namespace rules, hybrid connections, their keys) into
+    /// Redis, for the nodes of a new cluster. Stop the relay first.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The relay's data folder.
+    #[arg(long, default_value = "hyco-data", env = "HYCO_DATA")]
+    data: PathBuf,
+    /// Redis URL of the cluster.
+    #[arg(long, env = "HYCO_CLUSTER")]
+    cluster: String,
+    /// Cluster name (key prefix).
+    #[arg(long, default_value = "default", env = "HYCO_CLUSTER_NAME")]
+    cluster_name: String,
+    /// Overwrite a configuration the cluster has already.
+    #[arg(long)]
+    replace: bool,
+}
+
+/// How a relay joins a cluster.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Run as a cluster node: the Redis URL (`redis://[:password@]host:port/db`, `rediss://…`,
+    /// `redis+unix:///path`). Configuration and the listener directory live there instead of
+    /// the data folder (which keeps the TLS material). docs/cluster.md.
+    #[arg(long, env = "HYCO_CLUSTER")]
+    cluster: Option<String>,
+    /// This node's id, unique in the cluster (letters, digits, '-', '_'). Required with --cluster.
+    #[arg(long, env = "HYCO_NODE_ID", requires = "cluster")]
+    node_id: Option<String>,
+    /// `host:port` listeners dial to reach this very node (not the shared name) for rendezvous;
+    /// the certificate must cover the host. Required with --cluster.
+    #[arg(long, env = "HYCO_ADVERTISE", requires = "cluster")]
+    advertise: Option<String>,
+    /// Cluster name (key prefix), so several clusters can share one Redis.
+    #[arg(long, default_value = "default", env = "HYCO_CLUSTER_NAME")]
+    cluster_name: String,
+    /// File with the key that authenticates messages between nodes (the same file on every
+    /// node). Without it a key kept in Redis is used.
+    #[arg(long, env = "HYCO_CLUSTER_SECRET_FILE", requires = "cluster")]
+    cluster_secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -106,6 +159,8 @@ struct RelayArgs {
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 #[derive(Subcommand)]
@@ -244,6 +299,7 @@ async fn run(cmd: Cmd, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) -> R
             state,
         } => manager_cli::run(c, &state).await,
         Cmd::Forward(a) => forward(a).await,
+        Cmd::Cluster { cmd } => cluster_cmd(cmd).await,
         Cmd::Admin(a) => admin::run(a).await,
     }
 }
@@ -275,7 +331,10 @@ async fn relay(a: RelayArgs) -> Result<()> {
     cfg.limits.max_memory = a.max_memory_mib.map(|m| m << 20);
     cfg.limits.auth_failure_burst = a.auth_failure_burst;
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
-    let relay = hyco_relay::Relay::prepare(cfg).context("cannot prepare the relay")?;
+    cfg.cluster = cluster_config(&a.cluster, bound.port())?;
+    let relay = hyco_relay::Relay::prepare(cfg)
+        .await
+        .context("cannot prepare the relay")?;
     if relay.first_start {
         println!(
             "Namespace created. Root connection string (also in {}):",
@@ -301,6 +360,61 @@ async fn relay(a: RelayArgs) -> Result<()> {
     on_signals(shutdown.clone());
     relay.run(listener, shutdown).await;
     Ok(())
+}
+
+/// The cluster settings; an `--advertise` without a port gets the port the relay listens on.
+fn cluster_config(
+    a: &ClusterArgs,
+    bound_port: u16,
+) -> Result<Option<hyco_relay::cluster::ClusterConfig>> {
+    let Some(url) = &a.cluster else {
+        return Ok(None);
+    };
+    let node_id = a
+        .node_id
+        .clone()
+        .context("--cluster needs --node-id (this node's id, unique in the cluster)")?;
+    let mut advertise = a.advertise.clone().context(
+        "--cluster needs --advertise host[:port] (the address listeners dial to reach this node)",
+    )?;
+    let has_port = advertise
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok());
+    if !has_port {
+        advertise = if advertise.contains(':') && !advertise.starts_with('[') {
+            format!("[{advertise}]:{bound_port}") // a bare IPv6 address
+        } else {
+            format!("{advertise}:{bound_port}")
+        };
+    }
+    let mut c = hyco_relay::cluster::ClusterConfig::new(url, node_id, advertise);
+    c.name = a.cluster_name.clone();
+    if let Some(f) = &a.cluster_secret_file {
+        let key = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let key = key.trim_ascii().to_vec();
+        if key.len() < 16 {
+            bail!(
+                "{}: the cluster secret must have at least 16 bytes",
+                f.display()
+            );
+        }
+        c.secret = Some(key);
+    }
+    Ok(Some(c))
+}
+
+async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Migrate(a) => {
+            let prefix = format!("hyco:{}:", a.cluster_name);
+            let n = tokio::task::spawn_blocking(move || {
+                hyco_relay::store::Store::migrate_to_redis(&a.data, &a.cluster, &prefix, a.replace)
+            })
+            .await??;
+            println!("Copied the namespace rules and {n} hybrid connection(s) into the cluster.");
+            Ok(())
+        }
+    }
 }
 
 /// The client options of manager, forward and admin: `file` (the manager's configuration

@@ -57,7 +57,7 @@ pub async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
         .tls_files
         .as_ref()
         .map(|(c, _)| c.with_file_name("myca.pem"));
-    let relay = Relay::prepare(cfg).unwrap();
+    let relay = Relay::prepare(cfg).await.unwrap();
     let cs = ConnectionString::parse(&relay.root_connection_string).unwrap();
     let ConnectionStringAuth::Key { name, key } = cs.auth else {
         panic!("root has a key")
