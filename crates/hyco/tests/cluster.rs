@@ -129,6 +129,16 @@ fn on(cs: &str, port: u16) -> String {
     format!("{}localhost:{port}{}", &cs[..start], &cs[end..])
 }
 
+/// The key of a connection string.
+fn key_of(cs: &str) -> &str {
+    cs.split("SharedAccessKey=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+}
+
 /// `GET path` from a plain-HTTP status address.
 async fn http_get(addr: &str, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -522,6 +532,178 @@ async fn a_key_regenerated_on_one_node_is_refused_on_another() {
     assert!(refused_after < Duration::from_secs(3));
     // The new key (the command printed its connection string) works there.
     lib_echo(&on(out.trim(), nodes[2].relay.port), &connector, 1024)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mode_works_across_nodes() {
+    use hyco_client::http::{request, HttpResponse};
+    let (_base, _redis, nodes) = cluster("cluster-http", 2).await;
+    let (l, s) = nodes[0].relay.hc("web", "127.0.0.1:9").await;
+    let connector = nodes[0].relay.connector();
+    let stop = hyco_io::CancellationToken::new();
+    // The HTTP listener is on n1; requests arrive on n2.
+    let (_listener, _ws_rx, mut http_rx) = hyco_client::HybridListener::start_with_http(
+        ConnectionString::parse(&on(&l, nodes[0].relay.port)).unwrap(),
+        connector.clone(),
+        hyco_client::ListenerOptions::default(),
+        stop.clone(),
+    )
+    .unwrap();
+    tokio::spawn(async move {
+        while let Some(mut req) = http_rx.recv().await {
+            tokio::spawn(async move {
+                let body = req.body(4 << 20).await.unwrap();
+                if req.target.starts_with("/web/stream") {
+                    let mut w = req.respond_streaming(200, None, Vec::new()).await.unwrap();
+                    for i in 0..4u8 {
+                        w.write(&vec![i; 40_000]).await.unwrap();
+                    }
+                    w.finish().await.unwrap();
+                } else {
+                    let resp = HttpResponse::new(200, body).header("X-Target", &req.target);
+                    req.respond(resp).await.unwrap();
+                }
+            });
+        }
+    });
+    nodes[0].relay.wait_listeners("web", 1).await;
+    let send = ConnectionString::parse(&on(&s, nodes[1].relay.port)).unwrap();
+    for len in [0usize, 100, 65_536, 1 << 20] {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let method = if len == 0 {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
+        let a = request(
+            &send,
+            &connector,
+            method,
+            "/echo?q=1",
+            &[],
+            body.clone().into(),
+            4 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200, "{len}: {}", a.reason);
+        assert!(a.body.as_ref() == body.as_slice(), "{len}: body differs");
+        assert_eq!(a.headers["x-target"], "/web/echo?q=1");
+    }
+    let a = request(
+        &send,
+        &connector,
+        http::Method::GET,
+        "/stream",
+        &[],
+        bytes::Bytes::new(),
+        4 << 20,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 160_000);
+    assert_eq!(metric(&nodes[1].status, "hyco_cluster_dispatched").await, 5);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_are_dropped_and_deletes_reach_every_node() {
+    let (base, _redis, nodes) = cluster("cluster-forged", 2).await;
+    let echo = echo_server().await;
+    let (l, s) = nodes[0].relay.hc("target", &echo.to_string()).await;
+    let mut m = nodes[0]
+        .relay
+        .manager("manager", &on(&l, nodes[1].relay.port));
+    nodes[1].relay.wait_listeners("target", 1).await;
+    // Someone who can write to Redis but lacks the cluster key publishes a Deliver to n2's
+    // inbox with a made-up MAC, and a well-formed one without a MAC.
+    let sock = base.0.join("redis/redis.sock");
+    let body = r#"{"id":"x","from":"n1","sentAtMs":0,"body":{"kind":"deliver","hc":"target","epoch":"0","connId":0,"command":"{}"}}"#;
+    for msg in [format!("{}.{body}", "ab".repeat(32)), body.to_owned()] {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-s")
+            .arg(&sock)
+            .args(["PUBLISH", "hyco:default:inbox:n2", &msg])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    }
+    eventually("n2 counts 2 bad messages", T, || async {
+        metric(&nodes[1].status, "hyco_cluster_bad_messages").await == 2
+    })
+    .await;
+    assert_eq!(metric(&nodes[1].status, "hyco_cluster_delivered").await, 0);
+    // Still serving.
+    let connector = nodes[0].relay.connector();
+    lib_echo(&on(&s, nodes[0].relay.port), &connector, 1024)
+        .await
+        .unwrap();
+    // Deleting the hybrid connection on n1 closes its listener on n2.
+    let (code, _, err) = nodes[0].relay.admin(&["hc", "delete", "target"]).await;
+    assert_eq!(code, 0, "{err}");
+    m.wait_line("relay closed the channel: 1001", T).await;
+    let _ = m.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_migrates_into_a_cluster() {
+    // A standalone relay with a hybrid connection and keys.
+    let single = common::relay("cluster-migrate-src").await;
+    let echo = echo_server().await;
+    let (l, s) = single.hc("moved", &echo.to_string()).await;
+    let Relay {
+        mut proc,
+        dir,
+        root,
+        ..
+    } = single;
+    proc.terminate(T).await;
+    let base = TempDir::new("cluster-migrate");
+    let redis = Redis::start(&base.0.join("redis")).await;
+    let data = dir.0.join("data");
+    let (code, out, err) = hyco_testkit::run(
+        &common::bin(),
+        &[
+            "cluster",
+            "migrate",
+            "--data",
+            data.to_str().unwrap(),
+            "--cluster",
+            &redis.url(),
+        ],
+        &[],
+        T,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 hybrid connection"), "{out}");
+    // A second migration without --replace is refused.
+    let (code, _, err) = hyco_testkit::run(
+        &common::bin(),
+        &[
+            "cluster",
+            "migrate",
+            "--data",
+            data.to_str().unwrap(),
+            "--cluster",
+            &redis.url(),
+        ],
+        &[],
+        T,
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--replace"), "{err}");
+    // A node on that Redis serves the old keys: same root, listen and send strings.
+    let n1 = node("n1", &redis, None).await;
+    assert_eq!(key_of(&n1.relay.root), key_of(&root), "the root key moved");
+    let _m = n1.relay.manager("manager", &on(&l, n1.relay.port));
+    n1.relay.wait_listeners("moved", 1).await;
+    lib_echo(&on(&s, n1.relay.port), &n1.relay.connector(), 4096)
         .await
         .unwrap();
 }
