@@ -11,6 +11,7 @@
 //! Not a test: nothing here asserts timings. `bench/run` installs the tools and calls this.
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod http_mode;
 
 use std::collections::BTreeMap;
@@ -599,10 +600,27 @@ async fn main() -> Result<()> {
         }
     }
 
+    eprintln!("cluster …");
+    let cluster = cluster::run(cluster::Inputs {
+        hyco: &a.hyco,
+        scratch: &scratch,
+        echo,
+        discard: discard_addr,
+        discarded: Arc::clone(&discarded),
+        sequential: plan.sequential,
+        bulk_secs: plan.bulk_secs,
+    })
+    .await
+    .unwrap_or_else(|e| Some(json!({"error": format!("{e:#}")})));
+
     let mut report = ratios(Value::Object(results));
     let http = with_http_ratios(http);
     print_http(&http);
     report["http_mode"] = http;
+    if let Some(c) = cluster {
+        print_cluster(&c);
+        report["cluster"] = c;
+    }
     std::fs::write(
         a.out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
@@ -832,6 +850,40 @@ fn print_http(v: &Value) {
     }
 }
 
+fn print_cluster(v: &Value) {
+    let f = |x: &Value| {
+        x.as_f64()
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    if let Some(e) = v["error"].as_str() {
+        println!("\ncluster: {e}");
+        return;
+    }
+    println!("\nCluster, 2 nodes on one redis-server, library sender, listener on node 1:");
+    println!(
+        "{:<12} {:>10} {:>10} {:>10}",
+        "sender on", "p50 µs", "p99 µs", "1-stream"
+    );
+    for (side, label) in [("same_node", "node 1"), ("cross_node", "node 2")] {
+        let c = &v[side];
+        println!(
+            "{:<12} {:>10} {:>10} {:>10}",
+            label,
+            f(&c["connect_echo"]["p50_us"]),
+            f(&c["connect_echo"]["p99_us"]),
+            f(&c["bulk_1_gbps"]),
+        );
+    }
+    let r = &v["cross_over_same"];
+    println!(
+        "cross-node / same-node: p50 {}, p99 {}, throughput {}",
+        f(&r["p50"]),
+        f(&r["p99"]),
+        f(&r["bulk_1"])
+    );
+}
+
 fn print_table(v: &Value) {
     println!(
         "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
@@ -847,7 +899,10 @@ fn print_table(v: &Value) {
         "KiB/conn"
     );
     if let Some(obj) = v.as_object() {
-        for (name, c) in obj.iter().filter(|(n, _)| *n != "http_mode") {
+        for (name, c) in obj
+            .iter()
+            .filter(|(n, _)| *n != "http_mode" && *n != "cluster")
+        {
             let f = |x: &Value| {
                 x.as_f64()
                     .map(|x| format!("{x:.2}"))
