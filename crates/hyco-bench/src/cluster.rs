@@ -70,7 +70,8 @@ pub async fn run(inp: Inputs<'_>) -> Result<Option<Value>> {
     if !have_redis {
         return Ok(None);
     }
-    let rdir = inp.scratch.join("redis");
+    // Absolute: redis-server changes into --dir before it creates the socket.
+    let rdir = std::path::absolute(inp.scratch.join("redis"))?;
     std::fs::create_dir_all(&rdir)?;
     let sock = rdir.join("redis.sock");
     let sock_s = sock.to_string_lossy().to_string();

@@ -47,6 +47,9 @@ struct Args {
     /// Short runs (under 2 minutes).
     #[arg(long)]
     quick: bool,
+    /// Only the cluster figures (two relay nodes on redis-server).
+    #[arg(long)]
+    cluster_only: bool,
 }
 
 struct Plan {
@@ -382,6 +385,26 @@ async fn main() -> Result<()> {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+
+    if a.cluster_only {
+        let c = cluster::run(cluster::Inputs {
+            hyco: &a.hyco,
+            scratch: &scratch,
+            echo,
+            discard: discard_addr,
+            discarded: Arc::clone(&discarded),
+            sequential: plan.sequential,
+            bulk_secs: plan.bulk_secs,
+        })
+        .await?
+        .context("redis-server is not installed")?;
+        print_cluster(&c);
+        std::fs::write(
+            a.out.join("cluster.json"),
+            serde_json::to_string_pretty(&c)?,
+        )?;
+        return Ok(());
+    }
 
     let mut results = serde_json::Map::new();
     // 1. direct

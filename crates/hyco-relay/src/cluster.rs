@@ -283,6 +283,7 @@ pub struct Cluster {
     pub cfg: ClusterConfig,
     /// Random per start: entries of an earlier life of this node id are recognised as stale.
     pub epoch: String,
+    started_at: u64,
     prefix: String,
     client: redis::Client,
     conn: ConnectionManager,
@@ -357,6 +358,7 @@ impl Cluster {
         let (tx, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             epoch: hex::encode(rand::random::<[u8; 8]>()),
+            started_at: crate::unix_now(),
             prefix,
             client,
             conn,
@@ -369,8 +371,52 @@ impl Cluster {
             dir_rx: Mutex::new(Some(rx)),
             cfg,
         });
+        cluster.claim_node_id().await?;
         cluster.renew_lease().await?;
         Ok((cluster, tx))
+    }
+
+    /// Takes the node id: `SET NX` of the lease. A node that died without leaving holds it for
+    /// up to one lease; one that keeps renewing it is another live node with this id.
+    async fn claim_node_id(&self) -> Result<(), ClusterError> {
+        let key = self.key(&format!("node:{}", self.cfg.node_id));
+        let deadline = Instant::now() + self.cfg.lease + self.cfg.refresh;
+        let mut waited = false;
+        loop {
+            let mut c = self.conn();
+            let got: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(self.record_json())
+                .arg("NX")
+                .arg("PX")
+                .arg(self.cfg.lease.as_millis() as u64)
+                .query_async(&mut c)
+                .await?;
+            if got.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Config(format!(
+                    "node id {:?} is in use by a live node (its lease keeps being renewed); give every node its own --node-id",
+                    self.cfg.node_id
+                )));
+            }
+            if !waited {
+                waited = true;
+                warn!(node = %self.cfg.node_id, "this node id is still leased (an earlier run that did not stop cleanly, or another node); waiting up to one lease");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn record_json(&self) -> String {
+        let rec = NodeRecord {
+            epoch: self.epoch.clone(),
+            advertise: self.cfg.advertise.clone(),
+            started_at: self.started_at,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        serde_json::to_string(&rec).unwrap_or_default()
     }
 
     fn key(&self, k: &str) -> String {
@@ -423,13 +469,7 @@ impl Cluster {
     }
 
     async fn renew_lease(&self) -> redis::RedisResult<usize> {
-        let rec = NodeRecord {
-            epoch: self.epoch.clone(),
-            advertise: self.cfg.advertise.clone(),
-            started_at: crate::unix_now(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let json = serde_json::to_string(&rec).unwrap_or_default();
+        let json = self.record_json();
         let mut c = self.conn();
         let nodes_key = self.key("nodes");
         let _: () = redis::pipe()

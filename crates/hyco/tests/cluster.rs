@@ -76,6 +76,10 @@ struct Node {
 /// Starts node `id`. The first node generates the certificate (it covers 127.0.0.1 and
 /// localhost); the others use it, with its CA beside them so every helper finds one.
 async fn node(id: &str, redis: &Redis, first: Option<&Node>) -> Node {
+    node_with(id, redis, first, &[]).await
+}
+
+async fn node_with(id: &str, redis: &Redis, first: Option<&Node>, more: &[String]) -> Node {
     let dir = TempDir::new(&format!("cluster-{id}"));
     let mut extra: Vec<String> = vec![
         "--cluster".into(),
@@ -99,6 +103,7 @@ async fn node(id: &str, redis: &Redis, first: Option<&Node>) -> Node {
             fdata.join("server-key.pem").display().to_string(),
         ]);
     }
+    extra.extend_from_slice(more);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let relay = Relay::start_with(dir, 0, &extra).await;
     let line = relay
@@ -111,15 +116,59 @@ async fn node(id: &str, redis: &Redis, first: Option<&Node>) -> Node {
 }
 
 async fn cluster(tag: &str, n: usize) -> (TempDir, Redis, Vec<Node>) {
+    cluster_with(tag, n, &[]).await
+}
+
+/// `n` nodes on a fresh Redis, each started with the `more` arguments.
+async fn cluster_with(tag: &str, n: usize, more: &[String]) -> (TempDir, Redis, Vec<Node>) {
     let base = TempDir::new(tag);
     let redis = Redis::start(&base.0.join("redis")).await;
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=n {
         let first = nodes.first();
-        let nd = node(&format!("n{i}"), &redis, first).await;
+        let nd = node_with(&format!("n{i}"), &redis, first, more).await;
         nodes.push(nd);
     }
     (base, redis, nodes)
+}
+
+/// `redis-cli` on the test's Redis; its output.
+fn redis_cli(base: &TempDir, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-s")
+        .arg(base.0.join("redis/redis.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// HMAC-SHA256 (RFC 2104), for forging cluster messages that carry a valid MAC.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> String {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    outer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// The same connection string, pointed at another node's port.
@@ -611,32 +660,93 @@ async fn http_mode_works_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_messages_are_dropped_and_deletes_reach_every_node() {
-    let (base, _redis, nodes) = cluster("cluster-forged", 2).await;
+    let secret_dir = TempDir::new("cluster-secret");
+    let secret_file = secret_dir.0.join("cluster.key");
+    let secret = "0123456789abcdef0123456789abcdef";
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let more = [
+        "--cluster-secret-file".to_string(),
+        secret_file.display().to_string(),
+    ];
+    let (base, _redis, nodes) = cluster_with("cluster-forged", 2, &more).await;
     let echo = echo_server().await;
     let (l, s) = nodes[0].relay.hc("target", &echo.to_string()).await;
     let mut m = nodes[0]
         .relay
         .manager("manager", &on(&l, nodes[1].relay.port));
     nodes[1].relay.wait_listeners("target", 1).await;
-    // Someone who can write to Redis but lacks the cluster key publishes a Deliver to n2's
-    // inbox with a made-up MAC, and a well-formed one without a MAC.
-    let sock = base.0.join("redis/redis.sock");
-    let body = r#"{"id":"x","from":"n1","sentAtMs":0,"body":{"kind":"deliver","hc":"target","epoch":"0","connId":0,"command":"{}"}}"#;
-    for msg in [format!("{}.{body}", "ab".repeat(32)), body.to_owned()] {
-        let out = std::process::Command::new("redis-cli")
-            .arg("-s")
-            .arg(&sock)
-            .args(["PUBLISH", "hyco:default:inbox:n2", &msg])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
-    }
-    eventually("n2 counts 2 bad messages", T, || async {
-        metric(&nodes[1].status, "hyco_cluster_bad_messages").await == 2
+    let publish = |msg: &str| {
+        assert_eq!(
+            redis_cli(&base, &["PUBLISH", "hyco:default:inbox:n2", msg]),
+            "1"
+        );
+    };
+    let n2 = redis_cli(&base, &["GET", "hyco:default:node:n2"]);
+    let epoch = serde_json::from_str::<serde_json::Value>(&n2).unwrap()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deliver = |sent_at: u64, conn_id: u64| {
+        format!(
+            r#"{{"id":"x{sent_at}","from":"n1","sentAtMs":{sent_at},"body":{{"kind":"deliver","hc":"target","epoch":"{epoch}","connId":{conn_id},"command":"{{}}"}}}}"#
+        )
+    };
+    // G1: someone who can write to Redis but lacks the key: a made-up MAC, and no MAC; someone
+    // replaying a recorded message: a valid MAC a minute old.
+    let fresh = deliver(now_ms(), 0);
+    publish(&format!("{}.{fresh}", "ab".repeat(32)));
+    publish(&fresh);
+    let stale = deliver(now_ms() - 60_000, 0);
+    publish(&format!(
+        "{}.{stale}",
+        hmac_sha256(secret.as_bytes(), stale.as_bytes())
+    ));
+    eventually("n2 counts 3 bad messages", T, || async {
+        metric(&nodes[1].status, "hyco_cluster_bad_messages").await == 3
     })
     .await;
+    // G2: a valid message for a listener n2 does not hold: refused, written nowhere.
+    let unknown = deliver(now_ms(), 987_654);
+    publish(&format!(
+        "{}.{unknown}",
+        hmac_sha256(secret.as_bytes(), unknown.as_bytes())
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&nodes[1].status, "hyco_cluster_bad_messages").await,
+        3
+    );
     assert_eq!(metric(&nodes[1].status, "hyco_cluster_delivered").await, 0);
+    // G3: a directory entry of a node without a lease is never chosen, and is removed.
+    let (code, _, err) = nodes[0]
+        .relay
+        .admin(&["hc", "create", "ghost", "--endpoint", &echo.to_string()])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    redis_cli(
+        &base,
+        &[
+            "HSET",
+            "hyco:default:lst:ghost",
+            "n9:dead:1",
+            r#"{"node":"n9","epoch":"dead","listenerId":"ghost-1"}"#,
+        ],
+    );
+    let root = ConnectionString::parse(&on(&nodes[0].relay.root, nodes[0].relay.port))
+        .unwrap()
+        .with_entity("ghost");
+    let e = connect_with(
+        &root,
+        &nodes[0].relay.connector(),
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("404"), "{e}");
+    assert_eq!(
+        redis_cli(&base, &["HEXISTS", "hyco:default:lst:ghost", "n9:dead:1"]),
+        "0"
+    );
     // Still serving.
     let connector = nodes[0].relay.connector();
     lib_echo(&on(&s, nodes[0].relay.port), &connector, 1024)
@@ -706,4 +816,71 @@ async fn an_embedded_store_migrates_into_a_cluster() {
     lib_echo(&on(&s, n1.relay.port), &n1.relay.connector(), 4096)
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_to_start_without_redis_or_with_a_taken_id() {
+    // G4: no Redis at the URL.
+    let dir = TempDir::new("cluster-noredis");
+    let data = dir.0.join("data");
+    let url = format!("redis+unix://{}", dir.0.join("nothing.sock").display());
+    let (code, _, err) = hyco_testkit::run(
+        &common::bin(),
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--cluster",
+            &url,
+            "--node-id",
+            "n1",
+            "--advertise",
+            "127.0.0.1",
+        ],
+        &[],
+        T,
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot prepare the relay"), "{err}");
+    // G5: a second node with a live node's id waits one lease, then refuses.
+    let (_base, redis, nodes) = cluster("cluster-dupid", 1).await;
+    let dir2 = TempDir::new("cluster-dupid-2");
+    let data2 = dir2.0.join("data");
+    let fdata = nodes[0].relay.dir.0.join("data");
+    let started = Instant::now();
+    let (code, _, err) = hyco_testkit::run(
+        &common::bin(),
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data2.to_str().unwrap(),
+            "--cluster",
+            &redis.url(),
+            "--node-id",
+            "n1",
+            "--advertise",
+            "127.0.0.1",
+            "--cert",
+            fdata.join("server.pem").to_str().unwrap(),
+            "--key",
+            fdata.join("server-key.pem").to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(40),
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("in use by a live node"), "{err}");
+    eprintln!(
+        "cluster: duplicate node id refused after {:?}",
+        started.elapsed()
+    );
+    // The first node still serves.
+    let (code, _, err) = nodes[0].relay.admin(&["hc", "list"]).await;
+    assert_eq!(code, 0, "{err}");
 }
