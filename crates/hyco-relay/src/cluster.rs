@@ -513,12 +513,19 @@ impl Cluster {
             .collect())
     }
 
-    /// Listeners of `hc` on other live nodes. Redis down: none (only local pairings work).
+    /// Listeners of `hc` on other live nodes. Redis down: none (only local pairings work),
+    /// without waiting on Redis until the next lease renewal succeeds.
     pub async fn remote_listeners(&self, hc: &str) -> Vec<RemoteListener> {
+        if !self.healthy() {
+            return Vec::new();
+        }
         match self.timed(self.read_directory(hc)).await {
             Ok(v) => v,
             Err(e) => {
-                debug!(error = %e, "directory unavailable; local listeners only");
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    warn!(error = %e, "the directory is unreachable; serving local pairings only");
+                }
+                self.stats.redis_up.set(0);
                 Vec::new()
             }
         }
@@ -852,7 +859,12 @@ impl Cluster {
                 }
             };
             backoff = Duration::from_millis(100);
-            // Messages may have been lost while unsubscribed: catch up.
+            // Redis answers again: dispatch across nodes at once rather than at the next lease
+            // renewal. Messages may have been lost while unsubscribed: catch up.
+            if !self.healthy.swap(true, Ordering::Relaxed) {
+                info!(node = %self.cfg.node_id, "redis is back: resyncing the directory");
+                self.stats.redis_up.set(1);
+            }
             self.resync.notify_one();
             reload_config(&self, &shared).await;
             let mut stream = ps.on_message();

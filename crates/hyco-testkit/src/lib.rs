@@ -142,9 +142,14 @@ impl Proc {
 
     /// Sends SIGTERM without waiting.
     pub async fn signal_term(&self) {
+        self.signal("TERM").await;
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, …) without waiting.
+    pub async fn signal(&self, name: &str) {
         if let Some(pid) = self.child.id() {
             let _ = Command::new("kill")
-                .arg("-TERM")
+                .arg(format!("-{name}"))
                 .arg(pid.to_string())
                 .status()
                 .await;

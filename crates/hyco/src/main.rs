@@ -113,6 +113,10 @@ struct ClusterArgs {
     /// node). Without it a key kept in Redis is used.
     #[arg(long, env = "HYCO_CLUSTER_SECRET_FILE", requires = "cluster")]
     cluster_secret_file: Option<PathBuf>,
+    /// Seconds a node's lease lives without renewal (renewed every third of it): how long a dead
+    /// node's listeners stay in the directory, and how soon a node cut off from Redis fences.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=300))]
+    cluster_lease: u64,
 }
 
 #[derive(Args)]
@@ -389,6 +393,8 @@ fn cluster_config(
     }
     let mut c = hyco_relay::cluster::ClusterConfig::new(url, node_id, advertise);
     c.name = a.cluster_name.clone();
+    c.lease = Duration::from_secs(a.cluster_lease);
+    c.refresh = Duration::from_secs((a.cluster_lease / 3).max(1));
     if let Some(f) = &a.cluster_secret_file {
         let key = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
         let key = key.trim_ascii().to_vec();

@@ -884,3 +884,55 @@ async fn a_node_refuses_to_start_without_redis_or_with_a_taken_id() {
     let (code, _, err) = nodes[0].relay.admin(&["hc", "list"]).await;
     assert_eq!(code, 0, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_fences_once_and_keeps_serving_locally() {
+    // A 3 s lease renewed every second: the node fences after about 4 s without Redis.
+    let more = ["--cluster-lease".to_string(), "3".to_string()];
+    let (_base, redis, nodes) = cluster_with("cluster-fence", 2, &more).await;
+    let echo = echo_server().await;
+    let (l, s) = nodes[0].relay.hc("svc", &echo.to_string()).await;
+    let m = nodes[0]
+        .relay
+        .manager("manager", &on(&l, nodes[0].relay.port));
+    nodes[0].relay.wait_listeners("svc", 1).await;
+    let connector = nodes[0].relay.connector();
+    let (same, cross) = (on(&s, nodes[0].relay.port), on(&s, nodes[1].relay.port));
+    lib_echo(&cross, &connector, 4096).await.unwrap();
+
+    // Redis stops answering (a frozen server, or a partition: connections hang, nothing fails fast).
+    redis.proc.signal("STOP").await;
+    let stopped = Instant::now();
+    m.wait_line("relay closed the channel: 1011 NameRenewalFailed", T)
+        .await;
+    let fenced = stopped.elapsed();
+    // The listener comes back to the node, which serves it locally.
+    let mut served = None;
+    for _ in 0..100 {
+        if lib_echo(&same, &connector, 4096).await.is_ok() {
+            served = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = served.expect("no local pairing within 10 s of the fence");
+    assert_eq!(
+        metric(&nodes[0].status, "hyco_cluster_fences").await,
+        1,
+        "fences once per outage"
+    );
+    redis.proc.signal("CONT").await;
+    let back = Instant::now();
+    let mut cross_back = None;
+    for _ in 0..150 {
+        if lib_echo(&cross, &connector, 4096).await.is_ok() {
+            cross_back = Some(back.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cross_back = cross_back.expect("cross-node pairing did not recover within 15 s");
+    eprintln!(
+        "cluster: Redis frozen; fenced after {fenced:?}, local pairing again after {served:?}; cross-node back {cross_back:?} after Redis resumed"
+    );
+}
