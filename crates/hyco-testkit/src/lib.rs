@@ -135,6 +135,11 @@ impl Proc {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
