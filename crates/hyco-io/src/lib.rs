@@ -21,9 +21,11 @@ pub mod tls;
 pub mod ws {
     pub mod frame;
     pub mod handshake;
+    pub mod relay_addrs;
     pub mod stream;
 
     pub use handshake::{ConnectError, Connected, Connector, HttpAnswer};
+    pub use relay_addrs::{AddrFailure, RelayAddrs};
     pub use stream::{Message, Part, Role, WsConfig, WsError, WsStream};
 }
 

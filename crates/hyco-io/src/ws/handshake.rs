@@ -3,7 +3,9 @@
 //! Server side: check an upgrade request and build the 101. Client side: [`Connector`] dials
 //! TCP, TLS and sends the upgrade; a non-101 answer comes back as
 //! [`ConnectError::Rejected`] with the status, reason phrase and body, because the relay's
-//! status line is how a sender learns why a listener refused it.
+//! status line is how a sender learns why a listener refused it. A connector can be given
+//! several addresses for one endpoint ([`Connector::set_relay_addrs`], see
+//! [`super::relay_addrs`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 
+use super::relay_addrs::{AddrFailure, RelayAddrs};
 use super::stream::{Role, WsConfig, WsStream};
 
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -160,6 +163,23 @@ pub enum ConnectError {
     /// The HTTP proxy could not be reached or refused the tunnel.
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    /// The endpoint has several addresses ([`Connector::set_relay_addrs`]) and the TCP step
+    /// (or the proxy tunnel) failed at every one of them.
+    #[error("cannot reach {endpoint} at any of its relay addresses: {}", join(.failures))]
+    AllAddrsFailed {
+        /// The endpoint, `host:port`.
+        endpoint: String,
+        /// Each address, in the order tried, with why it failed.
+        failures: Vec<AddrFailure>,
+    },
+}
+
+fn join(failures: &[AddrFailure]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ConnectError {
@@ -246,6 +266,9 @@ pub struct Connector {
     pub timeout: Duration,
     /// Frame and buffer limits for the resulting stream.
     pub ws: WsConfig,
+    /// Other addresses for one endpoint (the nodes of a relay cluster), with the cursor that
+    /// remembers which one last worked; shared by the clones so they all learn from one failure.
+    relay: Option<Arc<RelayAddrs>>,
 }
 
 /// The TLS client, and the proxy if connections go through one.
@@ -266,7 +289,34 @@ impl Connector {
             }),
             timeout: Duration::from_secs(30),
             ws: WsConfig::default(),
+            relay: None,
         }
+    }
+
+    /// Dials `addrs` instead of `endpoint_host:endpoint_port` itself, for the relay nodes of a
+    /// cluster behind one name. Only a connect to exactly that endpoint (host compared without
+    /// regard to case, same port) is affected: its TCP step (or, through a proxy, its
+    /// `CONNECT`) goes to the addresses in turn, starting at the one that last worked, moving
+    /// on when one cannot be reached (refused, unreachable, or no connection within its share
+    /// of [`Connector::timeout`]) and trying each at most once per connect; when all fail the
+    /// error is [`ConnectError::AllAddrsFailed`]. The TLS server name, certificate check and
+    /// `Host` header stay the endpoint's. Connects to any other `host:port` (rendezvous
+    /// addresses, for one) are dialled as given. An empty `addrs` removes the setting.
+    ///
+    /// Hosts are names or IP literals (IPv6 with or without brackets). Clones made before this
+    /// call keep their previous setting; clones made after share the cursor.
+    pub fn set_relay_addrs(
+        &mut self,
+        endpoint_host: &str,
+        endpoint_port: u16,
+        addrs: Vec<(String, u16)>,
+    ) {
+        self.relay = RelayAddrs::new(endpoint_host, endpoint_port, addrs).map(Arc::new);
+    }
+
+    /// The endpoint's other addresses, if [`Connector::set_relay_addrs`] set some.
+    pub fn relay_addrs(&self) -> Option<&RelayAddrs> {
+        self.relay.as_deref()
     }
 
     /// Sends connections through an HTTP proxy (`CONNECT`), except to the hosts its
@@ -429,29 +479,21 @@ impl Connector {
         .map_err(|_| ConnectError::Timeout(self.timeout))?
     }
 
-    /// TCP to the relay (or a tunnel to it through the proxy), then TLS to the relay.
+    /// TCP to the relay (or a tunnel to it through the proxy), then TLS to the relay. For the
+    /// endpoint of [`Connector::set_relay_addrs`], the TCP step goes to its addresses in turn.
     async fn dial(&self, t: &Target) -> Result<ClientTls, ConnectError> {
-        let via = self
-            .dialer
-            .proxy
-            .as_ref()
-            .and_then(|p| p.for_target(&t.host, t.port));
-        let tcp = match via {
-            Some(proxy) => {
-                tracing::debug!(%proxy, host = %t.host, port = t.port, "dialling through the proxy");
-                crate::proxy::open_tunnel(proxy, &t.host, t.port, self.timeout).await?
-            }
-            None => {
-                let addr = format!("{}:{}", t.host_header_host(), t.port);
-                let tcp = TcpStream::connect((t.host.as_str(), t.port))
+        let tcp = match self.relay.as_deref().filter(|r| r.matches(&t.host, t.port)) {
+            Some(relay) => {
+                let limit = relay.attempt_timeout(self.timeout);
+                relay
+                    .dial(limit, |host, port| self.tcp(host, port, Some(t), limit))
                     .await
-                    .map_err(|source| ConnectError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?;
-                let _ = tcp.set_nodelay(true);
-                tcp
+                    .map_err(|failures| ConnectError::AllAddrsFailed {
+                        endpoint: relay.endpoint(),
+                        failures,
+                    })?
             }
+            None => self.tcp(t.host.clone(), t.port, None, self.timeout).await?,
         };
         let name = rustls::pki_types::ServerName::try_from(t.host.clone())
             .map_err(|_| ConnectError::BadUrl(format!("invalid server name {:?}", t.host)))?;
@@ -464,14 +506,41 @@ impl Connector {
                 source,
             })
     }
-}
 
-impl Target {
-    fn host_header_host(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
+    /// The TCP step to `host:port`: directly, or a `CONNECT` tunnel through the proxy unless
+    /// `no_proxy` matches the address (or `endpoint`, the name it stands in for). `limit`
+    /// bounds the proxy exchange.
+    async fn tcp(
+        &self,
+        host: String,
+        port: u16,
+        endpoint: Option<&Target>,
+        limit: Duration,
+    ) -> Result<TcpStream, ConnectError> {
+        let bypass = |p: &crate::proxy::Proxy| {
+            endpoint.is_some_and(|e| p.for_target(&e.host, e.port).is_none())
+        };
+        let via = self
+            .dialer
+            .proxy
+            .as_ref()
+            .filter(|p| !bypass(p))
+            .and_then(|p| p.for_target(&host, port));
+        match via {
+            Some(proxy) => {
+                tracing::debug!(%proxy, host = %host, port, "dialling through the proxy");
+                Ok(crate::proxy::open_tunnel(proxy, &host, port, limit).await?)
+            }
+            None => {
+                let tcp = TcpStream::connect((host.as_str(), port))
+                    .await
+                    .map_err(|source| ConnectError::Connect {
+                        addr: super::relay_addrs::authority(&host, port),
+                        source,
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
         }
     }
 }
@@ -533,5 +602,51 @@ mod tests {
             Target::parse("wss://[::1]/x").unwrap().host_header(),
             "[::1]"
         );
+    }
+
+    async fn refusing_port() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn relay_addrs_apply_to_their_endpoint_only() {
+        let (d1, d2) = (refusing_port().await, refusing_port().await);
+        let mut c = Connector::new(crate::tls::client_config(None).unwrap());
+        c.set_relay_addrs(
+            "Relay.Example",
+            9443,
+            vec![("127.0.0.1".into(), d1), ("127.0.0.1".into(), d2)],
+        );
+        let clone = c.clone();
+        // The endpoint: every address is tried, and the error names each.
+        let e = clone
+            .connect("wss://relay.example:9443/$hc/x", &[])
+            .await
+            .unwrap_err();
+        match &e {
+            ConnectError::AllAddrsFailed { endpoint, failures } => {
+                assert_eq!(endpoint, "relay.example:9443");
+                let tried: Vec<_> = failures.iter().map(|f| f.addr.as_str()).collect();
+                assert_eq!(
+                    tried,
+                    [format!("127.0.0.1:{d1}"), format!("127.0.0.1:{d2}")]
+                );
+            }
+            other => panic!("expected AllAddrsFailed, got {other}"),
+        }
+        let text = e.to_string();
+        assert!(text.contains(&format!("127.0.0.1:{d1} (")), "{text}");
+        // Another host:port (a rendezvous address) is dialled as given.
+        let e = c
+            .connect(&format!("wss://127.0.0.1:{d1}/$hc/x?sb-hc-rv=1"), &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ConnectError::Connect { addr, .. } if *addr == format!("127.0.0.1:{d1}")),
+            "{e}"
+        );
+        c.set_relay_addrs("relay.example", 9443, Vec::new());
+        assert!(c.relay_addrs().is_none());
     }
 }
