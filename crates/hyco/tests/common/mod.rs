@@ -31,7 +31,12 @@ impl Relay {
     }
 
     pub async fn start_with(dir: TempDir, port: u16, extra: &[&str]) -> Relay {
-        let listen = format!("127.0.0.1:{port}");
+        Self::start_on(dir, &format!("127.0.0.1:{port}"), extra).await
+    }
+
+    /// A relay listening on `listen` (an address of a network namespace the test made).
+    pub async fn start_on(dir: TempDir, listen: &str, extra: &[&str]) -> Relay {
+        let listen = listen.to_owned();
         let data = dir.0.join("data");
         let mut args = vec![
             "relay",
