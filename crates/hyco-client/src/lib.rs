@@ -1,7 +1,9 @@
 //! The hyco SDK: both halves of a hybrid connection.
 //!
 //! # Layout
-//! * [`ClientOptions`]: trust (system roots plus `--ca-file`) and timeouts → a [`Connector`].
+//! * [`ClientOptions`]: trust (system roots plus `--ca-file`), timeouts, proxy and the relay's
+//!   node addresses → a [`Connector`] ([`ClientOptions::connector_for`] for a connection
+//!   string's endpoint).
 //! * [`connect`] / [`connect_with`]: a sender; returns a [`HybridStream`]
 //!   (`AsyncRead + AsyncWrite`; `shutdown()` is a half-close).
 //! * [`listener`]: a listener actor (control channel, renew, ping, reconnect) yielding
@@ -63,6 +65,9 @@ pub enum ClientError {
     /// The entity description could not be read.
     #[error("entity description: {0}")]
     Entity(#[from] hyco_proto::entity::EntityError),
+    /// An entry of [`ClientOptions::relay_addrs`] is not `host:port`.
+    #[error("relay address {0}")]
+    RelayAddr(String),
 }
 
 impl From<ConnectError> for ClientError {
@@ -101,6 +106,12 @@ pub struct ClientOptions {
     pub proxy: Option<ProxyUrl>,
     /// Relay hosts reached directly even when `proxy` is set (the `NO_PROXY` convention).
     pub no_proxy: NoProxy,
+    /// Where the connection string's endpoint can be reached, `host:port` each (`[v6]:port`):
+    /// the nodes of a relay cluster behind one namespace name. Connects to the endpoint dial
+    /// these in turn, starting at the one that last worked; TLS, `Host` and the token audience
+    /// keep the endpoint's name ([`Connector::set_relay_addrs`]). Empty: the endpoint's own
+    /// name is dialled. Applied by [`ClientOptions::connector_for`].
+    pub relay_addrs: Vec<String>,
 }
 
 impl Default for ClientOptions {
@@ -111,14 +122,17 @@ impl Default for ClientOptions {
             token_lifetime: Duration::from_secs(3600),
             proxy: None,
             no_proxy: NoProxy::default(),
+            relay_addrs: Vec::new(),
         }
     }
 }
 
 impl ClientOptions {
-    /// Defaults, with `HYCO_CA_FILE` as the extra CA and the proxy settings of the environment
+    /// Defaults, with `HYCO_CA_FILE` as the extra CA, `HYCO_RELAY_ADDRS` (comma-separated
+    /// `host:port`) as [`ClientOptions::relay_addrs`] and the proxy settings of the environment
     /// (see [`ClientOptions::proxy_from_env`]). An unusable proxy URL there is logged and
-    /// ignored; use `proxy_from_env` to treat it as an error.
+    /// ignored; use `proxy_from_env` to treat it as an error. Bad relay addresses are
+    /// reported when the connector is built.
     pub fn from_env() -> Self {
         let proxy = Self::proxy_from_env().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "ignoring the proxy setting of the environment");
@@ -128,8 +142,24 @@ impl ClientOptions {
             ca_file: std::env::var_os("HYCO_CA_FILE").map(PathBuf::from),
             proxy,
             no_proxy: Self::no_proxy_from_env(),
+            relay_addrs: std::env::var("HYCO_RELAY_ADDRS")
+                .map(|v| split_relay_addrs(&v))
+                .unwrap_or_default(),
             ..ClientOptions::default()
         }
+    }
+
+    /// [`ClientOptions::relay_addrs`] checked: `(host, port)` each, IPv6 without brackets. The
+    /// error names the first bad entry.
+    pub fn parsed_relay_addrs(&self) -> Result<Vec<(String, u16)>, ClientError> {
+        self.relay_addrs
+            .iter()
+            .map(|a| {
+                hyco_proto::address::HostPort::parse(a.trim())
+                    .map(|hp| (hp.host, hp.port))
+                    .map_err(|e| ClientError::RelayAddr(format!("{e} (expected host:port)")))
+            })
+            .collect()
     }
 
     /// The proxy from `HTTPS_PROXY`, `https_proxy`, `ALL_PROXY` or `all_proxy`: the first one
@@ -143,8 +173,11 @@ impl ClientOptions {
         hyco_io::proxy::no_proxy_from_env_vars(|name| std::env::var(name).ok())
     }
 
-    /// A connector with these settings.
+    /// A connector with these settings, except [`ClientOptions::relay_addrs`], which need the
+    /// endpoint they stand for: see [`ClientOptions::connector_for`]. (They are still checked
+    /// here, so a bad entry is an error either way.)
     pub fn connector(&self) -> Result<Connector, ClientError> {
+        self.parsed_relay_addrs()?;
         let tls = hyco_io::tls::client_config(self.ca_file.as_deref())?;
         let mut c = Connector::new(Arc::clone(&tls));
         c.timeout = self.connect_timeout;
@@ -154,6 +187,27 @@ impl ClientOptions {
         }));
         Ok(c)
     }
+
+    /// A connector for `cs`: [`ClientOptions::connector`], plus [`ClientOptions::relay_addrs`]
+    /// for `cs`'s endpoint. Connection strings for other entities on the same endpoint can
+    /// use it too, and its clones share which address last worked.
+    pub fn connector_for(&self, cs: &ConnectionString) -> Result<Connector, ClientError> {
+        let mut c = self.connector()?;
+        let addrs = self.parsed_relay_addrs()?;
+        if !addrs.is_empty() {
+            c.set_relay_addrs(&cs.endpoint.host, cs.endpoint.port_or_default(), addrs);
+        }
+        Ok(c)
+    }
+}
+
+/// `a:1, b:2,` → `["a:1", "b:2"]`: comma-separated, blanks dropped.
+pub fn split_relay_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn now() -> u64 {
@@ -212,7 +266,7 @@ pub struct ConnectOptions {
 
 /// Opens a sender connection with options from the environment.
 pub async fn connect(cs: &ConnectionString) -> Result<HybridStream, ClientError> {
-    let connector = ClientOptions::from_env().connector()?;
+    let connector = ClientOptions::from_env().connector_for(cs)?;
     connect_with(cs, &connector, &ConnectOptions::default()).await
 }
 
@@ -296,4 +350,46 @@ pub async fn pump(
         let _ = tcp.set_zero_linger();
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_addrs_are_checked_and_applied_to_the_endpoint() {
+        assert_eq!(
+            split_relay_addrs(" 10.0.0.1:9443, ,[::1]:9443,"),
+            ["10.0.0.1:9443", "[::1]:9443"]
+        );
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://Relay.Example:9443/;SharedAccessKeyName=s;SharedAccessKey=a2V5;EntityPath=db",
+        )
+        .unwrap();
+        let opts = ClientOptions {
+            relay_addrs: vec!["10.0.0.1:9443".into(), "[::1]:9443".into()],
+            ..ClientOptions::default()
+        };
+        let c = opts.connector_for(&cs).unwrap();
+        let r = c.relay_addrs().unwrap();
+        assert!(r.matches("relay.example", 9443));
+        assert_eq!(
+            r.addrs(),
+            &[("10.0.0.1".to_owned(), 9443), ("::1".to_owned(), 9443)]
+        );
+        assert!(ClientOptions::default()
+            .connector_for(&cs)
+            .unwrap()
+            .relay_addrs()
+            .is_none());
+        for bad in ["10.0.0.1", "node:0", "node:http", ":9443"] {
+            let opts = ClientOptions {
+                relay_addrs: vec!["10.0.0.1:9443".into(), bad.into()],
+                ..ClientOptions::default()
+            };
+            let e = opts.connector_for(&cs).err().unwrap().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{bad}: {e}");
+            assert!(opts.connector().is_err(), "{bad}");
+        }
+    }
 }
