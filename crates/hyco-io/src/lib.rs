@@ -23,6 +23,7 @@ pub mod ws {
     pub mod handshake;
     pub mod relay_addrs;
     pub mod stream;
+    pub mod warm;
 
     pub use handshake::{ConnectError, Connected, Connector, HttpAnswer};
     pub use relay_addrs::{AddrFailure, RelayAddrs};

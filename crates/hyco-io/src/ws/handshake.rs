@@ -269,6 +269,8 @@ pub struct Connector {
     /// Other addresses for one endpoint (the nodes of a relay cluster), with the cursor that
     /// remembers which one last worked; shared by the clones so they all learn from one failure.
     relay: Option<Arc<RelayAddrs>>,
+    /// TCP + TLS done ahead of need ([`Connector::set_warm`]), shared by the clones.
+    warm: Option<Arc<super::warm::WarmPool>>,
 }
 
 /// The TLS client, and the proxy if connections go through one.
@@ -290,7 +292,41 @@ impl Connector {
             timeout: Duration::from_secs(30),
             ws: WsConfig::default(),
             relay: None,
+            warm: None,
         }
+    }
+
+    /// Keeps connections to the relays this connector dials warm (TCP and TLS done), so a
+    /// sender connection or a rendezvous costs only the upgrade round trip. See
+    /// [`super::warm`]; a `size` of 0 turns it off. Clones made after this call share the pool.
+    pub fn set_warm(&mut self, cfg: super::warm::WarmConfig) {
+        self.warm = super::warm::WarmPool::new(cfg);
+    }
+
+    /// Warm connections held now.
+    pub fn warm_held(&self) -> usize {
+        self.warm.as_ref().map_or(0, |w| w.held())
+    }
+
+    /// A warm connection to `t`, if the pool has one; starts keeping `t` warm.
+    fn take_warm(&self, t: &Target) -> Option<ClientTls> {
+        let pool = self.warm.as_ref()?;
+        let key = (t.host.clone(), t.port);
+        let (found, start_fill) = pool.take(&key);
+        if start_fill {
+            let me = self.clone();
+            let target = t.clone();
+            tokio::spawn(Arc::clone(pool).fill(key, move || {
+                let (me, target) = (me.clone(), target.clone());
+                async move {
+                    tokio::time::timeout(me.timeout, me.dial(&target))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+            }));
+        }
+        found
     }
 
     /// Dials `addrs` instead of `endpoint_host:endpoint_port` itself, for the relay nodes of a
@@ -351,7 +387,26 @@ impl Connector {
         t: &Target,
         headers: &[(&str, &str)],
     ) -> Result<Connected, ConnectError> {
+        if let Some(tls) = self.take_warm(t) {
+            match self.upgrade(tls, t, headers).await {
+                // The relay may have closed a warm connection (restart, deadline): dial anew.
+                Err(ConnectError::Http(e)) => {
+                    tracing::debug!(error = %e, "warm connection unusable; dialling");
+                }
+                other => return other,
+            }
+        }
         let tls = self.dial(t).await?;
+        self.upgrade(tls, t, headers).await
+    }
+
+    /// The WebSocket upgrade on an open TLS connection.
+    async fn upgrade(
+        &self,
+        tls: ClientTls,
+        t: &Target,
+        headers: &[(&str, &str)],
+    ) -> Result<Connected, ConnectError> {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
