@@ -112,6 +112,11 @@ pub struct ClientOptions {
     /// keep the endpoint's name ([`Connector::set_relay_addrs`]). Empty: the endpoint's own
     /// name is dialled. Applied by [`ClientOptions::connector_for`].
     pub relay_addrs: Vec<String>,
+    /// Connections kept ready (TCP and TLS done) per relay address this client dials, so that
+    /// a sender connection or a rendezvous costs only the upgrade round trip
+    /// (`hyco_io::ws::warm`). 0 (the library's default): none. `hyco forward` and
+    /// `hyco manager` keep 1.
+    pub warm_connections: usize,
 }
 
 impl Default for ClientOptions {
@@ -123,6 +128,7 @@ impl Default for ClientOptions {
             proxy: None,
             no_proxy: NoProxy::default(),
             relay_addrs: Vec::new(),
+            warm_connections: 0,
         }
     }
 }
@@ -185,6 +191,10 @@ impl ClientOptions {
             url,
             no_proxy: self.no_proxy.clone(),
         }));
+        c.set_warm(hyco_io::ws::warm::WarmConfig {
+            size: self.warm_connections,
+            ..hyco_io::ws::warm::WarmConfig::default()
+        });
         Ok(c)
     }
 
