@@ -172,6 +172,7 @@ pub async fn run(inp: Inputs<'_>) -> Result<Option<Value>> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let connector = hyco_client::ClientOptions {
         ca_file: Some(ca.clone()),
+        warm_connections: 1,
         ..Default::default()
     }
     .connector()?;

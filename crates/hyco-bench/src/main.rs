@@ -559,8 +559,10 @@ async fn main() -> Result<()> {
         .await?,
     );
     eprintln!("hyco-lib …");
+    // One warm connection, as `hyco forward` keeps.
     let connector = hyco_client::ClientOptions {
         ca_file: Some(ca.clone()),
+        warm_connections: 1,
         ..Default::default()
     }
     .connector()?;
