@@ -163,7 +163,7 @@ impl ClientOptions {
             .map(|a| {
                 hyco_proto::address::HostPort::parse(a.trim())
                     .map(|hp| (hp.host, hp.port))
-                    .map_err(|e| ClientError::RelayAddr(format!("{e} (expected host:port)")))
+                    .map_err(|e| ClientError::RelayAddr(e.to_string()))
             })
             .collect()
     }

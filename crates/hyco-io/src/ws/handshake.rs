@@ -704,4 +704,81 @@ mod tests {
         c.set_relay_addrs("relay.example", 9443, Vec::new());
         assert!(c.relay_addrs().is_none());
     }
+
+    /// A proxy that refuses every `CONNECT` with 502 and reports each request line.
+    async fn refusing_proxy() -> (
+        crate::proxy::ProxyUrl,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let mut s = tokio::io::BufReader::new(s);
+                let mut first = String::new();
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 && line != "\r\n" {
+                    if first.is_empty() {
+                        first = line.trim_end().to_owned();
+                    }
+                    line.clear();
+                }
+                let _ = tx.send(first);
+                let _ = s
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let url = crate::proxy::ProxyUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn through_a_proxy_the_connect_goes_to_each_address() {
+        let (url, mut seen) = refusing_proxy().await;
+        let mut c = Connector::new(crate::tls::client_config(None).unwrap());
+        c.set_proxy(Some(crate::proxy::Proxy {
+            url: url.clone(),
+            no_proxy: crate::proxy::NoProxy::default(),
+        }));
+        c.set_relay_addrs(
+            "relay.example",
+            443,
+            vec![("10.0.0.11".into(), 9443), ("fd00::12".into(), 9443)],
+        );
+        let e = c
+            .connect("wss://relay.example/$hc/x", &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::AllAddrsFailed { .. }), "{e}");
+        assert!(e.to_string().contains("502"), "{e}");
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            "CONNECT 10.0.0.11:9443 HTTP/1.1"
+        );
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            "CONNECT [fd00::12]:9443 HTTP/1.1"
+        );
+        // `no_proxy` naming the endpoint sends its addresses direct.
+        let dead = refusing_port().await;
+        c.set_proxy(Some(crate::proxy::Proxy {
+            url,
+            no_proxy: crate::proxy::NoProxy::parse("relay.example"),
+        }));
+        c.set_relay_addrs("relay.example", 443, vec![("127.0.0.1".into(), dead)]);
+        let e = c
+            .connect("wss://relay.example/$hc/x", &[])
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("127.0.0.1:{dead} (cannot reach")),
+            "{text}"
+        );
+        assert!(seen.try_recv().is_err(), "the proxy was used");
+    }
 }
