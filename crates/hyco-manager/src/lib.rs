@@ -37,7 +37,8 @@ pub use status::{HcStatus, StatusBoard};
 pub struct ManagerConfig {
     /// One connection string (with EntityPath and a Listen key) per hybrid connection.
     pub connections: Vec<ConnectionString>,
-    /// Trust and timeouts.
+    /// Trust, timeouts, proxy, and the relay node addresses (applied to each connection
+    /// string's endpoint).
     pub client: ClientOptions,
     /// Deadline for the TCP connect to the endpoint.
     pub dial_timeout: Duration,
@@ -62,6 +63,9 @@ struct FileConfig {
     ca_file: Option<PathBuf>,
     proxy: Option<String>,
     no_proxy: Option<String>,
+    /// `host:port` of each relay node behind the connection strings' endpoint.
+    #[serde(default)]
+    relay_addrs: Vec<String>,
     dial_timeout_secs: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
@@ -104,10 +108,14 @@ impl ManagerConfig {
                     .transpose()
                     .map_err(|e| ManagerError::Config(format!("proxy: {e}")))?,
                 no_proxy: hyco_client::NoProxy::parse(f.no_proxy.as_deref().unwrap_or("")),
+                relay_addrs: f.relay_addrs,
                 ..ClientOptions::default()
             },
             ..ManagerConfig::default()
         };
+        cfg.client
+            .parsed_relay_addrs()
+            .map_err(|e| ManagerError::Config(format!("relay_addrs: {e}")))?;
         if let Some(s) = f.dial_timeout_secs {
             cfg.dial_timeout = Duration::from_secs(s);
         }
@@ -334,6 +342,18 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("#1"), "{e}");
+    }
+
+    #[test]
+    fn config_relay_addrs() {
+        let cfg =
+            ManagerConfig::from_toml("relay_addrs = [\"10.0.0.1:9443\", \"[fd00::2]:9443\"]\n")
+                .unwrap();
+        assert_eq!(cfg.client.relay_addrs, ["10.0.0.1:9443", "[fd00::2]:9443"]);
+        let e = ManagerConfig::from_toml("relay_addrs = [\"10.0.0.1:9443\", \"node2\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relay_addrs") && e.contains("'node2'"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! it runs, the ones added at run time kept in a state file, and an end-to-end test per hybrid
 //! connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +36,14 @@ struct Entry {
 /// A running manager.
 pub struct Manager {
     board: Arc<StatusBoard>,
+    /// The connector without relay addresses; [`Manager::connector_for`] derives the one a
+    /// connection string uses.
     connector: Connector,
+    /// `--relay-addr` / `relay_addrs`: the relay nodes behind the connection strings' endpoint.
+    relay_addrs: Vec<(String, u16)>,
+    /// One connector per endpoint when there are relay addresses, so every hybrid connection
+    /// on that endpoint shares which address last worked.
+    by_endpoint: Mutex<HashMap<(String, u16), Connector>>,
     dial_timeout: Duration,
     token_lifetime: Duration,
     shutdown: CancellationToken,
@@ -91,6 +98,8 @@ impl Manager {
         let m = Arc::new(Manager {
             board: Arc::new(StatusBoard::new(&[])),
             connector,
+            relay_addrs: cfg.client.parsed_relay_addrs()?,
+            by_endpoint: Mutex::new(HashMap::new()),
             dial_timeout: cfg.dial_timeout,
             token_lifetime: cfg.token_lifetime,
             shutdown,
@@ -117,6 +126,23 @@ impl Manager {
             }
         }
         Ok(m)
+    }
+
+    /// The connector for `cs`: with the relay addresses for its endpoint, if there are any
+    /// (the same connector, and so the same cursor, for every connection string there).
+    fn connector_for(&self, cs: &ConnectionString) -> Connector {
+        if self.relay_addrs.is_empty() {
+            return self.connector.clone();
+        }
+        let port = cs.endpoint.port_or_default();
+        lock(&self.by_endpoint)
+            .entry((cs.endpoint.host.to_ascii_lowercase(), port))
+            .or_insert_with(|| {
+                let mut c = self.connector.clone();
+                c.set_relay_addrs(&cs.endpoint.host, port, self.relay_addrs.clone());
+                c
+            })
+            .clone()
     }
 
     /// The status board (status page, metrics).
@@ -169,7 +195,7 @@ impl Manager {
         };
         self.tasks.spawn(supervise(
             cs.clone(),
-            self.connector.clone(),
+            self.connector_for(cs),
             opts,
             self.dial_timeout,
             stop,
@@ -221,7 +247,7 @@ impl Manager {
     pub async fn refresh(&self, name: &str) -> Result<(), ManagerError> {
         let cs = self.cs_of(name)?;
         if let Some(st) = self.board.get(name) {
-            if let Ok((hp, n)) = resolve(&cs, &self.connector).await {
+            if let Ok((hp, n)) = resolve(&cs, &self.connector_for(&cs)).await {
                 crate::set_endpoint(&st, hp);
                 st.relay_listeners
                     .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
@@ -260,7 +286,7 @@ impl Manager {
             })
         };
         let started = Instant::now();
-        let entity_ok = match resolve(&cs, &self.connector).await {
+        let entity_ok = match resolve(&cs, &self.connector_for(&cs)).await {
             Ok((hp, n)) => {
                 st.relay_listeners
                     .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
@@ -302,7 +328,7 @@ impl Manager {
             let t = Instant::now();
             match tokio::time::timeout(
                 self.dial_timeout + Duration::from_secs(10),
-                connect_with(&sender, &self.connector, &opts),
+                connect_with(&sender, &self.connector_for(&sender), &opts),
             )
             .await
             {

@@ -193,6 +193,16 @@ struct ManagerRunArgs {
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
+    /// Where the connection strings' endpoint can be reached, `HOST:PORT` (repeatable, or
+    /// comma-separated): the nodes of a relay cluster behind one name. They are dialled in turn,
+    /// from the one that last worked; TLS, Host and the token keep the endpoint's name.
+    #[arg(
+        long = "relay-addr",
+        value_name = "HOST:PORT",
+        env = "HYCO_RELAY_ADDRS",
+        value_delimiter = ','
+    )]
+    relay_addrs: Vec<String>,
 }
 
 #[derive(Args)]
@@ -207,6 +217,16 @@ struct ForwardArgs {
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Where the connection string's endpoint can be reached, `HOST:PORT` (repeatable, or
+    /// comma-separated): the nodes of a relay cluster behind one name. They are dialled in turn,
+    /// from the one that last worked; TLS, Host and the token keep the endpoint's name.
+    #[arg(
+        long = "relay-addr",
+        value_name = "HOST:PORT",
+        env = "HYCO_RELAY_ADDRS",
+        value_delimiter = ','
+    )]
+    relay_addrs: Vec<String>,
 }
 
 /// Logs go to stderr, and also into `logs` (what `hyco manager logs` shows).
@@ -459,6 +479,20 @@ fn client_options(file: ClientOptions, ca_file: Option<PathBuf>) -> Result<Clien
     Ok(o)
 }
 
+/// `--relay-addr` (or `HYCO_RELAY_ADDRS`) over the file's `relay_addrs`, checked: a bad entry
+/// is a usage error that names it.
+fn with_relay_addrs(mut o: ClientOptions, flags: Vec<String>) -> Result<ClientOptions> {
+    if !flags.is_empty() {
+        o.relay_addrs = flags;
+    }
+    o.parsed_relay_addrs()
+        .map_err(|e| usage(format!("--relay-addr: {e}")))?;
+    if !o.relay_addrs.is_empty() {
+        info!(relay_addrs = %o.relay_addrs.join(","), "the relay endpoint is reached at these addresses");
+    }
+    Ok(o)
+}
+
 async fn manager(
     a: ManagerRunArgs,
     state: &manager_cli::StateDirArg,
@@ -479,6 +513,7 @@ async fn manager(
         cfg.connections.push(cs);
     }
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
+    cfg.client = with_relay_addrs(cfg.client, a.relay_addrs.clone())?;
     if a.token_lifetime < 2 {
         return Err(usage("--token-lifetime must be at least 2 seconds"));
     }
@@ -543,7 +578,9 @@ fn parse_local(spec: &str) -> Result<(SocketAddr, String)> {
 async fn forward(a: ForwardArgs) -> Result<()> {
     let cs = ConnectionString::parse(&a.connection_string)
         .map_err(|e| usage(format!("--connection-string: {e}")))?;
-    let connector = client_options(ClientOptions::default(), a.ca_file)?.connector()?;
+    let opts = client_options(ClientOptions::default(), a.ca_file)?;
+    // Every rule's connection string has this endpoint; they share the connector.
+    let connector = with_relay_addrs(opts, a.relay_addrs)?.connector_for(&cs)?;
     let mut rules = Vec::new();
     for spec in &a.locals {
         let (addr, hc) = parse_local(spec)?;
