@@ -741,3 +741,99 @@ async fn sdk_http_listener_serves_every_body_size_through_the_relay() {
     assert!(dechunk(&answer).as_bytes() == expected.as_slice());
     drop(listener);
 }
+
+/// `--relay-addr` (the nodes of a relay cluster behind one name): the first address refuses
+/// (a port bound then released), the second is the relay. Manager and forwarder both get
+/// through, each moves past the dead address once and then sticks to the live one, and the
+/// manager's listener reconnects through the list after a relay restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_addrs_skip_an_address_that_refuses() {
+    let r = relay("relay-addrs").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("echo", &echo.to_string()).await;
+    let dead = dead_port().await.to_string();
+    let live = format!("127.0.0.1:{}", r.port);
+    let addrs = ["--relay-addr", dead.as_str(), "--relay-addr", live.as_str()];
+    let m = r.manager_with("manager", &l, &addrs, &[]);
+    r.wait_listeners("echo", 1).await;
+    let (f, port) = r.forward_with("echo", &s, &addrs).await;
+    for len in [10, 10_000, 1 << 20] {
+        let (a, b, n) = echo_roundtrip(port, len).await;
+        assert_eq!((a, n), (b, len));
+    }
+    for (name, p) in [("manager", &m), ("forwarder", &f)] {
+        eventually(&format!("{name} skipped {dead}"), T, || async {
+            p.count("relay address unreachable") >= 1
+        })
+        .await;
+        // Sticky: after the first failure every connect went straight to the live address.
+        let skipped = p.lines();
+        let skipped: Vec<_> = skipped
+            .iter()
+            .filter(|l| l.contains("relay address unreachable"))
+            .collect();
+        assert_eq!(skipped.len(), 1, "{name}: {skipped:#?}");
+        assert!(skipped[0].contains(&dead), "{name}: {}", skipped[0]);
+    }
+
+    // Each reconnect of the listener is a new connect over the list: with the relay back on
+    // the same port, the manager finds it again.
+    let mut r = r;
+    r.proc.kill().await;
+    let relay_port = r.port;
+    let Relay { dir, .. } = r;
+    let r = Relay::start(dir, relay_port).await;
+    r.wait_listeners("echo", 1).await;
+    let (a, b, n) = echo_roundtrip(port, 100_000).await;
+    assert_eq!((a, n), (b, 100_000));
+}
+
+/// The connection string names `localhost` on a port where nothing listens; `--relay-addr`
+/// sends the TCP step to 127.0.0.1 and the relay's port, while TLS (the certificate is checked
+/// for `localhost`), the Host header and the token audience keep the connection string's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_addr_carries_the_endpoint_name_to_another_address() {
+    let r = relay("relay-addr-name").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("echo", &echo.to_string()).await;
+    let nowhere = dead_port().await.port();
+    let moved = |cs: &str| {
+        let from = format!("sb://localhost:{}/", r.port);
+        assert!(cs.contains(&from), "{cs}");
+        cs.replace(&from, &format!("sb://localhost:{nowhere}/"))
+    };
+    let (l, s) = (moved(&l), moved(&s));
+    let live = format!("127.0.0.1:{}", r.port);
+    let addr = ["--relay-addr", live.as_str()];
+    let _m = r.manager_with("manager", &l, &addr, &[]);
+    r.wait_listeners("echo", 1).await;
+    let (f, port) = r.forward_with("echo", &s, &addr).await;
+    let (a, b, n) = echo_roundtrip(port, 50_000).await;
+    assert_eq!((a, n), (b, 50_000));
+    assert_eq!(f.count("relay address unreachable"), 0);
+
+    // The library: `HYCO_RELAY_ADDRS`-style options through `connector_for`.
+    let cs = ConnectionString::parse(&s).unwrap();
+    let opts = ClientOptions {
+        ca_file: Some(PathBuf::from(r.ca())),
+        relay_addrs: vec![live.clone()],
+        ..ClientOptions::default()
+    };
+    let mut ws = connect_with(
+        &cs,
+        &opts.connector_for(&cs).unwrap(),
+        &ConnectOptions::default(),
+    )
+    .await
+    .unwrap();
+    ws.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    ws.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    // Without the address, the connection string's own port refuses.
+    let e = connect_with(&cs, &r.connector(), &ConnectOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains(&nowhere.to_string()), "{e}");
+}
