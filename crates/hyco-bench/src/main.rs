@@ -165,6 +165,7 @@ async fn echo_server() -> Result<SocketAddr> {
 
 /// How a configuration is reached.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per run
 enum Target {
     Port {
         echo: u16,

@@ -203,6 +203,11 @@ struct ManagerRunArgs {
         value_delimiter = ','
     )]
     relay_addrs: Vec<String>,
+    /// Connections kept ready (TCP and TLS done) per relay address, so a new tunnel costs only
+    /// the upgrade round trip; each is replaced before the relay's 10 s handshake deadline and
+    /// none are kept after a minute without tunnels. 0 turns it off.
+    #[arg(long, default_value_t = 1, env = "HYCO_WARM_CONNECTIONS", value_parser = clap::value_parser!(u64).range(0..=16))]
+    warm_connections: u64,
 }
 
 #[derive(Args)]
@@ -227,6 +232,11 @@ struct ForwardArgs {
         value_delimiter = ','
     )]
     relay_addrs: Vec<String>,
+    /// Connections kept ready (TCP and TLS done) per relay address, so a new tunnel costs only
+    /// the upgrade round trip; each is replaced before the relay's 10 s handshake deadline and
+    /// none are kept after a minute without tunnels. 0 turns it off.
+    #[arg(long, default_value_t = 1, env = "HYCO_WARM_CONNECTIONS", value_parser = clap::value_parser!(u64).range(0..=16))]
+    warm_connections: u64,
 }
 
 /// Logs go to stderr, and also into `logs` (what `hyco manager logs` shows).
@@ -514,6 +524,7 @@ async fn manager(
     }
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     cfg.client = with_relay_addrs(cfg.client, a.relay_addrs.clone())?;
+    cfg.client.warm_connections = a.warm_connections as usize;
     if a.token_lifetime < 2 {
         return Err(usage("--token-lifetime must be at least 2 seconds"));
     }
@@ -578,7 +589,8 @@ fn parse_local(spec: &str) -> Result<(SocketAddr, String)> {
 async fn forward(a: ForwardArgs) -> Result<()> {
     let cs = ConnectionString::parse(&a.connection_string)
         .map_err(|e| usage(format!("--connection-string: {e}")))?;
-    let opts = client_options(ClientOptions::default(), a.ca_file)?;
+    let mut opts = client_options(ClientOptions::default(), a.ca_file)?;
+    opts.warm_connections = a.warm_connections as usize;
     // Every rule's connection string has this endpoint; they share the connector.
     let connector = with_relay_addrs(opts, a.relay_addrs)?.connector_for(&cs)?;
     let mut rules = Vec::new();
