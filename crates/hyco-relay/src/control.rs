@@ -156,6 +156,12 @@ impl ControlChannel {
                     None => break "registry dropped".into(),
                 },
                 Ok(()) = keys_changed.changed() => {
+                    if !self.shared.store.snapshot().hcs.contains_key(&self.hc_key) {
+                        // Deleted (here, or on another node of a cluster): say so, rather than
+                        // that the token stopped verifying.
+                        let _ = ws.send_close(1001, "The hybrid connection was deleted.").await;
+                        break "hybrid connection deleted".into();
+                    }
                     if let Err(e) = self.check_token(&self.token, 0) {
                         info!(event = "ListenerTokenRevoked", hc = %self.hc_name, listener_id = %self.entry.listener_id, reason = %e, "closing: its token no longer verifies");
                         let _ = ws.send_close(1008, "The token's key was regenerated or removed.").await;
