@@ -376,6 +376,64 @@ async fn a_thousand_connections_spread_over_the_nodes_all_succeed() {
         per_manager.iter().all(|n| *n > 0),
         "every node's listener gets some: {per_manager:?}"
     );
+    // Microsoft-Relay-AllowedListeners / DisallowedListeners reach across nodes: senders on n1
+    // routed to the listener on n3 only, by naming it, then by excluding the other two.
+    let ids: Vec<String> = managers
+        .iter()
+        .map(|m| {
+            let line = m
+                .lines()
+                .into_iter()
+                .find(|l| l.contains("listener connected"))
+                .unwrap();
+            field(&line, "listener_id").unwrap()
+        })
+        .collect();
+    let on_n1 = ConnectionString::parse(&sends[0]).unwrap();
+    for header in [
+        ("Microsoft-Relay-AllowedListeners", ids[2].clone()),
+        (
+            "Microsoft-Relay-DisallowedListeners",
+            format!("{},{}", ids[0], ids[1]),
+        ),
+    ] {
+        let before: Vec<u64> = {
+            let mut v = Vec::new();
+            for st in &manager_status {
+                v.push(metric(st, "hyco_manager_sender_connections_success").await);
+            }
+            v
+        };
+        for _ in 0..20 {
+            let opts = ConnectOptions {
+                headers: vec![(header.0.to_owned(), header.1.clone())],
+                ..ConnectOptions::default()
+            };
+            let mut st = connect_with(&on_n1, &connector, &opts).await.unwrap();
+            st.write_all(b"a").await.unwrap();
+            let mut b = [0u8; 1];
+            st.read_exact(&mut b).await.unwrap();
+        }
+        eventually("the bridges are counted", T, || async {
+            metric(
+                &manager_status[2],
+                "hyco_manager_sender_connections_success",
+            )
+            .await
+                == before[2] + 20
+        })
+        .await;
+        let mut after = Vec::new();
+        for st in &manager_status {
+            after.push(metric(st, "hyco_manager_sender_connections_success").await);
+        }
+        assert_eq!(
+            (after[0], after[1]),
+            (before[0], before[1]),
+            "{}: only the listener on n3 may serve",
+            header.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
