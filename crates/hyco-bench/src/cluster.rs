@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::{field_port, library_bulk, sequential, spawn, Proc, Target};
+use crate::{field_port, hyco_admin, library_bulk, sequential, spawn, Proc, Target};
 
 /// What the cluster measurement needs from the main run.
 pub struct Inputs<'a> {
@@ -107,25 +107,8 @@ pub async fn run(inp: Inputs<'_>) -> Result<Option<Value>> {
     let root = std::fs::read_to_string(d1.join("root.connection-string"))?
         .trim()
         .to_owned();
-    let admin = |args: Vec<String>| {
-        let (hyco, ca_s, root) = (inp.hyco.to_owned(), ca_s.clone(), root.clone());
-        async move {
-            let out = Command::new(&hyco)
-                .arg("admin")
-                .args(&args)
-                .env("HYCO_CA_FILE", &ca_s)
-                .env("HYCO_CONNECTION_STRING", &root)
-                .output()
-                .await?;
-            if !out.status.success() {
-                bail!(
-                    "hyco admin {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            anyhow::Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        }
-    };
+    let admin =
+        |args: Vec<String>| hyco_admin(inp.hyco.to_owned(), ca_s.clone(), root.clone(), args);
     for (hc, target) in [("echo", inp.echo), ("discard", inp.discard)] {
         admin(vec![
             "hc".into(),

@@ -126,6 +126,24 @@ async fn spawn(
     Ok((Proc(child, name), line))
 }
 
+/// `hyco admin ARGS` against a relay (its CA and root connection string); its output.
+async fn hyco_admin(hyco: PathBuf, ca: String, root: String, args: Vec<String>) -> Result<String> {
+    let out = Command::new(&hyco)
+        .arg("admin")
+        .args(&args)
+        .env("HYCO_CA_FILE", &ca)
+        .env("HYCO_CONNECTION_STRING", &root)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "hyco admin {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn field_port(line: &str, key: &str) -> Result<u16> {
     let start = line.find(&format!("{key}=")).context("field missing")? + key.len() + 1;
     let v = line[start..].split_whitespace().next().unwrap_or("");
@@ -387,18 +405,19 @@ async fn main() -> Result<()> {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let cluster_inputs = cluster::Inputs {
+        hyco: &a.hyco,
+        scratch: &scratch,
+        echo,
+        discard: discard_addr,
+        discarded: Arc::clone(&discarded),
+        sequential: plan.sequential,
+        bulk_secs: plan.bulk_secs,
+    };
     if a.cluster_only {
-        let c = cluster::run(cluster::Inputs {
-            hyco: &a.hyco,
-            scratch: &scratch,
-            echo,
-            discard: discard_addr,
-            discarded: Arc::clone(&discarded),
-            sequential: plan.sequential,
-            bulk_secs: plan.bulk_secs,
-        })
-        .await?
-        .context("redis-server is not installed")?;
+        let c = cluster::run(cluster_inputs)
+            .await?
+            .context("redis-server is not installed")?;
         print_cluster(&c);
         std::fs::write(
             a.out.join("cluster.json"),
@@ -442,25 +461,7 @@ async fn main() -> Result<()> {
     let root = std::fs::read_to_string(data.join("root.connection-string"))?
         .trim()
         .to_owned();
-    let admin = |args: Vec<String>| {
-        let (hyco, ca_s, root) = (a.hyco.clone(), ca_s.clone(), root.clone());
-        async move {
-            let out = Command::new(&hyco)
-                .arg("admin")
-                .args(&args)
-                .env("HYCO_CA_FILE", &ca_s)
-                .env("HYCO_CONNECTION_STRING", &root)
-                .output()
-                .await?;
-            if !out.status.success() {
-                bail!(
-                    "hyco admin {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            anyhow::Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        }
-    };
+    let admin = |args: Vec<String>| hyco_admin(a.hyco.clone(), ca_s.clone(), root.clone(), args);
     for (hc, target) in [
         ("echo", echo),
         ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
@@ -627,17 +628,9 @@ async fn main() -> Result<()> {
     }
 
     eprintln!("cluster …");
-    let cluster = cluster::run(cluster::Inputs {
-        hyco: &a.hyco,
-        scratch: &scratch,
-        echo,
-        discard: discard_addr,
-        discarded: Arc::clone(&discarded),
-        sequential: plan.sequential,
-        bulk_secs: plan.bulk_secs,
-    })
-    .await
-    .unwrap_or_else(|e| Some(json!({"error": format!("{e:#}")})));
+    let cluster = cluster::run(cluster_inputs)
+        .await
+        .unwrap_or_else(|e| Some(json!({"error": format!("{e:#}")})));
 
     let mut report = ratios(Value::Object(results));
     let http = with_http_ratios(http);

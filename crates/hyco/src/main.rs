@@ -193,21 +193,8 @@ struct ManagerRunArgs {
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
-    /// Where the connection strings' endpoint can be reached, `HOST:PORT` (repeatable, or
-    /// comma-separated): the nodes of a relay cluster behind one name. They are dialled in turn,
-    /// from the one that last worked; TLS, Host and the token keep the endpoint's name.
-    #[arg(
-        long = "relay-addr",
-        value_name = "HOST:PORT",
-        env = "HYCO_RELAY_ADDRS",
-        value_delimiter = ','
-    )]
-    relay_addrs: Vec<String>,
-    /// Connections kept ready (TCP and TLS done) per relay address, so a new tunnel costs only
-    /// the upgrade round trip; each is replaced before the relay's 10 s handshake deadline and
-    /// none are kept after a minute without tunnels. 0 turns it off.
-    #[arg(long, default_value_t = 1, env = "HYCO_WARM_CONNECTIONS", value_parser = clap::value_parser!(u64).range(0..=16))]
-    warm_connections: u64,
+    #[command(flatten)]
+    relay: RelayClientArgs,
 }
 
 #[derive(Args)]
@@ -222,7 +209,14 @@ struct ForwardArgs {
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE")]
     ca_file: Option<PathBuf>,
-    /// Where the connection string's endpoint can be reached, `HOST:PORT` (repeatable, or
+    #[command(flatten)]
+    relay: RelayClientArgs,
+}
+
+/// How the manager and the forwarder reach the relay.
+#[derive(Args)]
+struct RelayClientArgs {
+    /// Where the connection strings' endpoint can be reached, `HOST:PORT` (repeatable, or
     /// comma-separated): the nodes of a relay cluster behind one name. They are dialled in turn,
     /// from the one that last worked; TLS, Host and the token keep the endpoint's name.
     #[arg(
@@ -523,8 +517,8 @@ async fn manager(
         cfg.connections.push(cs);
     }
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
-    cfg.client = with_relay_addrs(cfg.client, a.relay_addrs.clone())?;
-    cfg.client.warm_connections = a.warm_connections as usize;
+    cfg.client = with_relay_addrs(cfg.client, a.relay.relay_addrs.clone())?;
+    cfg.client.warm_connections = a.relay.warm_connections as usize;
     if a.token_lifetime < 2 {
         return Err(usage("--token-lifetime must be at least 2 seconds"));
     }
@@ -590,9 +584,9 @@ async fn forward(a: ForwardArgs) -> Result<()> {
     let cs = ConnectionString::parse(&a.connection_string)
         .map_err(|e| usage(format!("--connection-string: {e}")))?;
     let mut opts = client_options(ClientOptions::default(), a.ca_file)?;
-    opts.warm_connections = a.warm_connections as usize;
+    opts.warm_connections = a.relay.warm_connections as usize;
     // Every rule's connection string has this endpoint; they share the connector.
-    let connector = with_relay_addrs(opts, a.relay_addrs)?.connector_for(&cs)?;
+    let connector = with_relay_addrs(opts, a.relay.relay_addrs)?.connector_for(&cs)?;
     let mut rules = Vec::new();
     for spec in &a.locals {
         let (addr, hc) = parse_local(spec)?;

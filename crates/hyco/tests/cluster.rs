@@ -833,37 +833,14 @@ async fn an_embedded_store_migrates_into_a_cluster() {
     let base = TempDir::new("cluster-migrate");
     let redis = Redis::start(&base.0.join("redis")).await;
     let data = dir.0.join("data");
-    let (code, out, err) = hyco_testkit::run(
-        &common::bin(),
-        &[
-            "cluster",
-            "migrate",
-            "--data",
-            data.to_str().unwrap(),
-            "--cluster",
-            &redis.url(),
-        ],
-        &[],
-        T,
-    )
-    .await;
+    let (data, url, hyco) = (data.to_str().unwrap(), redis.url(), common::bin());
+    let args = ["cluster", "migrate", "--data", data, "--cluster", &url];
+    let migrate = || hyco_testkit::run(&hyco, &args, &[], T);
+    let (code, out, err) = migrate().await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("1 hybrid connection"), "{out}");
     // A second migration without --replace is refused.
-    let (code, _, err) = hyco_testkit::run(
-        &common::bin(),
-        &[
-            "cluster",
-            "migrate",
-            "--data",
-            data.to_str().unwrap(),
-            "--cluster",
-            &redis.url(),
-        ],
-        &[],
-        T,
-    )
-    .await;
+    let (code, _, err) = migrate().await;
     assert_ne!(code, 0);
     assert!(err.contains("--replace"), "{err}");
     // A node on that Redis serves the old keys: same root, listen and send strings.
