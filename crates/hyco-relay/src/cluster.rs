@@ -744,6 +744,12 @@ impl Cluster {
             tokio::select! {
                 op = rx.recv() => {
                     let Some(op) = op else { return };
+                    if !self.healthy() {
+                        // Redis is away: the resync when it returns writes the whole state,
+                        // so a burst of (re)registrations does not wait on it one by one.
+                        dirty = true;
+                        continue;
+                    }
                     let r = self.timed(self.apply(&own, op)).await;
                     if let Err(e) = r {
                         debug!(error = %e, "directory write failed; will resync");
