@@ -221,6 +221,18 @@ async fn listeners(nodes: &[&Node], hc: &str) -> u64 {
     n
 }
 
+/// Tries a 4 KiB echo through `cs` every 100 ms, at most `tries` times: how long after `since`
+/// the first one worked.
+async fn first_echo(cs: &str, c: &Connector, since: Instant, tries: u32) -> Option<Duration> {
+    for _ in 0..tries {
+        if lib_echo(cs, c, 4096).await.is_ok() {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// Sends `len` random bytes through a sender connection for `cs` and checks the echo.
 async fn lib_echo(cs: &str, connector: &Connector, len: usize) -> Result<(), String> {
     let cs = ConnectionString::parse(cs).map_err(|e| e.to_string())?;
@@ -573,15 +585,9 @@ async fn service_recovers_after_redis_restarts() {
 
     redis = Redis::start(&base.0.join("redis")).await;
     let back = Instant::now();
-    let mut ok_after = None;
-    for _ in 0..150 {
-        if lib_echo(&cross, &connector, 4096).await.is_ok() {
-            ok_after = Some(back.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let ok_after = ok_after.expect("cross-node pairing did not recover within 15 s of Redis");
+    let ok_after = first_echo(&cross, &connector, back, 150)
+        .await
+        .expect("cross-node pairing did not recover within 15 s of Redis");
     eprintln!("cluster: refusal without Redis in {fast:?}; cross-node back {ok_after:?} after Redis restarted");
     // Admin writes work again, and the other node sees them.
     let (code, _, err) = nodes[1]
@@ -942,15 +948,9 @@ async fn a_node_cut_off_from_redis_fences_once_and_keeps_serving_locally() {
         .await;
     let fenced = stopped.elapsed();
     // The listener comes back to the node, which serves it locally.
-    let mut served = None;
-    for _ in 0..100 {
-        if lib_echo(&same, &connector, 4096).await.is_ok() {
-            served = Some(stopped.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let served = served.expect("no local pairing within 10 s of the fence");
+    let served = first_echo(&same, &connector, stopped, 100)
+        .await
+        .expect("no local pairing within 10 s of the fence");
     assert_eq!(
         metric(&nodes[0].status, "hyco_cluster_fences").await,
         1,
@@ -958,15 +958,9 @@ async fn a_node_cut_off_from_redis_fences_once_and_keeps_serving_locally() {
     );
     redis.proc.signal("CONT").await;
     let back = Instant::now();
-    let mut cross_back = None;
-    for _ in 0..150 {
-        if lib_echo(&cross, &connector, 4096).await.is_ok() {
-            cross_back = Some(back.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let cross_back = cross_back.expect("cross-node pairing did not recover within 15 s");
+    let cross_back = first_echo(&cross, &connector, back, 150)
+        .await
+        .expect("cross-node pairing did not recover within 15 s");
     eprintln!(
         "cluster: Redis frozen; fenced after {fenced:?}, local pairing again after {served:?}; cross-node back {cross_back:?} after Redis resumed"
     );
