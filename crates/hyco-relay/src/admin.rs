@@ -291,12 +291,8 @@ pub async fn handle(
         }
         (Method::DELETE, ["hybridconnections", name]) => {
             let n = (*name).to_owned();
+            // Its control channels see the change and close with 1001 (`control.rs`).
             let deleted = write(shared, move |s| s.delete_hc(&n)).await?;
-            shared.registry.close_all(
-                &hyco_proto::address::entity_key(name),
-                1001,
-                "The hybrid connection was deleted.",
-            );
             info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
             no_content()
         }

@@ -951,8 +951,9 @@ impl Cluster {
     }
 }
 
-/// Reloads the configuration from Redis; when it changed, control channels re-check their
-/// tokens and listeners of deleted hybrid connections are closed.
+/// Reloads the configuration from Redis; when it changed, control channels re-check it: a
+/// revoked key closes with 1008, a deleted hybrid connection with 1001 (`control.rs`), as for
+/// a change made on this node.
 async fn reload_config(cluster: &Cluster, shared: &Arc<Shared>) {
     let s = Arc::clone(shared);
     let r = tokio::task::spawn_blocking(move || s.store.reload()).await;
@@ -960,14 +961,6 @@ async fn reload_config(cluster: &Cluster, shared: &Arc<Shared>) {
         Ok(Ok(true)) => {
             debug!(node = %cluster.cfg.node_id, version = shared.store.version(), "configuration reloaded");
             shared.keys_changed.send_modify(|g| *g += 1);
-            let ns = shared.store.snapshot();
-            for hc in shared.registry.hc_keys() {
-                if !ns.hcs.contains_key(&hc) {
-                    shared
-                        .registry
-                        .close_all(&hc, 1001, "The hybrid connection was deleted.");
-                }
-            }
         }
         Ok(Ok(false)) => {}
         Ok(Err(e)) => debug!(error = %e, "configuration reload failed"),

@@ -221,6 +221,20 @@ async fn listeners(nodes: &[&Node], hc: &str) -> u64 {
     n
 }
 
+/// A hybrid connection `svc` for `endpoint` with its manager on n1; the sender connection
+/// strings for n1 (same node) and n2 (cross-node), checked with one cross-node echo.
+async fn listener_on_n1(nodes: &[Node], endpoint: &str) -> (Proc, Connector, String, String) {
+    let (l, s) = nodes[0].relay.hc("svc", endpoint).await;
+    let m = nodes[0]
+        .relay
+        .manager("manager", &on(&l, nodes[0].relay.port));
+    nodes[0].relay.wait_listeners("svc", 1).await;
+    let connector = nodes[0].relay.connector();
+    let (same, cross) = (on(&s, nodes[0].relay.port), on(&s, nodes[1].relay.port));
+    lib_echo(&cross, &connector, 4096).await.unwrap();
+    (m, connector, same, cross)
+}
+
 /// Tries a 4 KiB echo through `cs` every 100 ms, at most `tries` times: how long after `since`
 /// the first one worked.
 async fn first_echo(cs: &str, c: &Connector, since: Instant, tries: u32) -> Option<Duration> {
@@ -557,14 +571,7 @@ async fn killing_a_node_drops_only_its_own_connections_and_its_listeners_rehome(
 async fn service_recovers_after_redis_restarts() {
     let (base, mut redis, nodes) = cluster("cluster-redis", 2).await;
     let echo = echo_server().await;
-    let (l, s) = nodes[0].relay.hc("svc", &echo.to_string()).await;
-    let _m = nodes[0]
-        .relay
-        .manager("manager", &on(&l, nodes[0].relay.port));
-    nodes[0].relay.wait_listeners("svc", 1).await;
-    let connector = nodes[0].relay.connector();
-    let (same, cross) = (on(&s, nodes[0].relay.port), on(&s, nodes[1].relay.port));
-    lib_echo(&cross, &connector, 4096).await.unwrap();
+    let (_m, connector, same, cross) = listener_on_n1(&nodes, &echo.to_string()).await;
 
     redis.proc.kill().await;
     // Without Redis: the listener's own node still pairs; another node answers at once.
@@ -937,14 +944,7 @@ async fn a_node_cut_off_from_redis_fences_once_and_keeps_serving_locally() {
     let more = ["--cluster-lease".to_string(), "3".to_string()];
     let (_base, redis, nodes) = cluster_with("cluster-fence", 2, &more).await;
     let echo = echo_server().await;
-    let (l, s) = nodes[0].relay.hc("svc", &echo.to_string()).await;
-    let m = nodes[0]
-        .relay
-        .manager("manager", &on(&l, nodes[0].relay.port));
-    nodes[0].relay.wait_listeners("svc", 1).await;
-    let connector = nodes[0].relay.connector();
-    let (same, cross) = (on(&s, nodes[0].relay.port), on(&s, nodes[1].relay.port));
-    lib_echo(&cross, &connector, 4096).await.unwrap();
+    let (m, connector, same, cross) = listener_on_n1(&nodes, &echo.to_string()).await;
 
     // Redis stops answering (a frozen server, or a partition: connections hang, nothing fails fast).
     redis.proc.signal("STOP").await;
