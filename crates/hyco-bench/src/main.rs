@@ -50,6 +50,25 @@ struct Args {
     /// Only the cluster figures (two relay nodes on redis-server).
     #[arg(long)]
     cluster_only: bool,
+    /// Run only these parts, comma-separated: direct, hyco, hyco-lib, http, rathole-tls,
+    /// rathole-tcp, cluster (default: all). `direct` always runs, as the baseline.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Seconds per iperf3 run (overrides the plan).
+    #[arg(long)]
+    bulk_secs: Option<u64>,
+    /// Sequential connect+echo round trips (overrides the plan).
+    #[arg(long)]
+    sequential: Option<usize>,
+    /// Concurrent tunnels (overrides the plan).
+    #[arg(long)]
+    concurrent: Option<usize>,
+}
+
+impl Args {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 struct Plan {
@@ -366,6 +385,11 @@ async fn main() -> Result<()> {
             concurrent: 8_000,
         }
     };
+    let plan = Plan {
+        bulk_secs: a.bulk_secs.unwrap_or(plan.bulk_secs),
+        sequential: a.sequential.unwrap_or(plan.sequential),
+        concurrent: a.concurrent.unwrap_or(plan.concurrent),
+    };
     std::fs::create_dir_all(&a.out)?;
     let scratch = a.out.join("scratch");
     let _ = std::fs::remove_dir_all(&scratch);
@@ -438,178 +462,193 @@ async fn main() -> Result<()> {
         run_config(&a, &plan, &direct, &[], None).await?,
     );
 
-    // 2./3. hyco
-    eprintln!("hyco …");
-    let data = scratch.join("relay");
-    let (relay, line) = spawn(
-        "relay",
-        &a.hyco,
-        &[
+    // 2./3. hyco, and HTTP mode, on one relay and manager
+    let mut http = None;
+    if a.wants("hyco") || a.wants("hyco-lib") || a.wants("http") {
+        eprintln!("hyco …");
+        let data = scratch.join("relay");
+        let (relay, line) = spawn(
             "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            data.to_str().unwrap_or(""),
-        ],
-        &[],
-        "relay listening",
-    )
-    .await?;
-    let relay_port = field_port(&line, "listen")?;
-    let ca = data.join("ca.pem");
-    let ca_s = ca.to_string_lossy().to_string();
-    let root = std::fs::read_to_string(data.join("root.connection-string"))?
-        .trim()
-        .to_owned();
-    let admin = |args: Vec<String>| hyco_admin(a.hyco.clone(), ca_s.clone(), root.clone(), args);
-    for (hc, target) in [
-        ("echo", echo),
-        ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
-        ("discard", discard_addr),
-        // HTTP mode: the listener is in this process; the endpoint is never dialled.
-        ("web", SocketAddr::from(([127, 0, 0, 1], 9))),
-    ] {
-        admin(vec![
-            "hc".into(),
+            &a.hyco,
+            &[
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                data.to_str().unwrap_or(""),
+            ],
+            &[],
+            "relay listening",
+        )
+        .await?;
+        let relay_port = field_port(&line, "listen")?;
+        let ca = data.join("ca.pem");
+        let ca_s = ca.to_string_lossy().to_string();
+        let root = std::fs::read_to_string(data.join("root.connection-string"))?
+            .trim()
+            .to_owned();
+        let admin =
+            |args: Vec<String>| hyco_admin(a.hyco.clone(), ca_s.clone(), root.clone(), args);
+        for (hc, target) in [
+            ("echo", echo),
+            ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
+            ("discard", discard_addr),
+            // HTTP mode: the listener is in this process; the endpoint is never dialled.
+            ("web", SocketAddr::from(([127, 0, 0, 1], 9))),
+        ] {
+            admin(vec![
+                "hc".into(),
+                "create".into(),
+                hc.into(),
+                "--endpoint".into(),
+                target.to_string(),
+            ])
+            .await?;
+        }
+        let listen = admin(vec![
+            "rule".into(),
             "create".into(),
-            hc.into(),
-            "--endpoint".into(),
-            target.to_string(),
+            "l".into(),
+            "--rights".into(),
+            "listen".into(),
         ])
         .await?;
-    }
-    let listen = admin(vec![
-        "rule".into(),
-        "create".into(),
-        "l".into(),
-        "--rights".into(),
-        "listen".into(),
-    ])
-    .await?;
-    let send = admin(vec![
-        "rule".into(),
-        "create".into(),
-        "s".into(),
-        "--rights".into(),
-        "send".into(),
-    ])
-    .await?;
-    let mut margs = vec!["manager".to_owned(), "run".to_owned()];
-    for hc in ["echo", "iperf", "discard"] {
-        margs.push("--connection-string".into());
-        margs.push(format!("{listen};EntityPath={hc}"));
-    }
-    let margs_ref: Vec<&str> = margs.iter().map(String::as_str).collect();
-    // Its own state folder (control socket), not the machine's default.
-    let state_dir = scratch.join("manager-state");
-    let state_s = state_dir.to_string_lossy().to_string();
-    let (manager, _) = spawn(
-        "manager",
-        &a.hyco,
-        &margs_ref,
-        &[("HYCO_CA_FILE", &ca_s), ("HYCO_STATE_DIR", &state_s)],
-        "listener connected",
-    )
-    .await?;
-    // Wait until all three listeners are up (one line each).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (fwd, fline) = spawn(
-        "forward",
-        &a.hyco,
-        &[
+        let send = admin(vec![
+            "rule".into(),
+            "create".into(),
+            "s".into(),
+            "--rights".into(),
+            "send".into(),
+        ])
+        .await?;
+        let mut margs = vec!["manager".to_owned(), "run".to_owned()];
+        for hc in ["echo", "iperf", "discard"] {
+            margs.push("--connection-string".into());
+            margs.push(format!("{listen};EntityPath={hc}"));
+        }
+        let margs_ref: Vec<&str> = margs.iter().map(String::as_str).collect();
+        // Its own state folder (control socket), not the machine's default.
+        let state_dir = scratch.join("manager-state");
+        let state_s = state_dir.to_string_lossy().to_string();
+        let (manager, _) = spawn(
+            "manager",
+            &a.hyco,
+            &margs_ref,
+            &[("HYCO_CA_FILE", &ca_s), ("HYCO_STATE_DIR", &state_s)],
+            "listener connected",
+        )
+        .await?;
+        // Wait until all three listeners are up (one line each).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (fwd, fline) = spawn(
             "forward",
-            "-L",
-            "127.0.0.1:0:echo",
-            "-L",
-            "127.0.0.1:0:iperf",
-            "--connection-string",
-            &send,
-        ],
-        &[("HYCO_CA_FILE", &ca_s)],
-        "hc=iperf",
-    )
-    .await?;
-    let _ = fline;
-    // The echo rule line came first; read both ports from a fresh status: simplest is to ask the OS.
-    let ports = listening_ports(fwd.pid().unwrap_or(0)).await;
-    let (fecho, fiperf) = match ports.as_slice() {
-        [p1, p2] => (*p1, *p2),
-        _ => bail!("could not find the forwarder's two ports: {ports:?}"),
-    };
-    let (fecho, fiperf) = if probe_is_echo(fecho).await {
-        (fecho, fiperf)
-    } else {
-        (fiperf, fecho)
-    };
-    let pids = [
-        ("relay", relay.pid().unwrap_or(0)),
-        ("manager", manager.pid().unwrap_or(0)),
-        ("forward", fwd.pid().unwrap_or(0)),
-    ];
-    results.insert(
-        "hyco".into(),
-        run_config(
-            &a,
-            &plan,
-            &Target::Port {
-                echo: fecho,
-                iperf: fiperf,
-            },
-            &pids,
-            None,
+            &a.hyco,
+            &[
+                "forward",
+                "-L",
+                "127.0.0.1:0:echo",
+                "-L",
+                "127.0.0.1:0:iperf",
+                "--connection-string",
+                &send,
+            ],
+            &[("HYCO_CA_FILE", &ca_s)],
+            "hc=iperf",
         )
-        .await?,
-    );
-    eprintln!("hyco-lib …");
-    // One warm connection, as `hyco forward` keeps.
-    let connector = hyco_client::ClientOptions {
-        ca_file: Some(ca.clone()),
-        warm_connections: 1,
-        ..Default::default()
+        .await?;
+        let _ = fline;
+        // The echo rule line came first; read both ports from a fresh status: simplest is to ask the OS.
+        let ports = listening_ports(fwd.pid().unwrap_or(0)).await;
+        let (fecho, fiperf) = match ports.as_slice() {
+            [p1, p2] => (*p1, *p2),
+            _ => bail!("could not find the forwarder's two ports: {ports:?}"),
+        };
+        let (fecho, fiperf) = if probe_is_echo(fecho).await {
+            (fecho, fiperf)
+        } else {
+            (fiperf, fecho)
+        };
+        let pids = [
+            ("relay", relay.pid().unwrap_or(0)),
+            ("manager", manager.pid().unwrap_or(0)),
+            ("forward", fwd.pid().unwrap_or(0)),
+        ];
+        if a.wants("hyco") {
+            results.insert(
+                "hyco".into(),
+                run_config(
+                    &a,
+                    &plan,
+                    &Target::Port {
+                        echo: fecho,
+                        iperf: fiperf,
+                    },
+                    &pids,
+                    None,
+                )
+                .await?,
+            );
+        }
+        if a.wants("hyco-lib") {
+            eprintln!("hyco-lib …");
+            // One warm connection, as `hyco forward` keeps.
+            let connector = hyco_client::ClientOptions {
+                ca_file: Some(ca.clone()),
+                warm_connections: 1,
+                ..Default::default()
+            }
+            .connector()?;
+            let cs: hyco_proto::ConnectionString = format!("{send};EntityPath=echo").parse()?;
+            let lib = Target::Library {
+                echo: cs.clone(),
+                connector: connector.clone(),
+            };
+            let lib_bulk = Target::Library {
+                echo: cs.with_entity("discard"),
+                connector,
+            };
+            let self_pid = std::process::id();
+            let pids_lib = [
+                ("relay", pids[0].1),
+                ("manager", pids[1].1),
+                ("sender-process", self_pid),
+            ];
+            results.insert(
+                "hyco-lib".into(),
+                run_config(
+                    &a,
+                    &plan,
+                    &lib,
+                    &pids_lib,
+                    Some((&lib_bulk, Arc::clone(&discarded))),
+                )
+                .await?,
+            );
+        }
+        if a.wants("http") {
+            eprintln!("http mode …");
+            http = Some(
+                http_mode::run(
+                    relay_port,
+                    &ca,
+                    format!("{listen};EntityPath=web").parse()?,
+                    format!("{send};EntityPath=web").parse()?,
+                    16,
+                    plan.bulk_secs.max(1),
+                )
+                .await?,
+            );
+        }
+        drop((relay, manager, fwd));
     }
-    .connector()?;
-    let cs: hyco_proto::ConnectionString = format!("{send};EntityPath=echo").parse()?;
-    let lib = Target::Library {
-        echo: cs.clone(),
-        connector: connector.clone(),
-    };
-    let lib_bulk = Target::Library {
-        echo: cs.with_entity("discard"),
-        connector,
-    };
-    let self_pid = std::process::id();
-    let pids_lib = [
-        ("relay", pids[0].1),
-        ("manager", pids[1].1),
-        ("sender-process", self_pid),
-    ];
-    results.insert(
-        "hyco-lib".into(),
-        run_config(
-            &a,
-            &plan,
-            &lib,
-            &pids_lib,
-            Some((&lib_bulk, Arc::clone(&discarded))),
-        )
-        .await?,
-    );
-    eprintln!("http mode …");
-    let http = http_mode::run(
-        relay_port,
-        &ca,
-        format!("{listen};EntityPath=web").parse()?,
-        format!("{send};EntityPath=web").parse()?,
-        16,
-        plan.bulk_secs,
-    )
-    .await?;
-    drop((relay, manager, fwd));
 
     // 4. rathole
     if let Some(rathole) = &a.rathole {
         for tls in [true, false] {
             let name = if tls { "rathole-tls" } else { "rathole-tcp" };
+            if !a.wants(name) {
+                continue;
+            }
             eprintln!("{name} …");
             match rathole_config(rathole, &scratch, tls, echo, iperf_port).await {
                 Ok((procs, target)) => {
@@ -627,15 +666,21 @@ async fn main() -> Result<()> {
         }
     }
 
-    eprintln!("cluster …");
-    let cluster = cluster::run(cluster_inputs)
-        .await
-        .unwrap_or_else(|e| Some(json!({"error": format!("{e:#}")})));
+    let cluster = if a.wants("cluster") {
+        eprintln!("cluster …");
+        cluster::run(cluster_inputs)
+            .await
+            .unwrap_or_else(|e| Some(json!({"error": format!("{e:#}")})))
+    } else {
+        None
+    };
 
     let mut report = ratios(Value::Object(results));
-    let http = with_http_ratios(http);
-    print_http(&http);
-    report["http_mode"] = http;
+    if let Some(http) = http {
+        let http = with_http_ratios(http);
+        print_http(&http);
+        report["http_mode"] = http;
+    }
     if let Some(c) = cluster {
         print_cluster(&c);
         report["cluster"] = c;
@@ -694,6 +739,7 @@ async fn run_config(
     library_bulk_target: Option<(&Target, Arc<std::sync::atomic::AtomicU64>)>,
 ) -> Result<Value> {
     let (b1, b8) = match (t, library_bulk_target) {
+        _ if plan.bulk_secs == 0 => (f64::NAN, f64::NAN),
         (Target::Port { iperf: port, .. }, _) => (
             iperf(&a.iperf3, *port, 1, plan.bulk_secs)
                 .await
@@ -712,8 +758,14 @@ async fn run_config(
         ),
         _ => (f64::NAN, f64::NAN),
     };
-    let seq = sequential(t, plan.sequential).await?;
-    let conc = concurrent(t, plan.concurrent, pids).await?;
+    let seq = match plan.sequential {
+        0 => Value::Null,
+        n => sequential(t, n).await?,
+    };
+    let conc = match plan.concurrent {
+        0 => Value::Null,
+        n => concurrent(t, n, pids).await?,
+    };
     Ok(
         json!({"bulk_1_gbps": b1 / 1e9, "bulk_8_gbps": b8 / 1e9, "connect_echo": seq, "concurrent": conc}),
     )
