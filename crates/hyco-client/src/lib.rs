@@ -355,7 +355,7 @@ pub async fn pump(
     tcp: &mut tokio::net::TcpStream,
     ws: &mut HybridStream,
 ) -> std::io::Result<(u64, u64)> {
-    let r = tokio::io::copy_bidirectional_with_sizes(tcp, ws, 64 * 1024, 64 * 1024).await;
+    let r = hyco_io::copy::copy_bidirectional(tcp, ws).await;
     if r.is_err() {
         let _ = tcp.set_zero_linger();
     }

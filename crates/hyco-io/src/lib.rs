@@ -4,6 +4,8 @@
 //! * [`ws`]: WebSocket frames ([`ws::frame`]), one endpoint as a byte stream or message channel
 //!   ([`ws::WsStream`]), and the opening handshake on hyper ([`ws::handshake`]).
 //! * [`splice`]: the relay's frame-level join of two WebSocket connections.
+//! * [`copy`]: both-ways byte copy for the client ends of a tunnel.
+//! * [`bufpool`]: the large I/O buffers, held only while bytes move.
 //! * [`tls`]: rustls configs and the generated development PKI.
 //! * [`backoff`]: jittered reconnect delays.
 //! * [`proxy`]: outbound HTTP proxies (`CONNECT` tunnels, `NO_PROXY` rules).
@@ -12,6 +14,8 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod bufpool;
+pub mod copy;
 pub mod proxy;
 pub mod splice;
 pub mod status;

@@ -146,6 +146,8 @@ struct Metrics {
     active_connections: Gauges,
     bytes_transferred: Counters,
     connect_latency: Family<Hc, Histogram>,
+    /// Read from [`hyco_io::bufpool::held`] when encoding.
+    buffers_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -162,6 +164,7 @@ impl Default for Metrics {
             connect_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
+            buffers_held: Gauge::default(),
         }
     }
 }
@@ -224,6 +227,11 @@ impl StatusBoard {
             "connect_latency_seconds",
             "Time from the relay's accept to the bridge being open (endpoint dial + rendezvous)",
             m.connect_latency.clone(),
+        );
+        registry.register(
+            "io_buffers_held",
+            "64 KiB I/O buffers held now: one per bridge direction moving bytes, none while idle",
+            m.buffers_held.clone(),
         );
         let board = StatusBoard {
             hcs: RwLock::new(Vec::new()),
@@ -289,7 +297,9 @@ impl StatusBoard {
 
     /// Prometheus text.
     pub fn encode_metrics(&self) -> String {
-        let _ = &self.metrics;
+        self.metrics
+            .buffers_held
+            .set(i64::try_from(hyco_io::bufpool::held()).unwrap_or(i64::MAX));
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

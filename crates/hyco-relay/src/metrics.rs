@@ -59,6 +59,8 @@ pub struct Metrics {
     pub bytes_transferred: Counters,
     /// Time from a sender's upgrade request to its tunnel being open.
     pub connect_latency: Family<Hc, Histogram>,
+    /// Large I/O buffers held now (read from [`hyco_io::bufpool::held`] when encoding).
+    buffers_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,7 @@ impl Default for Metrics {
             connect_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
+            buffers_held: Gauge::default(),
             registry: Registry::default(),
         };
         let c = |r: &mut Registry, name: &str, help: &str, f: &Counters| {
@@ -153,6 +156,11 @@ impl Default for Metrics {
             "Time from a sender's upgrade request to its tunnel being open",
             m.connect_latency.clone(),
         );
+        registry.register(
+            "io_buffers_held",
+            "64 KiB I/O buffers held now: one per tunnel direction moving bytes, none while idle",
+            m.buffers_held.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -165,6 +173,8 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.buffers_held
+            .set(i64::try_from(hyco_io::bufpool::held()).unwrap_or(i64::MAX));
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

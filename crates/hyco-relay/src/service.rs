@@ -693,9 +693,13 @@ pub struct Prefixed<S> {
 }
 
 impl<S> Prefixed<S> {
-    /// Wraps `inner`, reading `prefix` first.
+    /// Wraps `inner`, reading `prefix` first. The prefix is copied out: it is a slice of
+    /// hyper's 8 KiB read buffer, which would otherwise stay allocated for the tunnel's life.
     pub fn new(inner: S, prefix: bytes::Bytes) -> Self {
-        Prefixed { prefix, inner }
+        Prefixed {
+            prefix: bytes::Bytes::copy_from_slice(&prefix),
+            inner,
+        }
     }
 }
 
@@ -709,6 +713,9 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
             buf.put_slice(&chunk);
+            if self.prefix.is_empty() {
+                self.prefix = bytes::Bytes::new();
+            }
             return std::task::Poll::Ready(Ok(()));
         }
         std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)

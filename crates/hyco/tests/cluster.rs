@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Relay, T};
+use common::{http_get, metric, Relay, T};
 use hyco_client::{connect_with, ConnectOptions, Connector};
 use hyco_proto::ConnectionString;
 use hyco_testkit::{echo_server, eventually, field, Proc, TempDir};
@@ -186,30 +186,6 @@ fn key_of(cs: &str) -> &str {
         .split(';')
         .next()
         .unwrap()
-}
-
-/// `GET path` from a plain-HTTP status address.
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
-}
-
-/// The sum of a metric's series.
-async fn metric(addr: &str, name: &str) -> u64 {
-    http_get(addr, "/metrics")
-        .await
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 /// Listeners of `hc` over the given nodes (each counts its own).

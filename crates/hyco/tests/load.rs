@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{relay, T};
+use common::{metric, relay, T};
 use hyco_client::{connect_with, ConnectOptions, Connector};
 use hyco_proto::ConnectionString;
-use hyco_testkit::{echo_server, eventually};
+use hyco_testkit::{echo_server, eventually, field};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -227,4 +227,100 @@ async fn b5_a_flood_of_invalid_rendezvous_dials_gets_403_and_costs_nothing() {
     );
     assert_eq!(st.keys().collect::<Vec<_>>(), vec!["403"], "{st:?}");
     assert!(after < base + 10 * 1024, "RSS grew {} KiB", after - base);
+}
+
+/// Idle tunnels hold no 64 KiB I/O buffers in the relay or the manager: a buffer is taken when
+/// bytes move and given back when a read would wait. That is what keeps ten thousand held
+/// tunnels small (docs/BENCHMARKS.md). The gauges are read from both processes' `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_hold_no_io_buffers() {
+    let dir = hyco_testkit::TempDir::new("load-buffers");
+    let r = common::Relay::start_with(dir, 0, &["--status-listen", "127.0.0.1:0"]).await;
+    let rstatus = field(
+        &r.proc
+            .wait_line("status page and metrics listening", T)
+            .await,
+        "status",
+    )
+    .unwrap();
+    let echo = echo_server().await;
+    let (l, s) = r.hc("buf", &echo.to_string()).await;
+    let m = r.manager_with("manager", &l, &["--status-listen", "127.0.0.1:0"], &[]);
+    let mstatus = field(
+        &m.wait_line("status page and metrics listening", T).await,
+        "status",
+    )
+    .unwrap();
+    r.wait_listeners("buf", 1).await;
+    let cs = ConnectionString::parse(&s).unwrap();
+    let c = r.connector();
+    let held = || async {
+        (
+            metric(&rstatus, "hyco_io_buffers_held").await,
+            metric(&mstatus, "hyco_manager_io_buffers_held").await,
+        )
+    };
+
+    // 24 tunnels each move 512 KiB both ways, then stay open.
+    let block: Vec<u8> = (0..512 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let mut tunnels = Vec::new();
+    for _ in 0..24 {
+        let s = tokio::time::timeout(T, connect_with(&cs, &c, &ConnectOptions::default()))
+            .await
+            .unwrap()
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let b = block.clone();
+        let w = tokio::spawn(async move {
+            wr.write_all(&b).await.unwrap();
+            wr
+        });
+        let mut got = vec![0u8; block.len()];
+        tokio::time::timeout(T, rd.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == block, "echo intact");
+        tunnels.push((rd, w.await.unwrap()));
+    }
+    eventually("no buffers held by 24 idle tunnels", T, || async {
+        held().await == (0, 0)
+    })
+    .await;
+
+    // A tunnel whose reader stopped holds buffers where bytes wait (the gauges are live).
+    let (rd, wr) = &mut tunnels[0];
+    let big = vec![7u8; 8 << 20];
+    let writer = async {
+        wr.write_all(&big).await.unwrap();
+    };
+    let watcher = async {
+        eventually("buffers held while bytes wait", T, || async {
+            let (a, b) = held().await;
+            a + b > 0
+        })
+        .await;
+        let mut got = vec![0u8; big.len()];
+        tokio::time::timeout(T, rd.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got.iter().all(|&x| x == 7));
+    };
+    tokio::join!(writer, watcher);
+    eventually("buffers back once the bytes moved", T, || async {
+        held().await == (0, 0)
+    })
+    .await;
+
+    // Every idle tunnel still works.
+    for (rd, wr) in &mut tunnels {
+        wr.write_all(b"?").await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, rd.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b, b"?");
+    }
 }

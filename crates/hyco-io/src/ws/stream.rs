@@ -41,7 +41,7 @@ pub struct WsConfig {
     /// Largest frame a single `poll_write` produces.
     pub max_frame_out: usize,
     /// Read buffer for headers and small frames; large payloads are read straight into the
-    /// caller's buffer.
+    /// caller's buffer. Small, since every tunnel end holds one for its whole life.
     pub read_buffer: usize,
 }
 
@@ -51,7 +51,7 @@ impl Default for WsConfig {
             max_message: 64 * 1024,
             max_fragments: 64,
             max_frame_out: 64 * 1024,
-            read_buffer: 16 * 1024,
+            read_buffer: 2 * 1024,
         }
     }
 }
@@ -684,6 +684,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     this.rstart += n;
                     cur.remaining -= n as u64;
                     cur.offset += n;
+                    // More of this frame may be ready: read it straight into the caller's
+                    // buffer too, so the caller gets one large read rather than the buffered
+                    // head first. Waiting is not worth it: what we have is returned.
+                    let want = (cur.remaining.min(out.remaining() as u64)) as usize;
+                    if want > 0 {
+                        let dst = out.initialize_unfilled_to(want);
+                        let mut rb = ReadBuf::new(dst);
+                        if let Poll::Ready(Ok(())) = Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                            let m = rb.filled().len();
+                            // 0 is end of stream: the next read reports it.
+                            if let Some(mask) = cur.header.mask {
+                                apply_mask(&mut dst[..m], mask, cur.offset);
+                            }
+                            out.advance(m);
+                            cur.remaining -= m as u64;
+                            cur.offset += m;
+                        }
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 // Nothing buffered: read the payload straight into the caller's buffer.

@@ -221,3 +221,27 @@ pub async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize
     }
     (writer.await.unwrap(), h.finalize().into(), total)
 }
+
+/// `GET path` from a plain-HTTP status address.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The sum of a metric's series.
+pub async fn metric(addr: &str, name: &str) -> u64 {
+    http_get(addr, "/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}

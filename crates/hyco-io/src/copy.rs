@@ -1,0 +1,267 @@
+//! Copying both ways between two byte streams, with large buffers held only while bytes move.
+//!
+//! [`copy_bidirectional`] keeps the contract of tokio's function of that name: each direction
+//! copies until its reader ends, then shuts the other side's writer down (half-close) and
+//! the other direction goes on; the first error ends both. What differs is memory: each
+//! direction reads 64 KiB at a time into a buffer from [`crate::bufpool`] while data keeps
+//! coming, and gives the buffer back as soon as a read would wait. The wait itself reads into a
+//! few hundred bytes kept in the direction's state. An idle tunnel then costs no buffer
+//! memory, where tokio's function holds its two buffers for the life of the connection.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::bufpool;
+
+/// Bytes an idle direction waits with.
+const SMALL: usize = 256;
+
+/// One direction's buffer and progress.
+struct Dir {
+    /// The large buffer, while bytes are moving; `buf[pos..cap]` is still to be written.
+    buf: bufpool::Slot,
+    small: [u8; SMALL],
+    pos: usize,
+    cap: usize,
+    amt: u64,
+    read_done: bool,
+    need_flush: bool,
+    state: State,
+}
+
+#[derive(Clone, Copy)]
+enum State {
+    Running,
+    ShuttingDown,
+    Done,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Dir {
+            buf: bufpool::Slot::default(),
+            small: [0; SMALL],
+            pos: 0,
+            cap: 0,
+            amt: 0,
+            read_done: false,
+            need_flush: false,
+            state: State::Running,
+        }
+    }
+
+    /// Reads into the large buffer if this direction holds one; when that read would wait,
+    /// gives it back and waits with the small one. Returns the bytes now at `buf[..n]`.
+    fn poll_fill<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(buf) = self.buf.get_mut() {
+            let mut rb = ReadBuf::new(buf);
+            return match r.poll_read(cx, &mut rb) {
+                Poll::Ready(res) => Poll::Ready(res.map(|()| rb.filled().len())),
+                Poll::Pending => {
+                    self.buf.release();
+                    Poll::Pending
+                }
+            };
+        }
+        let mut rb = ReadBuf::new(&mut self.small);
+        ready!(r.as_mut().poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let big = self.buf.hold(bufpool::SIZE);
+        big[..n].copy_from_slice(&self.small[..n]);
+        let mut total = n;
+        // A full small read means more is likely waiting: take it now, so a burst goes out as
+        // one large write rather than a small one first.
+        if n == SMALL {
+            let mut rb = ReadBuf::new(&mut big[n..]);
+            if let Poll::Ready(res) = r.poll_read(cx, &mut rb) {
+                match res {
+                    Ok(()) => total += rb.filled().len(),
+                    // Deliver what was read; the error comes back on the next read.
+                    Err(_) if total > 0 => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        Poll::Ready(Ok(total))
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.read_done {
+                self.pos = 0;
+                self.cap = 0;
+                match self.poll_fill(cx, r.as_mut()) {
+                    Poll::Ready(Ok(0)) => self.read_done = true,
+                    Poll::Ready(Ok(n)) => self.cap = n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing to read: push out what was written before waiting.
+                        if self.need_flush {
+                            ready!(w.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let Some(buf) = self.buf.get() else {
+                    return Poll::Ready(Err(io::Error::other("copy buffer missing")));
+                };
+                let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write zero bytes into writer",
+                    )));
+                }
+                self.pos += n;
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                self.buf.release();
+                ready!(w.as_mut().poll_flush(cx))?;
+                return Poll::Ready(Ok(self.amt));
+            }
+        }
+    }
+
+    /// Runs this direction to its end: copy, then shut the writer down.
+    fn poll_transfer<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            match self.state {
+                State::Running => {
+                    ready!(self.poll_copy(cx, r.as_mut(), w.as_mut()))?;
+                    self.state = State::ShuttingDown;
+                }
+                State::ShuttingDown => {
+                    ready!(w.as_mut().poll_shutdown(cx))?;
+                    self.state = State::Done;
+                }
+                State::Done => return Poll::Ready(Ok(self.amt)),
+            }
+        }
+    }
+}
+
+/// Copies `a` to `b` and `b` to `a` until both reach end of stream; returns the bytes copied
+/// each way, `(a → b, b → a)`. See the module docs.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut ab = Dir::new();
+    let mut ba = Dir::new();
+    poll_fn(|cx| {
+        let a_to_b = ab.poll_transfer(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let b_to_a = ba.poll_transfer(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let a_to_b = ready!(a_to_b);
+        let b_to_a = ready!(b_to_a);
+        Poll::Ready(Ok((a_to_b, b_to_a)))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes through both directions, with sizes that cross the small and large buffers, and
+    /// half-close passing through: each side still reads after the other finished writing.
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close_and_gives_buffers_back() {
+        let (mut app, mut a) = tokio::io::duplex(1 << 20);
+        let (mut b, mut svc) = tokio::io::duplex(1 << 20);
+        let pump = tokio::spawn(async move { copy_bidirectional(&mut a, &mut b).await });
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..777_777u32).map(|i| (i % 13) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let app_side = tokio::spawn(async move {
+            // A tiny write first (the idle path), then bulk, then half-close.
+            app.write_all(&up2[..1]).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            app.write_all(&up2[1..]).await?;
+            app.shutdown().await?;
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await?;
+            std::io::Result::Ok(got)
+        });
+        let mut got_up = Vec::new();
+        svc.read_to_end(&mut got_up).await.unwrap();
+        assert_eq!(got_up, up, "a → b intact, and its end reached b");
+        // b's side still writes after a finished: half-close.
+        svc.write_all(&down2).await.unwrap();
+        svc.shutdown().await.unwrap();
+        assert_eq!(app_side.await.unwrap().unwrap(), down);
+        let (ab, ba) = tokio::time::timeout(std::time::Duration::from_secs(10), pump)
+            .await
+            .expect("pump ends once both sides ended")
+            .unwrap()
+            .unwrap();
+        assert_eq!((ab, ba), (up.len() as u64, down.len() as u64));
+    }
+
+    /// While both sides are idle the copy holds no large buffer: an idle tunnel costs only its
+    /// state. Checked through the pool: buffers taken while data moved came back.
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_large_buffer() {
+        let (mut app, mut a) = tokio::io::duplex(1 << 16);
+        let (mut b, mut svc) = tokio::io::duplex(1 << 16);
+        let mut ab = Dir::new();
+        let mut ba = Dir::new();
+        app.write_all(b"ping").await.unwrap();
+        let mut idle_checks = 0;
+        // Poll until the bytes arrived at svc and both directions wait.
+        for _ in 0..100 {
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            let p1 = ab.poll_transfer(&mut cx, Pin::new(&mut a), Pin::new(&mut b));
+            let p2 = ba.poll_transfer(&mut cx, Pin::new(&mut b), Pin::new(&mut a));
+            assert!(p1.is_pending() && p2.is_pending());
+            if ab.amt == 4 {
+                idle_checks += 1;
+                assert!(
+                    !ab.buf.is_held() && !ba.buf.is_held(),
+                    "idle: no large buffer"
+                );
+                break;
+            }
+        }
+        assert_eq!(idle_checks, 1);
+        let mut got = [0u8; 4];
+        svc.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+    }
+}
