@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// The size of a pooled buffer.
-pub const SIZE: usize = 64 * 1024;
+pub const SIZE: usize = 256 * 1024;
 
 /// Spare buffers kept (4 MiB). Enough for the tunnels that are busy at one moment; more are
 /// freed.

@@ -44,7 +44,7 @@ pub struct SpliceConfig {
 impl Default for SpliceConfig {
     fn default() -> Self {
         SpliceConfig {
-            buffer: 64 * 1024,
+            buffer: crate::bufpool::SIZE,
             write_timeout: Duration::from_secs(60),
         }
     }

@@ -255,6 +255,27 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// Copies `src` into `dst` (same length) XORed with `mask`, where `src` starts `offset` bytes
+/// into the payload: the copy a client needs to mask bytes it does not own, in one pass.
+pub fn mask_copy(dst: &mut [u8], src: &[u8], mask: [u8; 4], offset: usize) {
+    debug_assert_eq!(dst.len(), src.len());
+    let mut m = [0u8; 4];
+    for (i, b) in m.iter_mut().enumerate() {
+        *b = mask[(offset + i) % 4];
+    }
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (dc, sc) in (&mut d).zip(&mut s) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(sc);
+        dc.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    for (i, (db, sb)) in d.into_remainder().iter_mut().zip(s.remainder()).enumerate() {
+        *db = sb ^ m[i % 4];
+    }
+}
+
 /// Checks a Close frame payload (RFC 6455 §5.5.1, §7.4).
 ///
 /// Returns the code and reason, or `None` for an empty payload (no status).
@@ -364,6 +385,19 @@ mod tests {
             for (i, (x, y)) in buf.iter().zip(&data).enumerate() {
                 assert_eq!(*x, y ^ mask[i % 4]);
             }
+        }
+    }
+
+    #[test]
+    fn mask_copy_equals_copy_then_mask_at_any_offset_and_length() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let mask = [0x01, 0x80, 0x7f, 0xfe];
+        for (off, len) in [(0usize, 0usize), (0, 1), (1, 7), (3, 8), (5, 9), (2, 999)] {
+            let mut want = data[..len].to_vec();
+            apply_mask(&mut want, mask, off);
+            let mut got = vec![0u8; len];
+            mask_copy(&mut got, &data[..len], mask, off);
+            assert_eq!(got, want, "offset {off}, length {len}");
         }
     }
 

@@ -20,7 +20,10 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::frame::{apply_mask, close_payload, parse_close, FrameError, FrameHeader, OpCode};
+use super::frame::{
+    apply_mask, close_payload, mask_copy, parse_close, FrameError, FrameHeader, OpCode,
+};
+use crate::bufpool;
 
 /// Which side of the WebSocket we are: clients mask what they send, servers do not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,11 +53,14 @@ impl Default for WsConfig {
         WsConfig {
             max_message: 64 * 1024,
             max_fragments: 64,
-            max_frame_out: 64 * 1024,
+            max_frame_out: 256 * 1024,
             read_buffer: 2 * 1024,
         }
     }
 }
+
+/// The longest frame header: 2 bytes, 8 of length, 4 of mask.
+const MAX_HEADER: usize = 14;
 
 /// A whole message, as `recv` returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +157,12 @@ pub struct WsStream<S> {
     part_started: bool,
     assembly_op: Option<OpCode>,
     fragments: usize,
-    /// Whole encoded frames waiting to be written: `wbuf[wpos..]`.
+    /// A data frame from the byte-stream API waiting to be written: `dbuf[dpos..dlen]`, in a
+    /// pooled buffer held only until it is written. It always goes out before `wbuf`.
+    dbuf: bufpool::Slot,
+    dpos: usize,
+    dlen: usize,
+    /// Other encoded frames waiting to be written (control frames, messages): `wbuf[wpos..]`.
     wbuf: Vec<u8>,
     wpos: usize,
     /// The latest unanswered ping's payload; one slot, so floods cost nothing.
@@ -191,6 +202,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             part_op: None,
             part_started: false,
             fragments: 0,
+            dbuf: bufpool::Slot::default(),
+            dpos: 0,
+            dlen: 0,
             wbuf: Vec::new(),
             wpos: 0,
             pending_pong: None,
@@ -522,16 +536,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             len: payload.len() as u64,
         };
         let start = self.wbuf.len();
-        self.wbuf.resize(start + h.encoded_len(), 0);
-        h.encode(&mut self.wbuf[start..]);
-        let body = self.wbuf.len();
-        self.wbuf.extend_from_slice(payload);
-        if let Some(m) = mask {
-            apply_mask(&mut self.wbuf[body..], m, 0);
+        let body = start + h.encoded_len();
+        self.wbuf.resize(body + payload.len(), 0);
+        h.encode(&mut self.wbuf[start..body]);
+        match mask {
+            Some(m) => mask_copy(&mut self.wbuf[body..], payload, m, 0),
+            None => self.wbuf[body..].copy_from_slice(payload),
         }
     }
 
+    /// Frames `data` as one binary data frame in a pooled buffer (at most what fits); returns
+    /// the payload bytes taken. Only called with nothing queued.
+    fn queue_data(&mut self, data: &[u8]) -> usize {
+        let n = data
+            .len()
+            .min(self.cfg.max_frame_out)
+            .min(bufpool::SIZE - MAX_HEADER);
+        let mask = match self.role {
+            Role::Client => Some(rand::random::<[u8; 4]>()),
+            Role::Server => None,
+        };
+        let h = FrameHeader {
+            fin: true,
+            opcode: OpCode::Binary,
+            mask,
+            len: n as u64,
+        };
+        let buf = self.dbuf.hold(bufpool::SIZE);
+        let hl = h.encode(buf);
+        match mask {
+            Some(m) => mask_copy(&mut buf[hl..hl + n], &data[..n], m, 0),
+            None => buf[hl..hl + n].copy_from_slice(&data[..n]),
+        }
+        self.dpos = 0;
+        self.dlen = hl + n;
+        n
+    }
+
     fn poll_flush_wbuf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.dpos < self.dlen {
+            let Some(buf) = self.dbuf.get() else {
+                return Poll::Ready(Err(io::Error::other("frame buffer missing")));
+            };
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &buf[self.dpos..self.dlen]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.dpos += n;
+            if self.dpos == self.dlen {
+                self.dbuf.release();
+                (self.dpos, self.dlen) = (0, 0);
+            }
+        }
         loop {
             if self.wpos == self.wbuf.len() {
                 self.wbuf.clear();
@@ -754,8 +810,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Ok(0));
         }
         ready!(this.poll_flush_wbuf(cx))?;
-        let n = data.len().min(this.cfg.max_frame_out);
-        this.queue_frame(OpCode::Binary, true, &data[..n]);
+        let n = this.queue_data(data);
         if let Poll::Ready(Err(e)) = this.poll_flush_wbuf(cx) {
             return Poll::Ready(Err(e));
         }

@@ -207,3 +207,48 @@ async fn recv_in_the_middle_of_a_partly_read_message_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Byte-stream writes go out as frames of at most `max_frame_out` from a pooled buffer that is
+/// given back once written, with control frames queued behind a pending data frame kept in
+/// order: data, then the Close.
+#[tokio::test]
+async fn data_frames_use_a_pooled_buffer_only_until_written() {
+    let cfg = WsConfig {
+        max_frame_out: 5000,
+        ..WsConfig::default()
+    };
+    let (mut c, mut s) = pair(cfg);
+    let data: Vec<u8> = (0..1_000_003u32).map(|i| (i % 241) as u8).collect();
+    let d2 = data.clone();
+    let writer = tokio::spawn(async move {
+        c.write_all(&d2).await.unwrap();
+        c.flush().await.unwrap();
+        assert!(!c.dbuf.is_held(), "flushed: no frame buffer held");
+        c.shutdown().await.unwrap();
+        c
+    });
+    // Frame by frame on the server side: every data frame is at most 5000 bytes.
+    let mut got = Vec::new();
+    let (mut frames, mut in_frame) = (0, 0);
+    loop {
+        match s.recv_part(1 << 20).await.unwrap() {
+            Part::Data { data, fin, .. } => {
+                got.extend_from_slice(&data);
+                in_frame += data.len();
+                if fin {
+                    assert!(in_frame <= 5000, "frames capped at max_frame_out");
+                    frames += 1;
+                    in_frame = 0;
+                }
+            }
+            Part::Close(c) => {
+                assert_eq!(c, Some((1000, String::new())));
+                break;
+            }
+        }
+    }
+    assert_eq!(got, data);
+    assert_eq!(frames, data.len().div_ceil(5000));
+    let c = writer.await.unwrap();
+    assert!(!c.dbuf.is_held());
+}
