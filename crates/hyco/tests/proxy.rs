@@ -184,9 +184,9 @@ async fn proxy_authentication_failures_are_reported() {
 
     // The forwarder's sender connect fails the same way, per connection.
     let (f, port) = r.forward_with("echo", &s, &via(&wrong)).await;
-    let c = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    // The forwarder may reset the connection before connect() has returned (the proxy's
+    // refusal is that fast): either result is fine, the log line below is the check.
+    let c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
     let line = f.wait_line("tunnel not opened", T).await;
     assert!(
         line.contains(&masked) && line.contains("authentication failed"),
