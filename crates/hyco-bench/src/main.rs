@@ -141,7 +141,17 @@ async fn spawn(
     .ok()
     .flatten()
     .with_context(|| format!("{name} did not print {ready:?}"))?;
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    // Later warnings and errors go to our stderr (the first 20), so a failed connection in a
+    // figure can be traced to its cause.
+    tokio::spawn(async move {
+        let mut shown = 0;
+        while let Some(l) = rx.recv().await {
+            if shown < 20 && (l.contains(" WARN ") || l.contains(" ERROR ")) {
+                shown += 1;
+                eprintln!("  [{name}] {l}");
+            }
+        }
+    });
     Ok((Proc(child, name), line))
 }
 
@@ -274,6 +284,8 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
     let t0 = Instant::now();
     let mut opened = Vec::with_capacity(n);
     let mut failures = 0usize;
+    // The first few reasons, so a failure can be told from a timeout.
+    let mut errors: Vec<String> = Vec::new();
     // Open in waves so the accept queues are not the bottleneck being measured.
     for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
         let mut wave = Vec::new();
@@ -289,9 +301,18 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
             }));
         }
         for w in wave {
-            match w.await {
-                Ok(Ok(Ok(s))) => opened.push(s),
-                _ => failures += 1,
+            let why = match w.await {
+                Ok(Ok(Ok(s))) => {
+                    opened.push(s);
+                    continue;
+                }
+                Ok(Ok(Err(e))) => format!("{e:#}"),
+                Ok(Err(_)) => "timed out after 60 s".to_owned(),
+                Err(e) => format!("task: {e}"),
+            };
+            failures += 1;
+            if errors.len() < 5 {
+                errors.push(why);
             }
         }
     }
@@ -309,7 +330,7 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
     let ok = opened.len();
     drop(opened);
     Ok(json!({
-        "n": n, "ok": ok, "failures": failures, "open_all_secs": open_secs,
+        "n": n, "ok": ok, "failures": failures, "errors": errors, "open_all_secs": open_secs,
         "rss_idle_kib": idle, "rss_loaded_kib": loaded,
         "kib_per_connection": per_conn, "kib_per_connection_total": (total_per_conn * 10.0).round() / 10.0,
     }))

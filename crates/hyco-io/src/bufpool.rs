@@ -3,7 +3,7 @@
 //! A tunnel holds a large buffer only while bytes are moving: when a read finds nothing to do,
 //! the buffer goes back here and the wait for the next bytes uses a few hundred bytes of the
 //! task's own state (see [`crate::copy`] and [`crate::splice`]). So ten thousand idle tunnels
-//! cost no buffer memory, and a busy one reads 64 KiB per system call.
+//! cost no buffer memory, and a busy one reads up to 256 KiB per system call.
 //!
 //! Buffers come back dirty: callers only ever read what they filled. The pool keeps at most
 //! [`MAX_FREE`] spare buffers; more go back to the allocator.
@@ -14,9 +14,9 @@ use std::sync::Mutex;
 /// The size of a pooled buffer.
 pub const SIZE: usize = 256 * 1024;
 
-/// Spare buffers kept (4 MiB). Enough for the tunnels that are busy at one moment; more are
+/// Spare buffers kept (8 MiB). Enough for the tunnels that are busy at one moment; more are
 /// freed.
-pub const MAX_FREE: usize = 64;
+pub const MAX_FREE: usize = 32;
 
 static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 

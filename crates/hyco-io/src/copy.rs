@@ -3,7 +3,7 @@
 //! [`copy_bidirectional`] keeps the contract of tokio's function of that name: each direction
 //! copies until its reader ends, then shuts the other side's writer down (half-close) and
 //! the other direction goes on; the first error ends both. What differs is memory: each
-//! direction reads 64 KiB at a time into a buffer from [`crate::bufpool`] while data keeps
+//! direction reads 256 KiB at a time into a buffer from [`crate::bufpool`] while data keeps
 //! coming, and gives the buffer back as soon as a read would wait. The wait itself reads into a
 //! few hundred bytes kept in the direction's state. An idle tunnel then costs no buffer
 //! memory, where tokio's function holds its two buffers for the life of the connection.
