@@ -30,6 +30,9 @@ struct Dir {
     amt: u64,
     read_done: bool,
     need_flush: bool,
+    /// An error met by a read that had already returned bytes: reported by the next read, so
+    /// a reset is never mistaken for a clean end.
+    deferred: Option<io::Error>,
     state: State,
 }
 
@@ -50,6 +53,7 @@ impl Dir {
             amt: 0,
             read_done: false,
             need_flush: false,
+            deferred: None,
             state: State::Running,
         }
     }
@@ -61,6 +65,9 @@ impl Dir {
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
         if let Some(buf) = self.buf.get_mut() {
             let mut rb = ReadBuf::new(buf);
             return match r.poll_read(cx, &mut rb) {
@@ -84,13 +91,11 @@ impl Dir {
         // one large write rather than a small one first.
         if n == SMALL {
             let mut rb = ReadBuf::new(&mut big[n..]);
-            if let Poll::Ready(res) = r.poll_read(cx, &mut rb) {
-                match res {
-                    Ok(()) => total += rb.filled().len(),
-                    // Deliver what was read; the error comes back on the next read.
-                    Err(_) if total > 0 => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            match r.poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => total += rb.filled().len(),
+                // Deliver what was read; the error comes with the next read.
+                Poll::Ready(Err(e)) => self.deferred = Some(e),
+                Poll::Pending => {}
             }
         }
         Poll::Ready(Ok(total))
@@ -231,6 +236,71 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((ab, ba), (up.len() as u64, down.len() as u64));
+    }
+
+    /// A side that returns bytes and then, in the next read, a reset.
+    struct Resets {
+        reads: std::collections::VecDeque<io::Result<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Resets {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.reads.pop_front() {
+                Some(Ok(b)) => {
+                    buf.put_slice(&b);
+                    Poll::Ready(Ok(()))
+                }
+                Some(Err(e)) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Resets {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A reset right behind a full small read (the read that tops up the large buffer meets
+    /// it) still ends the copy with the error: the other side never sees a clean end.
+    #[tokio::test]
+    async fn a_reset_behind_the_first_bytes_is_an_error_not_an_end() {
+        let mut a = Resets {
+            reads: [
+                Ok(vec![1u8; SMALL]),
+                Err(io::Error::from(io::ErrorKind::ConnectionReset)),
+                Ok(Vec::new()),
+            ]
+            .into(),
+        };
+        let (mut b, mut peer) = tokio::io::duplex(1 << 16);
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            copy_bidirectional(&mut a, &mut b),
+        )
+        .await
+        .expect("the copy ends")
+        .expect_err("a reset is an error");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        drop(b);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, vec![1u8; SMALL], "the bytes before the reset arrived");
     }
 
     /// While both sides are idle the copy holds no large buffer: an idle tunnel costs only its

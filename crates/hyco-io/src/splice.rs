@@ -260,14 +260,19 @@ const SMALL_READ: usize = 256;
 /// Reads more bytes to `big[end..]`. When nothing is held back (`end == 0`) and the read would
 /// wait, the large buffer goes back to [`crate::bufpool`] and the wait reads into `small`; what
 /// arrives moves into a large buffer taken then. An idle tunnel so holds no large buffer.
-/// Cancel-safe: bytes are consumed from `r` only in the poll that returns them.
+/// Cancel-safe: bytes are consumed from `r` only in the poll that returns them. An error met
+/// after bytes were read waits in `deferred` for the next call.
 async fn read_more<R: AsyncRead + Unpin>(
     r: &mut R,
     big: &mut bufpool::Slot,
     small: &mut [u8; SMALL_READ],
+    deferred: &mut Option<io::Error>,
     end: usize,
     len: usize,
 ) -> io::Result<usize> {
+    if let Some(e) = deferred.take() {
+        return Err(e);
+    }
     if let Some(buf) = big.get_mut() {
         if end > 0 {
             return r.read(&mut buf[end..]).await;
@@ -289,8 +294,10 @@ async fn read_more<R: AsyncRead + Unpin>(
     // A full small read means more is likely waiting: take it now, so a burst goes on as one
     // large write rather than a small one first.
     if n == SMALL_READ {
-        if let Some(Ok(m)) = poll_once(r, &mut b[n..]).await {
-            total += m;
+        match poll_once(r, &mut b[n..]).await {
+            Some(Ok(m)) => total += m,
+            Some(Err(e)) => *deferred = Some(e),
+            None => {}
         }
     }
     Ok(total)
@@ -326,6 +333,7 @@ where
     // The large buffer is held only while bytes move; an idle direction waits on `small`.
     let mut big = bufpool::Slot::default();
     let mut small = [0u8; SMALL_READ];
+    let mut deferred: Option<io::Error> = None;
     let (mut start, mut end) = (0usize, 0usize);
     // The data frame being streamed: (mask, bytes left, offset into the payload).
     let mut cur: Option<([u8; 4], u64, usize)> = None;
@@ -432,7 +440,7 @@ where
                 }
                 continue;
             }
-            r = read_more(r, &mut big, &mut small, end, cfg.buffer.max(1024)) => r.map_err(DirError::Read)?,
+            r = read_more(r, &mut big, &mut small, &mut deferred, end, cfg.buffer.max(1024)) => r.map_err(DirError::Read)?,
         };
         if n == 0 {
             return Err(DirError::Eof);

@@ -173,6 +173,9 @@ pub struct WsStream<S> {
     sent_close: bool,
     /// Frames read so far (pongs included): liveness for ping deadlines.
     frames: u64,
+    /// A transport error met by a read that had already returned payload: reported by the
+    /// next read.
+    read_err: Option<io::Error>,
 }
 
 impl<S> std::fmt::Debug for WsStream<S> {
@@ -211,6 +214,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             peer_closed: None,
             sent_close: false,
             frames: 0,
+            read_err: None,
         }
     }
 
@@ -716,6 +720,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let _ = this.poll_flush_wbuf(cx);
+        if let Some(e) = this.read_err.take() {
+            return Poll::Ready(Err(e));
+        }
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -747,15 +754,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     if want > 0 {
                         let dst = out.initialize_unfilled_to(want);
                         let mut rb = ReadBuf::new(dst);
-                        if let Poll::Ready(Ok(())) = Pin::new(&mut this.io).poll_read(cx, &mut rb) {
-                            let m = rb.filled().len();
-                            // 0 is end of stream: the next read reports it.
-                            if let Some(mask) = cur.header.mask {
-                                apply_mask(&mut dst[..m], mask, cur.offset);
+                        match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                            Poll::Ready(Ok(())) => {
+                                let m = rb.filled().len();
+                                // 0 is end of stream: the next read reports it.
+                                if let Some(mask) = cur.header.mask {
+                                    apply_mask(&mut dst[..m], mask, cur.offset);
+                                }
+                                out.advance(m);
+                                cur.remaining -= m as u64;
+                                cur.offset += m;
                             }
-                            out.advance(m);
-                            cur.remaining -= m as u64;
-                            cur.offset += m;
+                            Poll::Ready(Err(e)) => this.read_err = Some(e),
+                            Poll::Pending => {}
                         }
                     }
                     return Poll::Ready(Ok(()));
