@@ -36,8 +36,30 @@ struct Cli {
     /// NO_PROXY or no_proxy.
     #[arg(long, global = true, value_name = "LIST")]
     no_proxy: Option<String>,
+    /// Runtime worker threads. Default: one per core for the relay; half the cores (at least
+    /// one) for `manager run` and `forward`, which share their host with the service or the
+    /// application they serve.
+    #[arg(long, global = true, env = "HYCO_THREADS", value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Worker threads for `cmd` (see `Cli::threads`).
+fn worker_threads(cmd: &Cmd, flag: Option<u16>) -> usize {
+    if let Some(n) = flag {
+        return usize::from(n);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match cmd {
+        Cmd::Forward(_)
+        | Cmd::Manager {
+            cmd: ManagerCmd::Run(_),
+            ..
+        } => (cores / 2).max(1),
+        _ => cores,
+    }
 }
 
 /// `--proxy` and `--no-proxy` as given, set once in `main` before any role starts. Process-wide
@@ -293,6 +315,7 @@ fn main() -> ExitCode {
     let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
     init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(&cli.cmd, cli.threads))
         .enable_all()
         .build()
     {
@@ -611,6 +634,37 @@ async fn forward(a: ForwardArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_take_half_the_cores_the_relay_all_and_the_flag_wins() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cli = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        let relay = cli(&["hyco", "relay"]);
+        assert_eq!(worker_threads(&relay.cmd, relay.threads), cores);
+        let fwd = cli(&[
+            "hyco",
+            "forward",
+            "-L",
+            "5432:db",
+            "--connection-string",
+            "x",
+        ]);
+        assert_eq!(worker_threads(&fwd.cmd, fwd.threads), (cores / 2).max(1));
+        let mgr = cli(&["hyco", "manager", "run", "--connection-string", "x"]);
+        assert_eq!(worker_threads(&mgr.cmd, mgr.threads), (cores / 2).max(1));
+        let set = cli(&[
+            "hyco",
+            "--threads",
+            "3",
+            "forward",
+            "-L",
+            "1:a",
+            "--connection-string",
+            "x",
+        ]);
+        assert_eq!(worker_threads(&set.cmd, set.threads), 3);
+        assert!(Cli::try_parse_from(["hyco", "--threads", "0", "relay"]).is_err());
+    }
 
     #[test]
     fn local_specs() {
