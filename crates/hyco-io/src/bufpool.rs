@@ -8,8 +8,13 @@
 //! Buffers come back dirty: callers only ever read what they filled. The pool keeps at most
 //! [`MAX_FREE`] spare buffers; more go back to the allocator.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The size of a pooled buffer.
 pub const SIZE: usize = 256 * 1024;
@@ -88,6 +93,103 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Bytes an idle reader waits with.
+pub const SMALL: usize = 256;
+
+/// A read buffer held only while bytes move: reads go into a pooled buffer while one is held;
+/// a read that would wait, with nothing kept in the buffer, gives it back, and the wait reads
+/// into [`SMALL`] bytes kept here. What arrives then moves into a buffer taken anew.
+pub struct ReadBuffer {
+    slot: Slot,
+    small: [u8; SMALL],
+    len: usize,
+    /// An error met by a read that had already returned bytes: reported by the next read, so
+    /// a reset is never mistaken for a clean end.
+    deferred: Option<io::Error>,
+}
+
+impl ReadBuffer {
+    /// Reads of up to `len` bytes (pooled when `len` is [`SIZE`]).
+    pub fn new(len: usize) -> Self {
+        ReadBuffer {
+            slot: Slot::default(),
+            small: [0; SMALL],
+            len,
+            deferred: None,
+        }
+    }
+
+    /// The buffer, while one is held.
+    pub fn get(&self) -> Option<&[u8]> {
+        self.slot.get()
+    }
+
+    /// The buffer, while one is held.
+    pub fn get_mut(&mut self) -> Option<&mut [u8]> {
+        self.slot.get_mut()
+    }
+
+    /// Whether a buffer is held.
+    pub fn is_held(&self) -> bool {
+        self.slot.is_held()
+    }
+
+    /// Gives the buffer back.
+    pub fn release(&mut self) {
+        self.slot.release();
+    }
+
+    /// Reads from `r` to `buf[end..]` and returns how many bytes came (0: end of stream).
+    /// `end > 0` means bytes are kept in the buffer, which then stays held. Cancel-safe: bytes
+    /// are taken from `r` only in the poll that returns them.
+    pub fn poll_read_from<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        end: usize,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
+        if let Some(buf) = self.slot.get_mut() {
+            let mut rb = ReadBuf::new(&mut buf[end..]);
+            return match r.poll_read(cx, &mut rb) {
+                Poll::Ready(res) => Poll::Ready(res.map(|()| rb.filled().len())),
+                Poll::Pending => {
+                    if end == 0 {
+                        self.slot.release();
+                    }
+                    Poll::Pending
+                }
+            };
+        }
+        if end > 0 {
+            return Poll::Ready(Err(io::Error::other("read buffer missing")));
+        }
+        let mut rb = ReadBuf::new(&mut self.small);
+        ready!(r.as_mut().poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let big = self.slot.hold(self.len);
+        big[..n].copy_from_slice(&self.small[..n]);
+        let mut total = n;
+        // A full small read means more is likely waiting: take it now, so a burst goes on as
+        // one large write rather than a small one first.
+        if n == SMALL {
+            let mut rb = ReadBuf::new(&mut big[n..]);
+            match r.poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => total += rb.filled().len(),
+                // Deliver what was read; the error comes with the next read.
+                Poll::Ready(Err(e)) => self.deferred = Some(e),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Ok(total))
     }
 }
 

@@ -13,26 +13,19 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::bufpool;
 
-/// Bytes an idle direction waits with.
-const SMALL: usize = 256;
-
 /// One direction's buffer and progress.
 struct Dir {
-    /// The large buffer, while bytes are moving; `buf[pos..cap]` is still to be written.
-    buf: bufpool::Slot,
-    small: [u8; SMALL],
+    /// `buf[pos..cap]` is still to be written.
+    buf: bufpool::ReadBuffer,
     pos: usize,
     cap: usize,
     amt: u64,
     read_done: bool,
     need_flush: bool,
-    /// An error met by a read that had already returned bytes: reported by the next read, so
-    /// a reset is never mistaken for a clean end.
-    deferred: Option<io::Error>,
     state: State,
 }
 
@@ -46,59 +39,14 @@ enum State {
 impl Dir {
     fn new() -> Self {
         Dir {
-            buf: bufpool::Slot::default(),
-            small: [0; SMALL],
+            buf: bufpool::ReadBuffer::new(bufpool::SIZE),
             pos: 0,
             cap: 0,
             amt: 0,
             read_done: false,
             need_flush: false,
-            deferred: None,
             state: State::Running,
         }
-    }
-
-    /// Reads into the large buffer if this direction holds one; when that read would wait,
-    /// gives it back and waits with the small one. Returns the bytes now at `buf[..n]`.
-    fn poll_fill<R: AsyncRead + ?Sized>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut r: Pin<&mut R>,
-    ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.deferred.take() {
-            return Poll::Ready(Err(e));
-        }
-        if let Some(buf) = self.buf.get_mut() {
-            let mut rb = ReadBuf::new(buf);
-            return match r.poll_read(cx, &mut rb) {
-                Poll::Ready(res) => Poll::Ready(res.map(|()| rb.filled().len())),
-                Poll::Pending => {
-                    self.buf.release();
-                    Poll::Pending
-                }
-            };
-        }
-        let mut rb = ReadBuf::new(&mut self.small);
-        ready!(r.as_mut().poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        if n == 0 {
-            return Poll::Ready(Ok(0));
-        }
-        let big = self.buf.hold(bufpool::SIZE);
-        big[..n].copy_from_slice(&self.small[..n]);
-        let mut total = n;
-        // A full small read means more is likely waiting: take it now, so a burst goes out as
-        // one large write rather than a small one first.
-        if n == SMALL {
-            let mut rb = ReadBuf::new(&mut big[n..]);
-            match r.poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => total += rb.filled().len(),
-                // Deliver what was read; the error comes with the next read.
-                Poll::Ready(Err(e)) => self.deferred = Some(e),
-                Poll::Pending => {}
-            }
-        }
-        Poll::Ready(Ok(total))
     }
 
     fn poll_copy<R, W>(
@@ -115,7 +63,7 @@ impl Dir {
             if self.pos == self.cap && !self.read_done {
                 self.pos = 0;
                 self.cap = 0;
-                match self.poll_fill(cx, r.as_mut()) {
+                match self.buf.poll_read_from(cx, r.as_mut(), 0) {
                     Poll::Ready(Ok(0)) => self.read_done = true,
                     Poll::Ready(Ok(n)) => self.cap = n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -201,7 +149,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     /// Bytes through both directions, with sizes that cross the small and large buffers, and
     /// half-close passing through: each side still reads after the other finished writing.
@@ -282,7 +230,7 @@ mod tests {
     async fn a_reset_behind_the_first_bytes_is_an_error_not_an_end() {
         let mut a = Resets {
             reads: [
-                Ok(vec![1u8; SMALL]),
+                Ok(vec![1u8; bufpool::SMALL]),
                 Err(io::Error::from(io::ErrorKind::ConnectionReset)),
                 Ok(Vec::new()),
             ]
@@ -300,7 +248,11 @@ mod tests {
         drop(b);
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, vec![1u8; SMALL], "the bytes before the reset arrived");
+        assert_eq!(
+            got,
+            vec![1u8; bufpool::SMALL],
+            "the bytes before the reset arrived"
+        );
     }
 
     /// While both sides are idle the copy holds no large buffer: an idle tunnel costs only its

@@ -22,9 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use std::task::Poll;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::bufpool;
@@ -254,67 +252,6 @@ async fn write_timed<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Bytes an idle direction waits with.
-const SMALL_READ: usize = 256;
-
-/// Reads more bytes to `big[end..]`. When nothing is held back (`end == 0`) and the read would
-/// wait, the large buffer goes back to [`crate::bufpool`] and the wait reads into `small`; what
-/// arrives moves into a large buffer taken then. An idle tunnel so holds no large buffer.
-/// Cancel-safe: bytes are consumed from `r` only in the poll that returns them. An error met
-/// after bytes were read waits in `deferred` for the next call.
-async fn read_more<R: AsyncRead + Unpin>(
-    r: &mut R,
-    big: &mut bufpool::Slot,
-    small: &mut [u8; SMALL_READ],
-    deferred: &mut Option<io::Error>,
-    end: usize,
-    len: usize,
-) -> io::Result<usize> {
-    if let Some(e) = deferred.take() {
-        return Err(e);
-    }
-    if let Some(buf) = big.get_mut() {
-        if end > 0 {
-            return r.read(&mut buf[end..]).await;
-        }
-        if let Some(res) = poll_once(r, buf).await {
-            return res;
-        }
-        big.release();
-    } else if end > 0 {
-        return Err(io::Error::other("splice buffer missing"));
-    }
-    let n = r.read(small).await?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let b = big.hold(len);
-    b[..n].copy_from_slice(&small[..n]);
-    let mut total = n;
-    // A full small read means more is likely waiting: take it now, so a burst goes on as one
-    // large write rather than a small one first.
-    if n == SMALL_READ {
-        match poll_once(r, &mut b[n..]).await {
-            Some(Ok(m)) => total += m,
-            Some(Err(e)) => *deferred = Some(e),
-            None => {}
-        }
-    }
-    Ok(total)
-}
-
-/// One read attempt: `None` when it would wait (the waker is registered all the same).
-async fn poll_once<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    std::future::poll_fn(|cx| {
-        let mut rb = ReadBuf::new(&mut *buf);
-        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
-            Poll::Ready(res) => Poll::Ready(Some(res.map(|()| rb.filled().len()))),
-            Poll::Pending => Poll::Ready(None),
-        }
-    })
-    .await
-}
-
 /// One direction: frames read from `r` (a client, so masked) are written unmasked to `w`.
 /// `my_pong` collects pongs owed to `r`'s peer (written by the other direction); `their_pong`
 /// holds pongs owed to `w`'s peer, which this direction writes between frames.
@@ -330,10 +267,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // The large buffer is held only while bytes move; an idle direction waits on `small`.
-    let mut big = bufpool::Slot::default();
-    let mut small = [0u8; SMALL_READ];
-    let mut deferred: Option<io::Error> = None;
+    // Held only while bytes move (see `bufpool::ReadBuffer`).
+    let mut big = bufpool::ReadBuffer::new(cfg.buffer.max(1024));
     let (mut start, mut end) = (0usize, 0usize);
     // The data frame being streamed: (mask, bytes left, offset into the payload).
     let mut cur: Option<([u8; 4], u64, usize)> = None;
@@ -440,7 +375,7 @@ where
                 }
                 continue;
             }
-            r = read_more(r, &mut big, &mut small, &mut deferred, end, cfg.buffer.max(1024)) => r.map_err(DirError::Read)?,
+            r = std::future::poll_fn(|cx| big.poll_read_from(cx, std::pin::Pin::new(&mut *r), end)) => r.map_err(DirError::Read)?,
         };
         if n == 0 {
             return Err(DirError::Eof);
