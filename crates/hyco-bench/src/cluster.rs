@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::{field_port, hyco_admin, library_bulk, sequential, spawn, Proc, Target};
+use crate::{field_port, library_bulk, provision, sequential, spawn, Proc, Target};
 
 /// What the cluster measurement needs from the main run.
 pub struct Inputs<'a> {
@@ -107,29 +107,14 @@ pub async fn run(inp: Inputs<'_>) -> Result<Option<Value>> {
     let root = std::fs::read_to_string(d1.join("root.connection-string"))?
         .trim()
         .to_owned();
-    let admin =
-        |args: Vec<String>| hyco_admin(inp.hyco.to_owned(), ca_s.clone(), root.clone(), args);
-    for (hc, target) in [("echo", inp.echo), ("discard", inp.discard)] {
-        admin(vec![
-            "hc".into(),
-            "create".into(),
-            hc.into(),
-            "--endpoint".into(),
-            target.to_string(),
-        ])
-        .await?;
-    }
-    let rule = |name: &str, right: &str| {
-        vec![
-            "rule".to_owned(),
-            "create".into(),
-            name.into(),
-            "--rights".into(),
-            right.into(),
-        ]
-    };
-    let listen = admin(rule("cl", "listen")).await?;
-    let send = admin(rule("cs", "send")).await?;
+    let (listen, send) = provision(
+        inp.hyco,
+        &ca_s,
+        &root,
+        &[("echo", inp.echo), ("discard", inp.discard)],
+        ("cl", "cs"),
+    )
+    .await?;
     let state_s = inp
         .scratch
         .join("cluster-manager")

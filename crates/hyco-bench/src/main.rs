@@ -155,6 +155,27 @@ async fn spawn(
     Ok((Proc(child, name), line))
 }
 
+/// Creates hybrid connections (name, endpoint) and a Listen and a Send rule on a relay; returns
+/// the two rules' connection strings.
+async fn provision(
+    hyco: &Path,
+    ca: &str,
+    root: &str,
+    hcs: &[(&str, SocketAddr)],
+    (listen, send): (&str, &str),
+) -> Result<(String, String)> {
+    let admin = |args: &[&str]| {
+        let args = args.iter().map(|s| (*s).to_owned()).collect();
+        hyco_admin(hyco.to_owned(), ca.to_owned(), root.to_owned(), args)
+    };
+    for (hc, target) in hcs {
+        admin(&["hc", "create", hc, "--endpoint", &target.to_string()]).await?;
+    }
+    let l = admin(&["rule", "create", listen, "--rights", "listen"]).await?;
+    let s = admin(&["rule", "create", send, "--rights", "send"]).await?;
+    Ok((l, s))
+}
+
 /// `hyco admin ARGS` against a relay (its CA and root connection string); its output.
 async fn hyco_admin(hyco: PathBuf, ca: String, root: String, args: Vec<String>) -> Result<String> {
     let out = Command::new(&hyco)
@@ -508,39 +529,19 @@ async fn main() -> Result<()> {
         let root = std::fs::read_to_string(data.join("root.connection-string"))?
             .trim()
             .to_owned();
-        let admin =
-            |args: Vec<String>| hyco_admin(a.hyco.clone(), ca_s.clone(), root.clone(), args);
-        for (hc, target) in [
-            ("echo", echo),
-            ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
-            ("discard", discard_addr),
-            // HTTP mode: the listener is in this process; the endpoint is never dialled.
-            ("web", SocketAddr::from(([127, 0, 0, 1], 9))),
-        ] {
-            admin(vec![
-                "hc".into(),
-                "create".into(),
-                hc.into(),
-                "--endpoint".into(),
-                target.to_string(),
-            ])
-            .await?;
-        }
-        let listen = admin(vec![
-            "rule".into(),
-            "create".into(),
-            "l".into(),
-            "--rights".into(),
-            "listen".into(),
-        ])
-        .await?;
-        let send = admin(vec![
-            "rule".into(),
-            "create".into(),
-            "s".into(),
-            "--rights".into(),
-            "send".into(),
-        ])
+        let (listen, send) = provision(
+            &a.hyco,
+            &ca_s,
+            &root,
+            &[
+                ("echo", echo),
+                ("iperf", SocketAddr::from(([127, 0, 0, 1], iperf_port))),
+                ("discard", discard_addr),
+                // HTTP mode: the listener is in this process; the endpoint is never dialled.
+                ("web", SocketAddr::from(([127, 0, 0, 1], 9))),
+            ],
+            ("l", "s"),
+        )
         .await?;
         let mut margs = vec!["manager".to_owned(), "run".to_owned()];
         for hc in ["echo", "iperf", "discard"] {

@@ -701,6 +701,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     }
 }
 
+/// Reads payload of the current frame from `io` straight into `out` (at most what is left of
+/// the frame), unmasks it there and moves the frame's cursor on. Returns the bytes read.
+fn poll_payload<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    cur: &mut Current,
+    out: &mut ReadBuf<'_>,
+) -> Poll<io::Result<usize>> {
+    let want = (cur.remaining.min(out.remaining() as u64)) as usize;
+    let dst = out.initialize_unfilled_to(want);
+    let mut rb = ReadBuf::new(dst);
+    ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    if let Some(m) = cur.header.mask {
+        apply_mask(&mut dst[..n], m, cur.offset);
+    }
+    out.advance(n);
+    cur.remaining -= n as u64;
+    cur.offset += n;
+    Poll::Ready(Ok(n))
+}
+
 fn aborted() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -750,41 +772,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     // More of this frame may be ready: read it straight into the caller's
                     // buffer too, so the caller gets one large read rather than the buffered
                     // head first. Waiting is not worth it: what we have is returned.
-                    let want = (cur.remaining.min(out.remaining() as u64)) as usize;
-                    if want > 0 {
-                        let dst = out.initialize_unfilled_to(want);
-                        let mut rb = ReadBuf::new(dst);
-                        match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
-                            Poll::Ready(Ok(())) => {
-                                let m = rb.filled().len();
-                                // 0 is end of stream: the next read reports it.
-                                if let Some(mask) = cur.header.mask {
-                                    apply_mask(&mut dst[..m], mask, cur.offset);
-                                }
-                                out.advance(m);
-                                cur.remaining -= m as u64;
-                                cur.offset += m;
-                            }
-                            Poll::Ready(Err(e)) => this.read_err = Some(e),
-                            Poll::Pending => {}
+                    // (0 bytes is end of stream: the next read reports it.)
+                    if cur.remaining > 0 && out.remaining() > 0 {
+                        if let Poll::Ready(Err(e)) = poll_payload(&mut this.io, cx, cur, out) {
+                            this.read_err = Some(e);
                         }
                     }
                     return Poll::Ready(Ok(()));
                 }
                 // Nothing buffered: read the payload straight into the caller's buffer.
-                let dst = out.initialize_unfilled_to(want);
-                let mut rb = ReadBuf::new(dst);
-                ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-                let n = rb.filled().len();
-                if n == 0 {
+                if ready!(poll_payload(&mut this.io, cx, cur, out))? == 0 {
                     return Poll::Ready(Err(aborted()));
                 }
-                if let Some(m) = cur.header.mask {
-                    apply_mask(&mut dst[..n], m, cur.offset);
-                }
-                out.advance(n);
-                cur.remaining -= n as u64;
-                cur.offset += n;
                 return Poll::Ready(Ok(()));
             }
             let Some(h) = ready!(this.poll_header(cx))? else {
