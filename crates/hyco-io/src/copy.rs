@@ -162,9 +162,9 @@ mod tests {
         let down: Vec<u8> = (0..777_777u32).map(|i| (i % 13) as u8).collect();
         let (up2, down2) = (up.clone(), down.clone());
         let app_side = tokio::spawn(async move {
-            // A tiny write first (the idle path), then bulk, then half-close.
+            // A tiny write first, then bulk, then half-close. (The idle path itself is checked
+            // step by step in the next test.)
             app.write_all(&up2[..1]).await?;
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             app.write_all(&up2[1..]).await?;
             app.shutdown().await?;
             let mut got = Vec::new();
