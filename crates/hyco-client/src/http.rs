@@ -300,10 +300,7 @@ async fn send_body(ws: &mut HybridStream, body: &[u8]) -> Result<(), ClientError
 /// Ends a rendezvous: our Close, then the relay's (briefly awaited).
 async fn finish(mut ws: HybridStream) {
     let _ = ws.send_close(1000, "Normal Closure").await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(Part::Data { .. }) = ws.recv_part(PIECE).await {}
-    })
-    .await;
+    ws.finish_close(Duration::from_secs(2)).await;
 }
 
 /// The body of a streamed response.

@@ -372,7 +372,9 @@ impl Actor {
                     }
                 }
                 _ = self.stop.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send_close(1000, "Normal Closure")).await;
+                    if tokio::time::timeout(Duration::from_secs(2), ws.send_close(1000, "Normal Closure")).await.is_ok() {
+                        ws.finish_close(Duration::from_secs(2)).await;
+                    }
                     return Ok("stopped".into());
                 }
             }

@@ -215,7 +215,7 @@ impl ControlChannel {
             &address,
             Some(&why),
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
+        ws.finish_close(Duration::from_secs(2)).await;
         info!(
             event = "ListenerUnregistered",
             hc = %self.hc_name,

@@ -601,16 +601,7 @@ pub fn rendezvous(
             // .NET closes after each response; Node would keep the socket for more requests,
             // which this relay sends on the control channel instead (§4.7).
             let _ = ws.send_close(1000, "").await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    match ws.recv_part(PIECE).await {
-                        Ok(Part::Close(_)) | Err(_) => break,
-                        Ok(Part::Data { .. }) => {}
-                    }
-                }
-            })
-            .await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.shutdown_transport()).await;
+            ws.finish_close(Duration::from_secs(2)).await;
         },
         span,
     ));

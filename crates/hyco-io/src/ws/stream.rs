@@ -699,6 +699,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     pub async fn shutdown_transport(&mut self) -> io::Result<()> {
         poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await
     }
+
+    /// Ends the connection cleanly (RFC 6455 §7.1.1). When our Close went out first, waits at
+    /// most `wait` for the peer's, discarding whatever data was already on its way; then shuts
+    /// the transport down (at most one more second).
+    ///
+    /// Dropping the socket before the peer's Close (or a pong) arrives makes the kernel answer
+    /// those bytes with a reset; a peer that meets the reset before it has read our Close sees
+    /// an abnormal closure (1006) instead of our code.
+    pub async fn finish_close(&mut self, wait: std::time::Duration) {
+        if self.sent_close {
+            let _ = tokio::time::timeout(wait, async {
+                while let Ok(Part::Data { .. }) = self.recv_part(CLOSE_DRAIN_PIECE).await {}
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.shutdown_transport())
+            .await;
+    }
 }
 
 /// Reads payload of the current frame from `io` straight into `out` (at most what is left of
@@ -722,6 +740,9 @@ fn poll_payload<S: AsyncRead + Unpin>(
     cur.offset += n;
     Poll::Ready(Ok(n))
 }
+
+/// What [`WsStream::finish_close`] reads at a time while it waits for the peer's Close.
+const CLOSE_DRAIN_PIECE: usize = 64 * 1024;
 
 fn aborted() -> io::Error {
     io::Error::new(

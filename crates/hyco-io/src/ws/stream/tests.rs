@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Duration;
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
 fn pair(
@@ -251,4 +252,51 @@ async fn data_frames_use_a_pooled_buffer_only_until_written() {
     assert_eq!(frames, data.len().div_ceil(5000));
     let c = writer.await.unwrap();
     assert!(!c.dbuf.is_held());
+}
+
+/// The side that closes first reads until the peer's Close before it lets the socket go. A
+/// peer that is still sending (a pong, the tail of a message) when our Close reaches it must
+/// see our code and a clean end, not a reset: over real TCP, dropping a socket with bytes
+/// arriving makes the kernel answer them with RST.
+#[tokio::test]
+async fn finish_close_waits_for_the_peers_close_so_the_peer_never_meets_a_reset() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = WsStream::new(tcp, Role::Server, WsConfig::default());
+        s.send_close(1008, "The token has expired.").await.unwrap();
+        s.finish_close(Duration::from_secs(10)).await;
+        // The peer's Close, read while waiting.
+        s.peer_close().cloned()
+    });
+    // The client side by hand, so that it can answer late and watch how the socket ends.
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = [0u8; 2];
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(head, [0x88, 2 + 22], "our Close comes first");
+    let mut payload = [0u8; 24];
+    c.read_exact(&mut payload).await.unwrap();
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1008);
+    // The peer answers late, after more data of its own (masked with a zero key).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut binary = vec![0x82, 0xfe, 0x03, 0xe8, 0, 0, 0, 0];
+    binary.extend_from_slice(&[7u8; 1000]);
+    c.write_all(&binary).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xf0])
+        .await
+        .unwrap();
+    // A clean end (FIN), not ECONNRESET.
+    let mut tail = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut tail))
+        .await
+        .expect("the server let go within its wait");
+    assert!(end.is_ok(), "the peer met {end:?}");
+    assert!(tail.is_empty());
+    let peer = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(peer, Some(Some((1008, String::new()))));
 }
