@@ -357,7 +357,61 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
     }))
 }
 
-async fn iperf(iperf3: &Path, port: u16, streams: u32, secs: u64) -> Result<f64> {
+/// CPU time (user + system) `pid` has used, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields counted here come after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name and state.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// One bulk run through a port: bits per second at the receiver, and the CPU the tunnel's
+/// processes spent per GB carried (ms/GB, each and in total). On shared cores the CPU per byte
+/// moves far less than throughput, and with 8 streams (every core busy) throughput is just
+/// the inverse of it.
+async fn iperf_with_cpu(
+    iperf3: &Path,
+    port: u16,
+    streams: u32,
+    secs: u64,
+    pids: &[(&'static str, u32)],
+) -> (f64, Value) {
+    let before: Vec<_> = pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let Ok((bps, bytes)) = iperf(iperf3, port, streams, secs).await else {
+        return (f64::NAN, Value::Null);
+    };
+    if pids.is_empty() {
+        return (bps, Value::Null);
+    }
+    let hz = clock_ticks();
+    let mut per = serde_json::Map::new();
+    let mut total = 0.0;
+    for ((name, pid), b) in pids.iter().zip(before) {
+        let (Some(b), Some(a)) = (b, cpu_ticks(*pid)) else {
+            return (bps, Value::Null);
+        };
+        let ms_per_gb = (a - b) as f64 / hz * 1000.0 / (bytes / 1e9);
+        total += ms_per_gb;
+        per.insert((*name).to_owned(), json!(ms_per_gb.round()));
+    }
+    per.insert("total".into(), json!(total.round()));
+    (bps, Value::Object(per))
+}
+
+/// iperf3 for `secs`: bits per second and bytes at the receiver.
+async fn iperf(iperf3: &Path, port: u16, streams: u32, secs: u64) -> Result<(f64, f64)> {
     let out = Command::new(iperf3)
         .args([
             "-c",
@@ -374,9 +428,11 @@ async fn iperf(iperf3: &Path, port: u16, streams: u32, secs: u64) -> Result<f64>
         .output()
         .await?;
     let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 output")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("iperf3: {}", v["error"]))
+    let sum = &v["end"]["sum_received"];
+    match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {
+        (Some(bps), Some(bytes)) if bytes > 0.0 => Ok((bps, bytes)),
+        _ => bail!("iperf3: {}", v["error"]),
+    }
 }
 
 /// Bulk throughput through the library: `streams` connections writing to a discard endpoint
@@ -760,16 +816,17 @@ async fn run_config(
     pids: &[(&'static str, u32)],
     library_bulk_target: Option<(&Target, Arc<std::sync::atomic::AtomicU64>)>,
 ) -> Result<Value> {
+    // CPU per GB only where every process of the tunnel is outside this one: the library
+    // sender shares this process with the discard server it sends to.
+    let (mut cpu1, mut cpu8) = (Value::Null, Value::Null);
     let (b1, b8) = match (t, library_bulk_target) {
         _ if plan.bulk_secs == 0 => (f64::NAN, f64::NAN),
-        (Target::Port { iperf: port, .. }, _) => (
-            iperf(&a.iperf3, *port, 1, plan.bulk_secs)
-                .await
-                .unwrap_or(f64::NAN),
-            iperf(&a.iperf3, *port, 8, plan.bulk_secs)
-                .await
-                .unwrap_or(f64::NAN),
-        ),
+        (Target::Port { iperf: port, .. }, _) => {
+            let (b1, c1) = iperf_with_cpu(&a.iperf3, *port, 1, plan.bulk_secs, pids).await;
+            let (b8, c8) = iperf_with_cpu(&a.iperf3, *port, 8, plan.bulk_secs, pids).await;
+            (cpu1, cpu8) = (c1, c8);
+            (b1, b8)
+        }
         (_, Some((bt, counter))) => (
             library_bulk(bt, Arc::clone(&counter), 1, plan.bulk_secs)
                 .await
@@ -788,9 +845,9 @@ async fn run_config(
         0 => Value::Null,
         n => concurrent(t, n, pids).await?,
     };
-    Ok(
-        json!({"bulk_1_gbps": b1 / 1e9, "bulk_8_gbps": b8 / 1e9, "connect_echo": seq, "concurrent": conc}),
-    )
+    Ok(json!({"bulk_1_gbps": b1 / 1e9, "bulk_8_gbps": b8 / 1e9,
+               "cpu_ms_per_gb_1": cpu1, "cpu_ms_per_gb_8": cpu8,
+               "connect_echo": seq, "concurrent": conc}))
 }
 
 async fn rathole_config(
@@ -979,12 +1036,13 @@ fn print_cluster(v: &Value) {
 
 fn print_table(v: &Value) {
     println!(
-        "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
+        "{:<12} {:>10} {:>7} {:>10} {:>7} {:>9} {:>10} {:>10} {:>9} {:>10} {:>12}",
         "config",
         "1-stream",
         "ratio",
         "8-stream",
         "ratio",
+        "CPU s/GB",
         "p50 µs",
         "p99 µs",
         "conns ok",
@@ -1002,12 +1060,15 @@ fn print_table(v: &Value) {
                     .unwrap_or_else(|| "-".into())
             };
             println!(
-                "{:<12} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>12}",
+                "{:<12} {:>10} {:>7} {:>10} {:>7} {:>9} {:>10} {:>10} {:>9} {:>10} {:>12}",
                 name,
                 f(&c["bulk_1_gbps"]),
                 f(&c["bulk_1_gbps_ratio"]),
                 f(&c["bulk_8_gbps"]),
                 f(&c["bulk_8_gbps_ratio"]),
+                f(&json!(c["cpu_ms_per_gb_8"]["total"]
+                    .as_f64()
+                    .map(|ms| ms / 1000.0))),
                 f(&c["connect_echo"]["p50_us"]),
                 f(&c["connect_echo"]["p99_us"]),
                 c["concurrent"]["ok"]
@@ -1019,5 +1080,8 @@ fn print_table(v: &Value) {
             );
         }
     }
-    println!("(throughput in Gbit/s; ratios against direct TCP in this run)");
+    println!(
+        "(throughput in Gbit/s; ratios against direct TCP in this run; CPU s/GB: what the \
+         tunnel's processes spent per GB carried with 8 streams, all of them summed)"
+    );
 }
