@@ -254,6 +254,55 @@ async fn control_channel_closes_1008_on_expiry_unless_renewed() {
     }
 }
 
+/// A listener that keeps answering pings when its token runs out gets the relay's 1008, can
+/// answer it, and then sees the connection end cleanly (close_notify, FIN). A relay that let the
+/// socket go right after its Close met the pongs still on their way with a TCP reset, and a
+/// listener that met the reset before reading the Close saw an abnormal closure instead (hyco-ws
+/// reported 1006).
+#[tokio::test]
+async fn expiry_close_reaches_a_listener_busy_with_pongs_and_the_connection_ends_cleanly() {
+    let env = start("expiry-clean", |c| {
+        c.limits.token_grace = Duration::from_secs(1);
+        c.limits.ping_interval = Duration::from_millis(2);
+    })
+    .await;
+    let short = env.token(Some("hc1"), now() + 1);
+    let mut l = env
+        .connector
+        .connect(
+            &env.url("hc1", "listen", ""),
+            &[("ServiceBusAuthorization", &short)],
+        )
+        .await
+        .unwrap();
+    // Reading answers each ping with a pong; the Close comes after expiry plus grace.
+    let close = match tokio::time::timeout(T, l.ws.recv())
+        .await
+        .expect("closed within the test's bound")
+    {
+        Ok(Message::Close(c)) => c,
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => panic!("the control channel failed before its Close: {e}"),
+    };
+    assert_eq!(close.map(|(code, _)| code), Some(1008));
+    // A little later, as a busy client would: the relay is still there to read the answer.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    l.ws.send_close(1000, "").await.expect("our Close went out");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(T, l.ws.get_mut().read_to_end(&mut rest))
+        .await
+        .expect("the relay ended the connection");
+    assert!(
+        end.is_ok(),
+        "the connection ended with {end:?}, not cleanly"
+    );
+    // Had our Close (or a pong) reached a socket already let go, the kernel would have
+    // answered with a reset by now, and the next write on the connection would fail.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let probe = l.ws.get_mut().get_mut().0.write_all(&[0]).await;
+    assert!(probe.is_ok(), "the relay reset the connection: {probe:?}");
+}
+
 #[tokio::test]
 async fn deleting_a_hybrid_connection_closes_its_listeners_with_1001() {
     let env = start("delete", |_| {}).await;

@@ -249,6 +249,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         &self.io
     }
 
+    /// The underlying stream. Reading from it skips whatever this endpoint has buffered; once
+    /// both Close frames are through, it shows how the transport itself ends.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
     // === reading ===
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
