@@ -203,22 +203,8 @@ async fn rights_audience_and_existence_are_checked_in_order() {
 async fn control_channel_closes_1008_on_expiry_unless_renewed() {
     let env = start("renew", |c| c.limits.token_grace = Duration::from_secs(1)).await;
     let short = env.token(Some("hc1"), now() + 2);
-    let mut quiet = env
-        .connector
-        .connect(
-            &env.url("hc1", "listen", ""),
-            &[("ServiceBusAuthorization", &short)],
-        )
-        .await
-        .unwrap();
-    let mut renewing = env
-        .connector
-        .connect(
-            &env.url("hc1", "listen", ""),
-            &[("ServiceBusAuthorization", &short)],
-        )
-        .await
-        .unwrap();
+    let mut quiet = env.listen_with_token("hc1", &short).await;
+    let mut renewing = env.listen_with_token("hc1", &short).await;
     let fresh = env.token(Some("hc1"), now() + 600);
     let renew =
         ListenerCommand::RenewToken(hyco_proto::control::RenewTokenCommand { token: fresh })
@@ -267,14 +253,7 @@ async fn expiry_close_reaches_a_listener_busy_with_pongs_and_the_connection_ends
     })
     .await;
     let short = env.token(Some("hc1"), now() + 1);
-    let mut l = env
-        .connector
-        .connect(
-            &env.url("hc1", "listen", ""),
-            &[("ServiceBusAuthorization", &short)],
-        )
-        .await
-        .unwrap();
+    let mut l = env.listen_with_token("hc1", &short).await;
     // Reading answers each ping with a pong; the Close comes after expiry plus grace.
     let close = match tokio::time::timeout(T, l.ws.recv())
         .await
@@ -1185,6 +1164,17 @@ async fn http_mode_errors_no_listener_502_silent_listener_504_auth_401() {
 
 impl Env {
     /// A listener with its own `sb-hc-id`.
+    /// A control channel on `hc` opened with `token`.
+    async fn listen_with_token(&self, hc: &str, token: &str) -> Connected {
+        self.connector
+            .connect(
+                &self.url(hc, "listen", ""),
+                &[("ServiceBusAuthorization", token)],
+            )
+            .await
+            .unwrap()
+    }
+
     async fn listen_as(&self, hc: &str, id: &str) -> Connected {
         let t = self.token(Some(hc), now() + 600);
         self.connector
