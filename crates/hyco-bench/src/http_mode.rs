@@ -16,14 +16,14 @@ use hyco_io::CancellationToken;
 use hyco_proto::ConnectionString;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const ANSWER: &[u8] = b"hello from the listener\n";
 
 /// A plain HTTP/1.1 server answering every request with [`ANSWER`].
 async fn direct_server() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let l = hyco_io::listener::bind(([127, 0, 0, 1], 0).into())?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         loop {

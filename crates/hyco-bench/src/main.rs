@@ -212,7 +212,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn echo_server() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let l = hyco_io::listener::bind(([127, 0, 0, 1], 0).into())?;
     let a = l.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -528,7 +528,7 @@ async fn main() -> Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("iperf3 -s")?;
-    let discard = TcpListener::bind("127.0.0.1:0").await?;
+    let discard = hyco_io::listener::bind(([127, 0, 0, 1], 0).into())?;
     let discard_addr = discard.local_addr()?;
     let discarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let d2 = Arc::clone(&discarded);

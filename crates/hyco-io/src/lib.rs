@@ -5,6 +5,7 @@
 //!   ([`ws::WsStream`]), and the opening handshake on hyper ([`ws::handshake`]).
 //! * [`splice`]: the relay's frame-level join of two WebSocket connections.
 //! * [`copy`]: both-ways byte copy for the client ends of a tunnel.
+//! * [`listener`]: listening sockets with a backlog sized for bursts.
 //! * [`bufpool`]: the large I/O buffers, held only while bytes move.
 //! * [`tls`]: rustls configs and the generated development PKI.
 //! * [`backoff`]: jittered reconnect delays.
@@ -16,6 +17,7 @@
 pub mod backoff;
 pub mod bufpool;
 pub mod copy;
+pub mod listener;
 pub mod proxy;
 pub mod splice;
 pub mod status;

@@ -356,8 +356,7 @@ async fn run(cmd: Cmd, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) -> R
 }
 
 async fn relay(a: RelayArgs) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
+    let listener = hyco_io::listener::bind(a.listen)
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let bound = listener.local_addr()?;
     let public_host = a.public_host.clone().unwrap_or_else(|| {
@@ -400,8 +399,7 @@ async fn relay(a: RelayArgs) -> Result<()> {
         }
     }
     if let Some(addr) = a.status_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
+        let l = hyco_io::listener::bind(addr)
             .with_context(|| format!("cannot listen on {addr} for the status page"))?;
         info!(status = %l.local_addr()?, "status page and metrics listening");
         relay.serve_status(l);
@@ -568,8 +566,7 @@ async fn manager(
     info!(state = %dir.display(), socket = %socket.display(), "manager running");
     let board = m.board();
     if let Some(addr) = a.status_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
+        let l = hyco_io::listener::bind(addr)
             .with_context(|| format!("cannot listen on {addr} for the status page"))?;
         info!(status = %l.local_addr()?, "status page and metrics listening");
         let (b1, b2) = (std::sync::Arc::clone(&board), std::sync::Arc::clone(&board));
@@ -613,9 +610,8 @@ async fn forward(a: ForwardArgs) -> Result<()> {
     let mut rules = Vec::new();
     for spec in &a.locals {
         let (addr, hc) = parse_local(spec)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener =
+            hyco_io::listener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
         info!(local = %listener.local_addr()?, hc = %hc, "forwarding");
         rules.push(hyco_client::ForwardRule {
             listener,
