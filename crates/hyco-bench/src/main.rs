@@ -404,7 +404,7 @@ async fn iperf_with_cpu(
         let (Some(b), Some(a)) = (b, cpu_ticks(*pid)) else {
             return (bps, Value::Null);
         };
-        let ms_per_gb = (a - b) as f64 / hz * 1000.0 / (bytes / 1e9);
+        let ms_per_gb = a.saturating_sub(b) as f64 / hz * 1000.0 / (bytes / 1e9);
         total += ms_per_gb;
         per.insert((*name).to_owned(), json!(ms_per_gb.round()));
     }
@@ -478,18 +478,19 @@ fn open_files_limit() -> Option<usize> {
 /// relay (and in the forwarder, the manager, and this process with its echo server), plus a
 /// margin for listeners, warm connections and files.
 fn concurrent_that_fits(want: usize) -> usize {
-    match open_files_limit() {
-        Some(limit) if limit.saturating_sub(200) / 2 < want => {
-            let fits = limit.saturating_sub(200) / 2;
-            eprintln!(
-                "hyco-bench: {want} held tunnels need {} descriptors per process, the limit here is \
-                 {limit}: holding {fits}",
-                2 * want + 200
-            );
-            fits
-        }
-        _ => want,
+    let Some(limit) = open_files_limit() else {
+        return want;
+    };
+    let fits = limit.saturating_sub(200) / 2;
+    if fits < want {
+        eprintln!(
+            "hyco-bench: {want} held tunnels need {} descriptors per process, the limit here is \
+             {limit}: holding {fits}",
+            2 * want + 200
+        );
+        return fits;
     }
+    want
 }
 
 #[tokio::main]

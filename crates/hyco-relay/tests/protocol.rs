@@ -1163,28 +1163,24 @@ async fn http_mode_errors_no_listener_502_silent_listener_504_auth_401() {
 // === Listener details (protocol.md §5.1, §5.6) ===
 
 impl Env {
-    /// A listener with its own `sb-hc-id`.
     /// A control channel on `hc` opened with `token`.
     async fn listen_with_token(&self, hc: &str, token: &str) -> Connected {
-        self.connector
-            .connect(
-                &self.url(hc, "listen", ""),
-                &[("ServiceBusAuthorization", token)],
-            )
-            .await
-            .unwrap()
+        self.listen_at(&self.url(hc, "listen", ""), token).await
     }
 
+    /// A listener with its own `sb-hc-id`.
     async fn listen_as(&self, hc: &str, id: &str) -> Connected {
         let t = self.token(Some(hc), now() + 600);
+        let url = format!(
+            "wss://localhost:{}/$hc/{hc}?sb-hc-action=listen&sb-hc-id={id}",
+            self.port
+        );
+        self.listen_at(&url, &t).await
+    }
+
+    async fn listen_at(&self, url: &str, token: &str) -> Connected {
         self.connector
-            .connect(
-                &format!(
-                    "wss://localhost:{}/$hc/{hc}?sb-hc-action=listen&sb-hc-id={id}",
-                    self.port
-                ),
-                &[("ServiceBusAuthorization", &t)],
-            )
+            .connect(url, &[("ServiceBusAuthorization", token)])
             .await
             .unwrap()
     }
