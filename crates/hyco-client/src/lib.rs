@@ -241,7 +241,8 @@ pub fn mint_token(
 ) -> Result<Option<(String, u64)>, ClientError> {
     match &cs.auth {
         ConnectionStringAuth::Key { name, key } => {
-            let expiry = now() + lifetime.as_secs();
+            // Saturating: a lifetime near 2^64 s must not wrap into a token expired at once.
+            let expiry = now().saturating_add(lifetime.as_secs());
             let uri = hyco_proto::sas::resource_uri(&cs.endpoint.host, Some(entity_of(cs)?));
             Ok(Some((
                 hyco_proto::sas::sign(&uri, name, key, expiry)

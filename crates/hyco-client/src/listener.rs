@@ -418,12 +418,17 @@ fn renew_instant(expiry: u64, before: Duration) -> Instant {
         .unwrap_or(0);
     let lifetime_left = expiry.saturating_sub(now);
     // Renew `before` ahead, or at half the remaining life for short tokens.
+    // The expiry may be the relay's or a signature's number, up to 2^64-1: a wait past a year
+    // is renewed after a year, and `Instant` arithmetic stays far from its overflow.
     let wait = lifetime_left
         .saturating_sub(before.as_secs())
         .max(lifetime_left / 2)
-        .max(1);
+        .clamp(1, RENEW_AT_LEAST_EVERY.as_secs());
     Instant::now() + Duration::from_secs(wait)
 }
+
+/// The longest a listener waits before renewing its token, however far its expiry.
+const RENEW_AT_LEAST_EVERY: Duration = Duration::from_secs(365 * 86_400);
 
 async fn sleep_until_opt(at: Instant) {
     tokio::time::sleep_until(at).await
@@ -444,6 +449,11 @@ mod tests {
         assert!(d <= Duration::from_secs(3300) && d >= Duration::from_secs(3200));
         let short = renew_instant(now + 10, Duration::from_secs(300)) - Instant::now();
         assert!(short <= Duration::from_secs(6));
+        // Expiries from the far end of the range (issue 15 §1): no overflow, at most a year.
+        for expiry in [0, 1, now - 1, now, now + 1, i64::MAX as u64, u64::MAX] {
+            let d = renew_instant(expiry, Duration::from_secs(300)) - Instant::now();
+            assert!(d <= RENEW_AT_LEAST_EVERY, "{expiry}: {d:?}");
+        }
         assert_eq!(ListenerStatus::NotFound.to_string(), "NotFound");
     }
 }

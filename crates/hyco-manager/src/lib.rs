@@ -46,6 +46,14 @@ pub struct ManagerConfig {
     pub token_lifetime: Duration,
 }
 
+/// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
+/// most a year (a longer-lived token only widens what a stolen one is worth, and near 2^64
+/// seconds the expiry would not fit the clock).
+pub const TOKEN_LIFETIME_SECS: std::ops::RangeInclusive<u64> = 2..=365 * 86_400;
+
+/// The range `dial_timeout_secs` accepts.
+pub const DIAL_TIMEOUT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
 impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
@@ -117,6 +125,13 @@ impl ManagerConfig {
             .parsed_relay_addrs()
             .map_err(|e| ManagerError::Config(format!("relay_addrs: {e}")))?;
         if let Some(s) = f.dial_timeout_secs {
+            if !DIAL_TIMEOUT_SECS.contains(&s) {
+                return Err(ManagerError::Config(format!(
+                    "dial_timeout_secs = {s}: use {} to {} seconds",
+                    DIAL_TIMEOUT_SECS.start(),
+                    DIAL_TIMEOUT_SECS.end()
+                )));
+            }
             cfg.dial_timeout = Duration::from_secs(s);
         }
         for (i, hc) in f.hybrid_connection.iter().enumerate() {

@@ -327,7 +327,7 @@ impl Manager {
             };
             let t = Instant::now();
             match tokio::time::timeout(
-                self.dial_timeout + Duration::from_secs(10),
+                self.dial_timeout.saturating_add(Duration::from_secs(10)),
                 connect_with(&sender, &self.connector_for(&sender), &opts),
             )
             .await

@@ -17,6 +17,7 @@
 //! * [`address`]: paths, queries, entity names, rendezvous ids, `host:port` (§2).
 //! * [`control`]: `accept`, `request`, `response`, `renewToken` (§4).
 //! * [`entity`]: endpoint metadata and the Atom entity description (§6).
+//! * [`names`]: hybrid connection and rule names (Azure's rules) as URL path segments.
 //! * [`error`]: every error enum, and [`ProtoError`] wrapping them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod connection_string;
 pub mod control;
 pub mod entity;
 pub mod error;
+pub mod names;
 pub mod rights;
 pub mod sas;
 pub mod secret;

@@ -203,7 +203,14 @@ pub async fn handle(
     let rest = path
         .strip_prefix("/$hyco/v1/")
         .ok_or_else(|| RelayError::NotFound("Not found.".into()))?;
-    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    // Each segment is percent-decoded once: names are segments, never paths (issue 15 §3).
+    let decoded: Vec<String> = rest
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(hyco_proto::names::decode_segment)
+        .collect::<Result<_, _>>()
+        .map_err(|e| RelayError::BadRequest(format!("Bad path: {e}.")))?;
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let ns = shared.store.snapshot();
     // Per-entity calls accept an entity-scoped Manage rule too.
@@ -226,6 +233,7 @@ pub async fn handle(
     );
     let token = crate::auth::find_token(None, req.headers(), true);
     crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+        let token = token?;
         crate::auth::authorize(&ns, &hosts, None, token, Need::Manage, unix_now(), 0).or_else(|e| {
             match entity {
                 Some(name) => crate::auth::authorize(
@@ -241,6 +249,14 @@ pub async fn handle(
             }
         })
     })?;
+    if let Some(name) = entity {
+        hyco_proto::names::check_hc_ref(name).map_err(|e| {
+            RelayError::BadRequest(format!(
+                "Invalid hybrid connection name '{}': {e}.",
+                shown(name)
+            ))
+        })?;
+    }
     match (method, parts.as_slice()) {
         (Method::GET, ["hybridconnections"]) => {
             let list: Vec<HcView> = ns.hcs.iter().map(|(k, hc)| view(shared, k, hc)).collect();
@@ -251,8 +267,11 @@ pub async fn handle(
             json(StatusCode::OK, &view(shared, &key, hc))
         }
         (Method::PUT, ["hybridconnections", name]) => {
-            hyco_proto::address::validate_entity_name(name).map_err(|e| {
-                RelayError::BadRequest(format!("Invalid hybrid connection name '{name}': {e}"))
+            hyco_proto::names::validate_hc_name(name).map_err(|e| {
+                RelayError::BadRequest(format!(
+                    "Invalid hybrid connection name '{}': {e}.",
+                    shown(name)
+                ))
             })?;
             let body: HcCreate = read_json(req).await?;
             check_metadata(body.user_metadata.as_deref())?;
@@ -291,8 +310,14 @@ pub async fn handle(
         }
         (Method::DELETE, ["hybridconnections", name]) => {
             let n = (*name).to_owned();
-            // Its control channels see the change and close with 1001 (`control.rs`).
             let deleted = write(shared, move |s| s.delete_hc(&n)).await?;
+            // Its listeners leave the registry now, each asked to close with 1001; their control
+            // channels also see the change (`control.rs`), here and on other nodes.
+            shared.registry.evict(
+                &hyco_proto::address::entity_key(&deleted.name),
+                1001,
+                "The hybrid connection was deleted.",
+            );
             info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
             no_content()
         }
@@ -373,6 +398,11 @@ async fn rules(
             RelayError::NotFound(format!("Authorization rule '{name}' does not exist."))
         })
     };
+    if let Some(name) = rest.first() {
+        hyco_proto::names::check_rule_ref(name).map_err(|e| {
+            RelayError::BadRequest(format!("Invalid rule name '{}': {e}.", shown(name)))
+        })?;
+    }
     let action = rest.get(1).map(|a| a.to_ascii_lowercase());
     match (method, rest.first(), action.as_deref(), rest.len()) {
         (Method::GET, None, None, 0) => {
@@ -383,6 +413,9 @@ async fn rules(
         (Method::PUT, Some(name), None, 1) => {
             let body: RuleCreate = read_json(req).await?;
             let fresh = make_rule(name, body)?;
+            if !current.iter().any(|r| r.name == fresh.name) {
+                same_name_elsewhere(&ns, entity, name)?;
+            }
             let (rule, created) = write(shared, move |s| {
                 s.with_rules(scope.as_deref(), |rules| {
                     if let Some(r) = rules.iter_mut().find(|r| r.name == fresh.name) {
@@ -535,18 +568,45 @@ fn rule_view(r: &Rule) -> RuleView {
     }
 }
 
-fn make_rule(name: &str, body: RuleCreate) -> Result<Rule, RelayError> {
-    if name.is_empty()
-        || name.len() > 256
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(RelayError::BadRequest(format!(
-            "Invalid rule name '{}': use 1-256 letters, digits, '-', '_' or '.'.",
-            name.chars().take(64).collect::<String>()
-        )));
+/// A name for an error message: at most 64 characters, control characters escaped.
+fn shown(name: &str) -> String {
+    name.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
+/// A token names its rule only by `skn`, and namespace rules are looked up first: a new rule
+/// whose name another scope already uses would sign tokens that verify against the other rule
+/// (an entity rule named like a namespace rule: every token 401), or take over that name for
+/// the other scope's tokens (a namespace rule named like an entity rule). Refused with 409.
+fn same_name_elsewhere(
+    ns: &crate::store::Namespace,
+    entity: Option<&str>,
+    name: &str,
+) -> Result<(), RelayError> {
+    let clash = |r: &Rule| r.name.eq_ignore_ascii_case(name);
+    let other = match entity {
+        Some(_) => ns
+            .rules
+            .iter()
+            .any(clash)
+            .then(|| "a namespace rule".to_owned()),
+        None => ns
+            .hcs
+            .values()
+            .find(|hc| hc.rules.iter().any(clash))
+            .map(|hc| format!("a rule of hybrid connection '{}'", hc.name)),
+    };
+    match other {
+        Some(other) => Err(RelayError::Conflict(format!(
+            "The rule name '{name}' is taken by {other}; tokens name their rule only by name, so choose another."
+        ))),
+        None => Ok(()),
     }
+}
+
+fn make_rule(name: &str, body: RuleCreate) -> Result<Rule, RelayError> {
+    hyco_proto::names::validate_rule_name(name).map_err(|e| {
+        RelayError::BadRequest(format!("Invalid rule name '{}': {e}.", shown(name)))
+    })?;
     if body.rights == Rights::default() {
         return Err(RelayError::BadRequest(
             "A rule needs at least one right (Listen, Send, Manage).".into(),

@@ -38,24 +38,39 @@ pub fn guarded<T>(
     r
 }
 
+/// A credential header that is not text (bytes outside visible ASCII): no token can be in
+/// it, and the refusal says so rather than that no token came (issue 15 §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotText(pub &'static str);
+
+impl From<NotText> for RelayError {
+    fn from(e: NotText) -> RelayError {
+        RelayError::Unauthorized(e.0)
+    }
+}
+
 /// Where the credential came from (query first, then headers: protocol.md §3.3, attacks A2).
 pub fn find_token<'a>(
     query_token: Option<&'a str>,
     headers: &'a http::HeaderMap,
     allow_authorization: bool,
-) -> Option<&'a str> {
+) -> Result<Option<&'a str>, NotText> {
     if let Some(t) = query_token {
-        return Some(t);
+        return Ok(Some(t));
     }
     if let Some(v) = headers.get("servicebusauthorization") {
-        return v.to_str().ok();
+        return v.to_str().map(Some).map_err(|_| {
+            NotText("The ServiceBusAuthorization header is not valid text; a SharedAccessSignature token is printable ASCII.")
+        });
     }
     if allow_authorization {
         if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-            return v.to_str().ok();
+            return v.to_str().map(Some).map_err(|_| {
+                NotText("The Authorization header is not valid text; a SharedAccessSignature token is printable ASCII.")
+            });
         }
     }
-    None
+    Ok(None)
 }
 
 /// Verifies `token` for `need` on `entity` (None: the namespace itself, e.g. the admin API).

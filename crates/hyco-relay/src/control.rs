@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::registry::{ControlMsg, ListenerEntry};
+use crate::registry::{ControlMsg, ListenerEntry, Registration};
 use crate::{unix_now, Shared};
 
 /// Everything the control task needs besides the socket.
@@ -27,6 +27,8 @@ pub struct ControlChannel {
     pub hc_name: String,
     /// This listener's registry entry.
     pub entry: Arc<ListenerEntry>,
+    /// Its place in the registry, given back when the channel is dropped.
+    pub registration: Registration,
     /// Expiry of the token that opened (or last renewed) the channel.
     pub expiry: u64,
     /// That token, kept to re-check it when keys change. Never logged.
@@ -47,9 +49,18 @@ fn unreadable_response_id(text: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The furthest a token's expiry puts a channel's deadline. `se` is the client's number (up to
+/// 2^64-1, validly signed); past ten years a channel is as good as unbounded, and `Instant`
+/// arithmetic stays far from its overflow.
+const FURTHEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// When a channel whose token expires at `expiry` (seconds since the epoch) must close.
 fn deadline_for(expiry: u64, grace: Duration) -> Instant {
-    let left = expiry.saturating_sub(unix_now()) + grace.as_secs();
-    Instant::now() + Duration::from_secs(left)
+    let left = Duration::from_secs(expiry.saturating_sub(unix_now()))
+        .saturating_add(grace)
+        .min(FURTHEST);
+    // At most ten years ahead: no platform's monotonic clock overflows there.
+    Instant::now() + left
 }
 
 impl ControlChannel {
@@ -66,11 +77,14 @@ impl ControlChannel {
             ..WsConfig::default()
         };
         let mut ws = WsStream::with_prefix(io, Role::Server, cfg, prefix);
-        self.shared
-            .metrics
-            .active_listeners
-            .get_or_create(&crate::metrics::Hc::new(Some(&self.hc_key)))
-            .inc();
+        let label = crate::metrics::Hc::new(Some(&self.hc_key));
+        let connected =
+            crate::metrics::GaugeUnit::hold(&self.shared.metrics.active_listeners, &label);
+        if let Some(p) = &self.shared.cfg.panic_listener_prefix {
+            if self.entry.listener_id.starts_with(p.as_str()) {
+                panic!("test hook: control channel of listener {p}… panics");
+            }
+        }
         let address = self.entry.remote.to_string();
         crate::status::listener_event(
             &self.shared,
@@ -193,15 +207,10 @@ impl ControlChannel {
                 }
             }
         };
-        self.shared
-            .registry
-            .remove(&self.hc_key, self.entry.conn_id);
-        let label = crate::metrics::Hc::new(Some(&self.hc_key));
-        self.shared
-            .metrics
-            .active_listeners
-            .get_or_create(&label)
-            .dec();
+        // Out of the rotation before the closing handshake; the registration and the gauge
+        // would go on their own if this task ended any other way.
+        drop(self.registration);
+        drop(connected);
         self.shared
             .metrics
             .listener_disconnects
@@ -273,7 +282,13 @@ impl ControlChannel {
                 }
                 Err(e) => {
                     warn!(event = "InvalidSasToken", hc = %self.hc_name, error = %e, "renewToken refused");
-                    Some((1008, "The renewed token is invalid."))
+                    // The close names the cause ("The token is expired.", a wrong audience…).
+                    let why = match e {
+                        crate::error::RelayError::Unauthorized(m)
+                        | crate::error::RelayError::Forbidden(m) => m,
+                        _ => "The renewed token is invalid.",
+                    };
+                    Some((1008, why))
                 }
             },
             Ok(other) => {

@@ -237,7 +237,7 @@ pub async fn handle(
                 &ns,
                 &hosts,
                 Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
-                token,
+                token?,
                 Need::Send,
                 unix_now(),
                 0,

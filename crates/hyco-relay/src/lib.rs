@@ -125,6 +125,11 @@ pub struct RelayConfig {
     pub drain_grace: Duration,
     /// Run as a node of a cluster: configuration and listener directory in Redis.
     pub cluster: Option<cluster::ClusterConfig>,
+    /// Test hook (issue 15 §2): a control channel whose listener id (`sb-hc-id`) starts with
+    /// this panics once registered, so tests can show that a panicking task leaves no ghost.
+    /// `None` in every real configuration: no flag or file sets it.
+    #[doc(hidden)]
+    pub panic_listener_prefix: Option<String>,
 }
 
 impl RelayConfig {
@@ -139,6 +144,7 @@ impl RelayConfig {
             splice: SpliceConfig::default(),
             drain_grace: Duration::from_secs(30),
             cluster: None,
+            panic_listener_prefix: None,
         }
     }
 }
@@ -152,7 +158,7 @@ pub struct Shared {
     /// This node's cluster membership, when clustered.
     pub cluster: Option<Arc<cluster::Cluster>>,
     /// Connected listeners.
-    pub registry: registry::Registry,
+    pub registry: Arc<registry::Registry>,
     /// Senders waiting for listeners.
     pub rendezvous: Arc<rendezvous::Rendezvous>,
     /// HTTP-mode requests waiting for their responses.
@@ -178,6 +184,30 @@ pub struct Shared {
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per IP still in their handshake (attacks C9).
     handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpGate>>,
+}
+
+/// An open tunnel's place in [`Shared::tunnels`], removed when dropped (however its task
+/// ends).
+pub(crate) struct TunnelEntry {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl TunnelEntry {
+    /// Lists `tunnel` under `id` until the entry is dropped.
+    pub(crate) fn insert(shared: &Arc<Shared>, id: u64, tunnel: Arc<Tunnel>) -> TunnelEntry {
+        service::lock(&shared.tunnels).insert(id, tunnel);
+        TunnelEntry {
+            shared: Arc::clone(shared),
+            id,
+        }
+    }
+}
+
+impl Drop for TunnelEntry {
+    fn drop(&mut self) {
+        service::lock(&self.shared.tunnels).remove(&self.id);
+    }
 }
 
 /// An open tunnel, as live views see it.
@@ -395,8 +425,8 @@ impl Relay {
             cfg.limits.auth_failures_per_sec,
         );
         let (cluster, registry) = match cluster {
-            Some((c, tx)) => (Some(c), registry::Registry::with_directory(tx)),
-            None => (None, registry::Registry::default()),
+            Some((c, tx)) => (Some(c), Arc::new(registry::Registry::with_directory(tx))),
+            None => (None, Arc::default()),
         };
         let mut metrics = metrics::Metrics::default();
         if let Some(c) = &cluster {

@@ -32,6 +32,25 @@ impl Hc {
 type Counters = Family<Hc, Counter<u64, AtomicU64>>;
 type Gauges = Family<Hc, Gauge<i64, std::sync::atomic::AtomicI64>>;
 
+/// One unit of a gauge (a listener connected, a tunnel open), taken back when dropped: the
+/// gauge says what is, however the task that held it ended.
+pub struct GaugeUnit(Gauge<i64, std::sync::atomic::AtomicI64>);
+
+impl GaugeUnit {
+    /// Adds one to `family`'s series for `label` until the unit is dropped.
+    pub fn hold(family: &Gauges, label: &Hc) -> GaugeUnit {
+        let g = family.get_or_create(label).clone();
+        g.inc();
+        GaugeUnit(g)
+    }
+}
+
+impl Drop for GaugeUnit {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The relay's metrics.
 pub struct Metrics {
     registry: Registry,

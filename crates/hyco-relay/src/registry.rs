@@ -53,6 +53,28 @@ pub struct ListenerEntry {
 #[derive(Debug)]
 pub struct Full;
 
+/// A listener's place in the registry (and so in a cluster's directory): given back when
+/// dropped, however the task holding it ends (closed, cancelled, panicked), so no ending leaves
+/// a ghost that senders are routed to and that counts against the listener cap.
+pub struct Registration {
+    registry: Arc<Registry>,
+    hc: String,
+    conn_id: u64,
+}
+
+impl Registration {
+    /// The registry key of the hybrid connection.
+    pub fn hc(&self) -> &str {
+        &self.hc
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.remove(&self.hc, self.conn_id);
+    }
+}
+
 /// All listeners of all hybrid connections.
 #[derive(Default)]
 pub struct Registry {
@@ -80,13 +102,23 @@ impl Registry {
         self.by_hc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a listener unless the hybrid connection already has `max`.
-    pub fn add(&self, hc: &str, entry: Arc<ListenerEntry>, max: usize) -> Result<(), Full> {
+    /// Registers a listener unless the hybrid connection already has `max`; it stays until
+    /// the returned [`Registration`] is dropped (or the hybrid connection is evicted).
+    pub fn add(
+        self: &Arc<Self>,
+        hc: &str,
+        entry: Arc<ListenerEntry>,
+        max: usize,
+    ) -> Result<Registration, Full> {
         let mut g = self.lock();
         let list = g.entry(hc.to_owned()).or_default();
         if list.len() >= max {
+            if list.is_empty() {
+                g.remove(hc);
+            }
             return Err(Full);
         }
+        let conn_id = entry.conn_id;
         if let Some(d) = &self.directory {
             let _ = d.send(crate::cluster::DirOp::Up {
                 hc: hc.to_owned(),
@@ -95,11 +127,15 @@ impl Registry {
             });
         }
         list.push(entry);
-        Ok(())
+        Ok(Registration {
+            registry: Arc::clone(self),
+            hc: hc.to_owned(),
+            conn_id,
+        })
     }
 
-    /// Removes a listener.
-    pub fn remove(&self, hc: &str, conn_id: u64) {
+    /// Removes a listener (nothing when it is gone already). [`Registration`] calls this.
+    fn remove(&self, hc: &str, conn_id: u64) {
         let mut g = self.lock();
         if let Some(list) = g.get_mut(hc) {
             let before = list.len();
@@ -182,10 +218,26 @@ impl Registry {
             .collect()
     }
 
-    /// Asks every listener of a hybrid connection to close (the entity was deleted).
+    /// Asks every listener of a hybrid connection to close.
     pub fn close_all(&self, hc: &str, code: u16, reason: &'static str) {
         let g = self.lock();
         for e in g.get(hc).into_iter().flatten() {
+            let _ = e.tx.try_send(ControlMsg::Close(code, reason));
+        }
+    }
+
+    /// Removes every listener of a hybrid connection at once (it was deleted) and asks each
+    /// to close: even a listener whose task is stuck is no longer routed to, nor counted
+    /// against a hybrid connection created later under the same name.
+    pub fn evict(&self, hc: &str, code: u16, reason: &'static str) {
+        let gone = self.lock().remove(hc).unwrap_or_default();
+        for e in gone {
+            if let Some(d) = &self.directory {
+                let _ = d.send(crate::cluster::DirOp::Down {
+                    hc: hc.to_owned(),
+                    conn_id: e.conn_id,
+                });
+            }
             let _ = e.tx.try_send(ControlMsg::Close(code, reason));
         }
     }

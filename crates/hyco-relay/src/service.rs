@@ -173,9 +173,8 @@ async fn websocket(
         .as_ref()
         .map(|(_, hc, _)| hc.name.clone())
         .unwrap_or_else(|| segments.join("/"));
-    let token =
-        crate::auth::find_token(query.token.as_deref(), req.headers(), true).map(str::to_owned);
-    let token = token.as_deref();
+    let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true)
+        .map(|t| t.map(str::to_owned));
     let needs_auth = match (&action, &resolved) {
         (Action::Connect, Some((_, hc, _))) => hc.requires_client_authorization,
         _ => true,
@@ -191,7 +190,7 @@ async fn websocket(
                 &ns,
                 &hosts,
                 Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
-                token,
+                token.as_ref().map_err(|e| *e)?.as_deref(),
                 need,
                 unix_now(),
                 0,
@@ -220,7 +219,7 @@ async fn websocket(
     match action {
         Action::Listen => {
             let expiry = grant.map(|g| g.expiry).unwrap_or(u64::MAX);
-            let token = token.unwrap_or_default().to_owned();
+            let token = token.ok().flatten().unwrap_or_default();
             listen(shared, peer, req, route, expiry, token)
         }
         _ => connect(shared, peer, req, route).await,
@@ -273,7 +272,7 @@ fn listen(
         tx,
         last_seen: std::sync::atomic::AtomicU64::new(crate::unix_now()),
     });
-    shared
+    let registration = shared
         .registry
         .add(&hc_key, Arc::clone(&entry), shared.cfg.limits.max_listeners_per_hc)
         .map_err(|_| {
@@ -281,23 +280,22 @@ fn listen(
         })?;
     info!(event = "NewListenerRegistered", hc = %hc_name, listener_id = %listener_id, peer = %peer, "listener connected");
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The channel owns the registration: whatever ends its task (the upgrade failing, a close,
+    // cancellation, a panic) drops it, and the listener is gone from the registry.
     let channel = ControlChannel {
         shared: Arc::clone(shared),
-        hc_key: hc_key.clone(),
+        hc_key,
         hc_name,
-        entry: Arc::clone(&entry),
+        entry,
+        registration,
         expiry,
         token,
         rx,
     };
-    let registry_shared = Arc::clone(shared);
     shared.tracker.spawn(async move {
         match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
             Ok(Ok(parts)) => channel.run(parts.io.into_inner(), &parts.read_buf).await,
-            _ => {
-                registry_shared.registry.remove(&hc_key, entry.conn_id);
-                debug!("listener upgrade did not complete");
-            }
+            _ => debug!("listener upgrade did not complete"),
         }
     });
     Ok(switching_protocols(&accept_key, None))
@@ -518,7 +516,8 @@ async fn connect(
                     let label = Hc::new(Some(&hc_key));
                     let m = &shared2.metrics;
                     m.sender_success.get_or_create(&label).inc();
-                    m.active_connections.get_or_create(&label).inc();
+                    // Held until the task ends, however it ends (as is the tunnel's listing).
+                    let _open = crate::metrics::GaugeUnit::hold(&m.active_connections, &label);
                     m.connect_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
                     let tunnel_id = shared2.registry.next_conn_id();
                     let tunnel = Arc::new(crate::Tunnel {
@@ -528,7 +527,7 @@ async fn connect(
                         since: SystemTime::now(),
                         counters: Counters::default(),
                     });
-                    lock(&shared2.tunnels).insert(tunnel_id, Arc::clone(&tunnel));
+                    let _listed = crate::TunnelEntry::insert(&shared2, tunnel_id, Arc::clone(&tunnel));
                     let counters = &tunnel.counters;
                     let opened = Instant::now();
                     let a = Prefixed::new(s.io.into_inner(), s.read_buf);
@@ -551,8 +550,6 @@ async fn connect(
                         end = ?end,
                         "tunnel closed"
                     );
-                    lock(&shared2.tunnels).remove(&tunnel_id);
-                    m.active_connections.get_or_create(&label).dec();
                     m.sender_disconnects.get_or_create(&label).inc();
                     m.bytes_transferred.get_or_create(&label).inc_by(up + down);
                 }
@@ -652,6 +649,7 @@ async fn entity_or_http(
     let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
     // Any of Listen, Send, Manage may read the description (the manager has Listen only).
     crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
+        let token = token?;
         let entity = Some((name.as_str(), resolved.as_ref().map(|r| r.1)));
         crate::auth::authorize(&ns, &hosts, entity, token, Need::Listen, unix_now(), 0).or_else(
             |_| crate::auth::authorize(&ns, &hosts, entity, token, Need::Send, unix_now(), 0),

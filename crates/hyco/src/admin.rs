@@ -118,12 +118,37 @@ struct RuleRef {
 }
 
 impl RuleRef {
-    fn path(&self) -> String {
-        match &self.hc {
-            Some(hc) => format!("/hybridconnections/{hc}/authorizationrules/{}", self.name),
-            None => format!("/authorizationrules/{}", self.name),
-        }
+    /// The rule's API path, every name checked and percent-encoded as one segment.
+    fn path(&self) -> Result<String> {
+        let rule = rule_segment(&self.name)?;
+        Ok(match &self.hc {
+            Some(hc) => format!("{}/authorizationrules/{rule}", hc_path(hc)?),
+            None => format!("/authorizationrules/{rule}"),
+        })
     }
+}
+
+/// `/hybridconnections/{name}` with the name checked and percent-encoded as one segment: a
+/// name is never a path (`..` would collapse into the parent and address another object).
+fn hc_path(name: &str) -> Result<String> {
+    hyco_proto::names::check_hc_ref(name)
+        .map_err(|e| usage(format!("hybrid connection {}: {e}", shown(name))))?;
+    Ok(format!(
+        "/hybridconnections/{}",
+        hyco_proto::names::encode_segment(name)
+    ))
+}
+
+/// A rule name checked and percent-encoded as one path segment.
+fn rule_segment(name: &str) -> Result<String> {
+    hyco_proto::names::check_rule_ref(name)
+        .map_err(|e| usage(format!("rule {}: {e}", shown(name))))?;
+    Ok(hyco_proto::names::encode_segment(name))
+}
+
+/// A name as typed, quoted with control characters escaped, for messages.
+fn shown(name: &str) -> String {
+    format!("{name:?}")
 }
 
 #[derive(Subcommand)]
@@ -265,11 +290,13 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 endpoint,
                 no_client_auth,
             } => {
+                hyco_proto::names::validate_hc_name(&name)
+                    .map_err(|e| usage(format!("hybrid connection {}: {e}", shown(&name))))?;
                 let hp = parse_endpoint(&endpoint)?;
                 let v = api
                     .call(
                         http::Method::PUT,
-                        &format!("/hybridconnections/{name}"),
+                        &hc_path(&name)?,
                         Some(serde_json::json!({
                             "requiresClientAuthorization": !no_client_auth,
                             "userMetadata": hyco_proto::entity::endpoint_metadata(&hp),
@@ -296,24 +323,18 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             HcCmd::Show { name } => {
-                let hc = api
-                    .call(
-                        http::Method::GET,
-                        &format!("/hybridconnections/{name}"),
-                        None,
-                    )
-                    .await?;
+                let hc = api.call(http::Method::GET, &hc_path(&name)?, None).await?;
                 let listeners = api
                     .call(
                         http::Method::GET,
-                        &format!("/hybridconnections/{name}/listeners"),
+                        &format!("{}/listeners", hc_path(&name)?),
                         None,
                     )
                     .await?;
                 let connections = api
                     .call(
                         http::Method::GET,
-                        &format!("/hybridconnections/{name}/connections"),
+                        &format!("{}/connections", hc_path(&name)?),
                         None,
                     )
                     .await?;
@@ -350,11 +371,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                     return Err(usage("hc update: give --endpoint and/or --client-auth"));
                 }
                 let v = api
-                    .call(
-                        http::Method::PATCH,
-                        &format!("/hybridconnections/{name}"),
-                        Some(body.into()),
-                    )
+                    .call(http::Method::PATCH, &hc_path(&name)?, Some(body.into()))
                     .await?;
                 if json_out {
                     print_json(&v);
@@ -363,12 +380,8 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             HcCmd::Delete { name } => {
-                api.call(
-                    http::Method::DELETE,
-                    &format!("/hybridconnections/{name}"),
-                    None,
-                )
-                .await?;
+                api.call(http::Method::DELETE, &hc_path(&name)?, None)
+                    .await?;
                 if json_out {
                     print_json(&serde_json::json!({ "deleted": name }));
                 } else {
@@ -379,7 +392,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::GET,
-                        &format!("/hybridconnections/{name}/listeners"),
+                        &format!("{}/listeners", hc_path(&name)?),
                         None,
                     )
                     .await?;
@@ -393,7 +406,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::GET,
-                        &format!("/hybridconnections/{name}/connections"),
+                        &format!("{}/connections", hc_path(&name)?),
                         None,
                     )
                     .await?;
@@ -411,7 +424,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::PUT,
-                        &rule.path(),
+                        &rule.path()?,
                         Some(serde_json::json!({ "rights": r })),
                     )
                     .await?;
@@ -423,7 +436,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             }
             RuleCmd::List { hc } => {
                 let path = match &hc {
-                    Some(hc) => format!("/hybridconnections/{hc}/authorizationrules"),
+                    Some(hc) => format!("{}/authorizationrules", hc_path(hc)?),
                     None => "/authorizationrules".to_owned(),
                 };
                 let v = api.call(http::Method::GET, &path, None).await?;
@@ -437,7 +450,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::Show { rule } => {
-                let v = api.call(http::Method::GET, &rule.path(), None).await?;
+                let v = api.call(http::Method::GET, &rule.path()?, None).await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -449,7 +462,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::POST,
-                        &format!("{}/listkeys", rule.path()),
+                        &format!("{}/listkeys", rule.path()?),
                         None,
                     )
                     .await?;
@@ -472,7 +485,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::POST,
-                        &format!("{}/listkeys", rule.path()),
+                        &format!("{}/listkeys", rule.path()?),
                         None,
                     )
                     .await?;
@@ -486,7 +499,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 let v = api
                     .call(
                         http::Method::POST,
-                        &format!("{}/regeneratekeys", rule.path()),
+                        &format!("{}/regeneratekeys", rule.path()?),
                         Some(serde_json::json!({ "keyType": key_type })),
                     )
                     .await?;
@@ -497,7 +510,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::Delete { rule } => {
-                api.call(http::Method::DELETE, &rule.path(), None).await?;
+                api.call(http::Method::DELETE, &rule.path()?, None).await?;
                 if json_out {
                     print_json(&serde_json::json!({ "deleted": rule.name }));
                 } else {

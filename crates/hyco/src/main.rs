@@ -309,11 +309,34 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     Usage(msg.into()).into()
 }
 
+/// A panic (a bug: every input path is meant to refuse, never to panic) is one error line in
+/// the log, with where it happened; the task ends, its guards release what it held, and the
+/// process goes on. No backtrace is captured, whatever RUST_BACKTRACE says: symbolising one
+/// loads the binary's debug information, which once cost a relay 112 MB for good (issue 15 §1;
+/// docs/design-notes.md).
+fn log_panics_briefly() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("-").to_owned();
+        tracing::error!(event = "Panic", thread = %thread, location = %location, message = ?message, "a task panicked; it ended and released what it held");
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = PROXY_FLAGS.set((cli.proxy.clone(), cli.no_proxy.clone()));
     let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
     init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
+    log_panics_briefly();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads(&cli.cmd, cli.threads))
         .enable_all()
@@ -540,8 +563,14 @@ async fn manager(
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     cfg.client = with_relay_addrs(cfg.client, a.relay.relay_addrs.clone())?;
     cfg.client.warm_connections = a.relay.warm_connections as usize;
-    if a.token_lifetime < 2 {
-        return Err(usage("--token-lifetime must be at least 2 seconds"));
+    let lifetimes = hyco_manager::TOKEN_LIFETIME_SECS;
+    if !lifetimes.contains(&a.token_lifetime) {
+        return Err(usage(format!(
+            "--token-lifetime {}: use {} to {} seconds (one year)",
+            a.token_lifetime,
+            lifetimes.start(),
+            lifetimes.end()
+        )));
     }
     cfg.token_lifetime = Duration::from_secs(a.token_lifetime);
     let dir = state.ensure()?;

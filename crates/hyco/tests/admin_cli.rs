@@ -345,3 +345,104 @@ async fn acknowledged_writes_survive_sigkill() {
         acked.len()
     );
 }
+
+/// An admin command the CLI refuses before calling the relay: exit 64, `says` on stderr.
+async fn refused(r: &Relay, args: &[&str], says: &str) {
+    let (code, out, err) = r.admin(args).await;
+    assert_eq!(code, 64, "admin {args:?}: {out}{err}");
+    assert!(err.contains(says), "admin {args:?}: {err}");
+}
+
+/// Issue 15 §3: names are path segments, not paths. `rule delete .. --hc hca` used to delete
+/// the hybrid connection `hca` with its rules, `rule delete victim --hc ..` the namespace rule
+/// `victim`, and `rule show .. --hc hca` showed `hca` as a rule: dot segments collapsed in the
+/// URL. The CLI refuses names outside Azure's rules (exit 64, the rule in the message) and
+/// percent-encodes every segment, so a name with `/` addresses exactly one object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_names_are_path_segments_not_paths() {
+    let r = relay("admin-names").await;
+    ok(&r, &["hc", "create", "hca", "--endpoint", "127.0.0.1:9"]).await;
+    ok(
+        &r,
+        &[
+            "rule", "create", "inner", "--hc", "hca", "--rights", "listen",
+        ],
+    )
+    .await;
+    ok(&r, &["rule", "create", "victim", "--rights", "listen"]).await;
+    let dot = "is a dot segment, never a name";
+    refused(&r, &["rule", "delete", "..", "--hc", "hca"], dot).await;
+    refused(&r, &["rule", "delete", "victim", "--hc", ".."], dot).await;
+    refused(&r, &["rule", "show", "..", "--hc", "hca"], dot).await;
+    refused(&r, &["rule", "keys", ".", "--hc", "hca"], dot).await;
+    refused(&r, &["hc", "delete", ".."], dot).await;
+    let rule = "a rule name is 1 to 50 letters, digits, '.', '-' or '_', starting and ending with a letter or digit";
+    for name in ["a/b", "a%2Fb", "a?b", "a#b", "a b", "é"] {
+        let args = ["rule", "create", name, "--hc", "hca", "--rights", "listen"];
+        refused(&r, &args, rule).await;
+    }
+    refused(
+        &r,
+        &["hc", "show", "hca/../x y"],
+        "a hybrid connection name is",
+    )
+    .await;
+    // Nothing was deleted or created.
+    let v = json(&r, &["hc", "show", "hca"]).await;
+    assert_eq!(v["name"], "hca");
+    let names: Vec<Value> = json(&r, &["rule", "list", "--hc", "hca"]).await["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].clone())
+        .collect();
+    assert_eq!(names, vec![Value::from("inner")]);
+    assert_eq!(
+        json(&r, &["rule", "show", "victim"]).await["name"],
+        "victim"
+    );
+
+    // A hybrid connection name with '/' is one segment (%2F): created, shown, deleted alone.
+    ok(
+        &r,
+        &["hc", "create", "db/prod", "--endpoint", "127.0.0.1:9"],
+    )
+    .await;
+    ok(&r, &["hc", "create", "db", "--endpoint", "127.0.0.1:9"]).await;
+    assert_eq!(
+        json(&r, &["hc", "show", "db/prod"]).await["name"],
+        "db/prod"
+    );
+    ok(
+        &r,
+        &[
+            "rule", "create", "app", "--hc", "db/prod", "--rights", "send",
+        ],
+    )
+    .await;
+    ok(&r, &["hc", "delete", "db/prod"]).await;
+    assert_eq!(json(&r, &["hc", "show", "db"]).await["name"], "db");
+    let (code, _, err) = r.admin(&["hc", "show", "db/prod"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("relay answered 404"), "{err}");
+
+    // An entity rule named like a namespace rule would sign tokens checked against the
+    // namespace rule (every one a 401): refused with 409.
+    let (code, out, err) = r
+        .admin(&[
+            "rule",
+            "create",
+            "RootManageSharedAccessKey",
+            "--hc",
+            "hca",
+            "--rights",
+            "listen",
+        ])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("relay answered 409: The rule name 'RootManageSharedAccessKey' is taken by a namespace rule"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "no connection string printed: {out}");
+}

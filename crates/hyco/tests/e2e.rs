@@ -331,6 +331,51 @@ async fn manager_keeps_listening_across_many_token_renewals() {
     );
 }
 
+/// Issue 15 §1: `--token-lifetime 18446744073709551615` used to wrap the token's expiry into
+/// the past and loop on "401 The token is expired". Out-of-range lifetimes are refused with the
+/// range in the message; the longest accepted one gives a working listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_token_lifetime_extremes_are_refused_or_work() {
+    let r = relay("lifetime").await;
+    let echo = echo_server().await;
+    let (l, _) = r.hc("lifetime", &echo.to_string()).await;
+    let ca = r.ca();
+    for bad in [
+        "0",
+        "1",
+        "31536001",
+        "9223372036854775807",
+        "18446744073709551615",
+    ] {
+        let (code, _, err) = run(
+            &bin(),
+            &[
+                "manager",
+                "run",
+                "--connection-string",
+                &l,
+                "--ca-file",
+                &ca,
+                "--token-lifetime",
+                bad,
+            ],
+            &[],
+            T,
+        )
+        .await;
+        assert_eq!(code, 64, "--token-lifetime {bad}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--token-lifetime {bad}: use 2 to 31536000 seconds"
+            )),
+            "--token-lifetime {bad}: {err}"
+        );
+    }
+    let m = r.manager_with("manager", &l, &["--token-lifetime", "31536000"], &[]);
+    r.wait_listeners("lifetime", 1).await;
+    assert_eq!(m.count("token is expired"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_have_one_line_per_connection_and_no_secrets() {
     // First start prints the root connection string once (on purpose); restart so that

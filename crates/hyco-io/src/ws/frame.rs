@@ -78,9 +78,18 @@ pub enum FrameError {
     /// A client sent an unmasked frame, or a server a masked one.
     #[error("frame masking does not match the peer's role")]
     BadMask,
-    /// A frame announced more than this endpoint accepts.
-    #[error("frame of {0} bytes exceeds the limit")]
-    TooLarge(u64),
+    /// A message (its fragments so far plus the frame announced) is larger than this endpoint
+    /// accepts.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Bytes of the message so far, the announced frame included.
+        size: u64,
+        /// The most this endpoint accepts.
+        limit: u64,
+    },
+    /// A message came in more fragments than this endpoint accepts (whatever their size).
+    #[error("message in more than {0} fragments exceeds the fragment limit")]
+    TooManyFragments(usize),
     /// Continuation without a message, or a new message inside an unfinished one.
     #[error("fragmentation out of order")]
     BadFragmentation,
@@ -96,7 +105,7 @@ impl FrameError {
     /// The close code RFC 6455 §7.4.1 assigns to this violation.
     pub fn close_code(self) -> u16 {
         match self {
-            FrameError::TooLarge(_) => 1009,
+            FrameError::TooLarge { .. } | FrameError::TooManyFragments(_) => 1009,
             FrameError::BadUtf8 => 1007,
             _ => 1002,
         }

@@ -436,11 +436,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 self.assembly.clear();
                 self.fragments = 0;
             }
-            self.fragments += 1;
-            if self.assembly.len() as u64 + h.len > self.cfg.max_message as u64
-                || self.fragments > self.cfg.max_fragments
-            {
-                return Poll::Ready(Err(self.fail(FrameError::TooLarge(h.len)).into()));
+            self.fragments = self.fragments.saturating_add(1);
+            // Each refusal names its own cap (issue 15 §7: a 65th one-byte fragment used to be
+            // reported as "frame of 1 bytes exceeds the limit").
+            let size = (self.assembly.len() as u64).saturating_add(h.len);
+            let limit = self.cfg.max_message as u64;
+            if size > limit {
+                let e = FrameError::TooLarge { size, limit };
+                return Poll::Ready(Err(self.fail(e).into()));
+            }
+            if self.fragments > self.cfg.max_fragments {
+                let e = FrameError::TooManyFragments(self.cfg.max_fragments);
+                return Poll::Ready(Err(self.fail(e).into()));
             }
             self.assembly.reserve(h.len as usize);
             self.cur = Some(Current {

@@ -51,12 +51,50 @@ async fn messages_keep_type_and_limits_hold() {
     c.send_binary(&[0u8; 1001]).await.unwrap();
     assert!(matches!(
         s.recv().await,
-        Err(WsError::Protocol(FrameError::TooLarge(1001)))
+        Err(WsError::Protocol(FrameError::TooLarge {
+            size: 1001,
+            limit: 1000
+        }))
     ));
     s.flush_pending().await.unwrap();
-    // The offender learns why: Close 1009.
+    // The offender learns why: Close 1009 naming the size cap.
     match c.recv().await.unwrap() {
-        Message::Close(Some((code, _))) => assert_eq!(code, 1009),
+        Message::Close(Some((code, reason))) => {
+            assert_eq!(code, 1009);
+            assert_eq!(
+                reason,
+                "message of 1001 bytes exceeds the limit of 1000 bytes"
+            );
+        }
+        other => panic!("expected close, got {other:?}"),
+    }
+}
+
+/// Issue 15 §7: a message of many tiny fragments is refused for its fragment count, and the
+/// Close says so (it used to say "frame of 1 bytes exceeds the limit").
+#[tokio::test]
+async fn too_many_fragments_close_1009_naming_the_fragment_cap() {
+    let cfg = WsConfig {
+        max_fragments: 4,
+        ..WsConfig::default()
+    };
+    let (mut c, mut s) = pair(cfg);
+    for i in 0..5 {
+        c.send_part(true, i == 0, false, b"x").await.unwrap();
+    }
+    assert!(matches!(
+        s.recv().await,
+        Err(WsError::Protocol(FrameError::TooManyFragments(4)))
+    ));
+    s.flush_pending().await.unwrap();
+    match c.recv().await.unwrap() {
+        Message::Close(Some((code, reason))) => {
+            assert_eq!(code, 1009);
+            assert_eq!(
+                reason,
+                "message in more than 4 fragments exceeds the fragment limit"
+            );
+        }
         other => panic!("expected close, got {other:?}"),
     }
 }
