@@ -161,15 +161,15 @@ struct RelayArgs {
     /// Private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Seconds a sender waits for a listener to accept.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a sender waits for a listener to accept (1 to 3600).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     rendezvous_timeout: u64,
     /// HTTP mode: seconds a listener has to start its response (and the most a streamed body
-    /// may stall) before the sender gets 504.
-    #[arg(long, default_value_t = 60)]
+    /// may stall) before the sender gets 504 (1 to 3600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     http_timeout: u64,
-    /// Seconds a control channel outlives its token without renewal.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds a control channel outlives its token without renewal (0 to 86400).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     token_grace: u64,
     /// Resident memory (MiB) past which new connections are refused with 503 (running tunnels
     /// and the admin API go on). Default: no budget.
@@ -179,8 +179,8 @@ struct RelayArgs {
     /// second. 0 turns the throttle off.
     #[arg(long, default_value_t = 30)]
     auth_failure_burst: u32,
-    /// Seconds running tunnels may drain after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds running tunnels may drain after SIGTERM (0 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     drain_grace: u64,
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
