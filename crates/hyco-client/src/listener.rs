@@ -251,6 +251,9 @@ impl Actor {
             };
             if started.elapsed() >= Duration::from_secs(10) {
                 backoff.reset();
+            } else if matches!(*self.status.borrow(), ListenerStatus::Connected { .. }) {
+                // Up, but not for long (a relay restarted again soon): retry quickly again.
+                backoff.link_lost();
             }
             let status = match outcome {
                 Err(ClientError::Rejected { status: 404, .. }) => ListenerStatus::NotFound,

@@ -5,12 +5,12 @@
 //! fleet of managers does not reconnect in lockstep after a relay restart. Call
 //! [`Backoff::reset`] once a link has stayed up.
 //!
-//! With [`Backoff::with_fast_retries`], the retries of the first seconds after a loss wait a
-//! random delay below a small ceiling instead of growing: a restart (of the relay, or of this
-//! process while the relay restarts) is over in a second or two, and a backoff that has grown
-//! to 4–8 s by then is what made recovery take 6 s (issue 15 §8). The jitter still spreads a
-//! fleet's reconnects over the ceiling; after the window the exponential backoff takes over,
-//! so a relay that stays down is not hammered.
+//! With [`Backoff::with_fast_retries`], the delays of the first seconds after a loss stop
+//! growing at a small ceiling: a restart (of the relay, or of this process while the relay
+//! restarts) is over in a few seconds, and a backoff that has grown to 4–8 s by then is what
+//! made recovery take up to 6 s (issue 15 §8). The jitter still spreads a fleet's reconnects
+//! (each delay is scaled by a random factor in [0.5, 1.0), as always); after the window the
+//! exponential growth resumes from the base, so a relay that stays down is not hammered.
 
 use std::time::Duration;
 
@@ -47,8 +47,8 @@ impl Backoff {
         }
     }
 
-    /// For `window` after the first retry, each further retry waits a uniformly random delay
-    /// in [`ceiling`/10, `ceiling`); the exponential growth starts after the window.
+    /// For `window` after the first retry, delays grow only up to `ceiling` (jittered as
+    /// always); after the window the growth resumes from the base.
     pub fn with_fast_retries(mut self, (window, ceiling): (Duration, Duration)) -> Self {
         self.fast = Some((window, ceiling));
         self
@@ -62,16 +62,28 @@ impl Backoff {
             self.lost_at = Some(Instant::now());
             return Duration::ZERO;
         }
+        let mut cap = self.max;
+        let mut k = n;
         if let (Some((window, ceiling)), Some(lost)) = (self.fast, self.lost_at) {
             if lost.elapsed() < window {
                 self.fast_attempts = self.fast_attempts.saturating_add(1);
-                return ceiling.mul_f64(rand::random::<f64>() * 0.9 + 0.1);
+                cap = cap.min(ceiling);
+            } else {
+                k = n.saturating_sub(self.fast_attempts).max(1);
             }
         }
-        let k = n.saturating_sub(self.fast_attempts).max(1);
         let exp = self.base.saturating_mul(1u32 << (k - 1).min(16));
-        let capped = exp.min(self.max);
-        capped.mul_f64(rand::random::<f64>() * 0.5 + 0.5)
+        exp.min(cap).mul_f64(rand::random::<f64>() * 0.5 + 0.5)
+    }
+
+    /// An established link was lost without having stayed up long enough for a
+    /// [`Backoff::reset`]: a new fast window starts now (the growth beyond it goes on where it
+    /// was). Without this, a relay restarted every few seconds would see its listeners' delays
+    /// grow to the cap, since no link lasts long enough to reset them.
+    pub fn link_lost(&mut self) {
+        if self.attempt > 0 {
+            self.lost_at = Some(Instant::now());
+        }
     }
 
     /// Back to the first (immediate) retry.
@@ -100,8 +112,8 @@ mod tests {
     }
 
     /// The retries of the first 20 s after a loss stay under a second, whatever their number
-    /// (before, the fifth already waited 4–8 s); they still differ (jitter); after the window
-    /// the growth starts from the base, not from the count of fast retries.
+    /// (before, the fifth already waited 4–8 s, the eighth 32 s at most 30); they still differ
+    /// (jitter); after the window the growth starts from the base again.
     #[tokio::test(start_paused = true)]
     async fn fast_retries_for_a_window_then_growth() {
         let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
@@ -112,7 +124,7 @@ mod tests {
         while spent < Duration::from_secs(19) {
             let d = b.next_delay();
             assert!(
-                d >= Duration::from_millis(100) && d < Duration::from_secs(1),
+                d >= Duration::from_millis(250) && d < Duration::from_secs(1),
                 "{d:?} at {spent:?}"
             );
             seen.insert(d);
@@ -131,7 +143,15 @@ mod tests {
             d >= Duration::from_millis(500) && d < Duration::from_secs(1),
             "{d:?}"
         );
-        // A reset starts a new window.
+        // A link that came up and was lost again soon starts a new window…
+        for _ in 0..5 {
+            b.next_delay();
+        }
+        b.link_lost();
+        for _ in 0..10 {
+            assert!(b.next_delay() < Duration::from_secs(1));
+        }
+        // …and a reset starts over with an immediate retry.
         b.reset();
         assert_eq!(b.next_delay(), Duration::ZERO);
         assert!(b.next_delay() < Duration::from_secs(1));

@@ -191,7 +191,7 @@ async fn the_forwarder_resets_past_its_tunnel_limit_and_recovers() {
         .parse()
         .unwrap();
     let open = || async move {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
         match tokio::time::timeout(T, s.read(&mut b)).await {
