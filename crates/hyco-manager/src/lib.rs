@@ -385,13 +385,29 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix('#')
-                    .filter(|r| r.starts_with("[[") || r.starts_with("connection_string"))
+                    .filter(|r| {
+                        r.starts_with("[[")
+                            || r.starts_with("connection_string")
+                            || r.starts_with("allow_endpoints")
+                    })
                     .unwrap_or(l)
             })
             .collect::<Vec<_>>()
             .join("\n");
         let cfg = ManagerConfig::from_toml(&uncommented.replace('…', "a2V5")).unwrap();
         assert_eq!(cfg.connections.len(), 1);
+        assert_eq!(cfg.allow_endpoints.to_string(), "10.0.0.0/8,db.corp:5432");
+    }
+
+    #[test]
+    fn config_allow_endpoints() {
+        let cfg = ManagerConfig::from_toml("allow_endpoints = [\"*:5432\", \"[fd00::/8]:443\"]\n")
+            .unwrap();
+        assert_eq!(cfg.allow_endpoints.to_string(), "*:5432,[fd00::/8]:443");
+        let e = ManagerConfig::from_toml("allow_endpoints = [\"db:0\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_endpoints") && e.contains("'db:0'"), "{e}");
     }
 
     #[test]

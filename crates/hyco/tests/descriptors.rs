@@ -48,11 +48,12 @@ async fn tunnel(cs: &ConnectionString, c: &Connector) -> hyco_client::HybridStre
 
 /// The sender past the limit: an answer (503 and `reason`), not a wait for the deadline.
 async fn refused(cs: &ConnectionString, c: &Connector, reason: &str) {
-    let e = tokio::time::timeout(T, connect_with(cs, c, &ConnectOptions::default()))
+    let Err(e) = tokio::time::timeout(T, connect_with(cs, c, &ConnectOptions::default()))
         .await
         .expect("a sender past the limit got no answer")
-        .err()
-        .expect("a sender past the limit got a tunnel");
+    else {
+        panic!("a sender past the limit got a tunnel");
+    };
     assert_eq!(e.status(), Some(503), "{e}");
     assert!(e.to_string().contains(reason), "{e}");
 }
