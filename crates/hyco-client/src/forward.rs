@@ -1,7 +1,9 @@
 //! `hyco forward`: local TCP ports, each carried to a hybrid connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use hyco_io::tunnels::TunnelGate;
 use hyco_io::ws::Connector;
 use hyco_io::{CancellationToken, TaskTracker};
 use hyco_proto::ConnectionString;
@@ -19,10 +21,24 @@ pub struct ForwardRule {
     pub cs: ConnectionString,
 }
 
-/// Runs every rule until `shutdown`, then waits up to 10 s for open tunnels.
+/// Runs every rule until `shutdown`, then waits up to 10 s for open tunnels. At most the
+/// default tunnel limit for this process's descriptor limit is open at once.
 pub async fn run_forward(
     rules: Vec<ForwardRule>,
     connector: Connector,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let gate = TunnelGate::new("forwarder", hyco_io::tunnels::max_tunnels(None));
+    run_forward_limited(rules, connector, gate, shutdown).await
+}
+
+/// [`run_forward`] with the tunnel limit `gate`, shared by every rule: past it, a local
+/// connection is closed at once (the gate logs that once) instead of waiting for descriptors
+/// that are not there.
+pub async fn run_forward_limited(
+    rules: Vec<ForwardRule>,
+    connector: Connector,
+    gate: Arc<TunnelGate>,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let tracker = TaskTracker::new();
@@ -30,6 +46,7 @@ pub async fn run_forward(
         tracker.spawn(accept_loop(
             rule,
             connector.clone(),
+            Arc::clone(&gate),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -48,6 +65,7 @@ pub async fn run_forward(
 async fn accept_loop(
     rule: ForwardRule,
     connector: Connector,
+    gate: Arc<TunnelGate>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -66,11 +84,18 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => return,
         };
+        let Some(permit) = gate.try_acquire() else {
+            // At the limit: a reset now, not a connection that waits for nothing.
+            let _ = tcp.set_zero_linger();
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let cs = rule.cs.clone();
         let connector = connector.clone();
         let hc = hc.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             let started = Instant::now();
             let mut ws = match connect_with(&cs, &connector, &ConnectOptions::default()).await {
                 Ok(ws) => ws,

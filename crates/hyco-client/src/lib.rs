@@ -28,7 +28,7 @@ use hyco_io::ws::{ConnectError, WsStream};
 use hyco_proto::entity::EntityDescription;
 use hyco_proto::{ConnectionString, ConnectionStringAuth};
 
-pub use forward::{run_forward, ForwardRule};
+pub use forward::{run_forward, run_forward_limited, ForwardRule};
 pub use hyco_io::proxy::{NoProxy, ProxyUrl};
 pub use hyco_io::ws::Connector;
 pub use listener::{HybridListener, Incoming, ListenerOptions, ListenerStatus};

@@ -34,6 +34,9 @@ pub struct ListenerOptions {
     pub renew_before: Duration,
     /// Backoff base and cap.
     pub backoff: (Duration, Duration),
+    /// Window and ceiling of the quick retries after a loss, before the backoff grows
+    /// ([`Backoff::with_fast_retries`]; `None`: grow from the start).
+    pub fast_retries: Option<(Duration, Duration)>,
     /// Token lifetime.
     pub token_lifetime: Duration,
 }
@@ -46,6 +49,7 @@ impl Default for ListenerOptions {
             dead_after: Duration::from_secs(30),
             renew_before: Duration::from_secs(300),
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            fast_retries: Some(hyco_io::backoff::FAST_RETRIES),
             token_lifetime: ClientOptions::default().token_lifetime,
         }
     }
@@ -230,6 +234,9 @@ impl Actor {
     async fn run(self) {
         let entity = self.cs.entity_path.clone().unwrap_or_default();
         let mut backoff = Backoff::new(self.opts.backoff.0, self.opts.backoff.1);
+        if let Some(fast) = self.opts.fast_retries {
+            backoff = backoff.with_fast_retries(fast);
+        }
         loop {
             let delay = backoff.next_delay();
             tokio::select! {
@@ -244,6 +251,9 @@ impl Actor {
             };
             if started.elapsed() >= Duration::from_secs(10) {
                 backoff.reset();
+            } else if matches!(*self.status.borrow(), ListenerStatus::Connected { .. }) {
+                // Up, but not for long (a relay restarted again soon): retry quickly again.
+                backoff.link_lost();
             }
             let status = match outcome {
                 Err(ClientError::Rejected { status: 404, .. }) => ListenerStatus::NotFound,

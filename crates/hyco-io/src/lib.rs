@@ -10,7 +10,9 @@
 //! * [`tls`]: rustls configs and the generated development PKI.
 //! * [`backoff`]: jittered reconnect delays.
 //! * [`proxy`]: outbound HTTP proxies (`CONNECT` tunnels, `NO_PROXY` rules).
+//! * [`private`]: folders and files that hold keys (0700 / 0600, refused when exposed).
 //! * [`status`]: the loopback status server (metrics, JSON, live page).
+//! * [`tunnels`]: the tunnel limit that keeps a descriptor reserve.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -18,10 +20,12 @@ pub mod backoff;
 pub mod bufpool;
 pub mod copy;
 pub mod listener;
+pub mod private;
 pub mod proxy;
 pub mod splice;
 pub mod status;
 pub mod tls;
+pub mod tunnels;
 
 /// WebSocket framing, endpoints and handshakes.
 pub mod ws {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod allow;
 pub mod control;
 pub mod logs;
 pub mod service;
@@ -29,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+pub use allow::EndpointPolicy;
 pub use service::{Manager, TestReport};
 pub use status::{HcStatus, StatusBoard};
 
@@ -44,6 +46,11 @@ pub struct ManagerConfig {
     pub dial_timeout: Duration,
     /// Lifetime of the listener tokens minted from the keys (renewed before expiry).
     pub token_lifetime: Duration,
+    /// The endpoints it may dial (`--allow-endpoint`, `allow_endpoints`).
+    pub allow_endpoints: EndpointPolicy,
+    /// Bridges open at once; beyond, senders are rejected with 503 while descriptors remain
+    /// to do so (default: derived from the descriptor limit, [`hyco_io::tunnels`]).
+    pub max_tunnels: usize,
 }
 
 /// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
@@ -61,6 +68,8 @@ impl Default for ManagerConfig {
             client: ClientOptions::default(),
             dial_timeout: Duration::from_secs(10),
             token_lifetime: Duration::from_secs(3600),
+            allow_endpoints: EndpointPolicy::default(),
+            max_tunnels: hyco_io::tunnels::max_tunnels(None),
         }
     }
 }
@@ -75,6 +84,9 @@ struct FileConfig {
     #[serde(default)]
     relay_addrs: Vec<String>,
     dial_timeout_secs: Option<u64>,
+    /// The endpoints the manager may dial ([`allow`]).
+    #[serde(default)]
+    allow_endpoints: Vec<String>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
 }
@@ -124,6 +136,8 @@ impl ManagerConfig {
         cfg.client
             .parsed_relay_addrs()
             .map_err(|e| ManagerError::Config(format!("relay_addrs: {e}")))?;
+        cfg.allow_endpoints = EndpointPolicy::parse(&f.allow_endpoints)
+            .map_err(|e| ManagerError::Config(format!("allow_endpoints: {e}")))?;
         if let Some(s) = f.dial_timeout_secs {
             if !DIAL_TIMEOUT_SECS.contains(&s) {
                 return Err(ManagerError::Config(format!(
@@ -184,16 +198,28 @@ pub(crate) fn set_endpoint(st: &HcStatus, hp: HostPort) {
     }
 }
 
+/// How a supervisor dials its endpoint.
+#[derive(Clone)]
+pub(crate) struct Dialing {
+    pub(crate) timeout: Duration,
+    pub(crate) policy: Arc<EndpointPolicy>,
+    /// The tunnel limit, shared by every hybrid connection.
+    pub(crate) gate: Arc<hyco_io::tunnels::TunnelGate>,
+}
+
 pub(crate) async fn supervise(
     cs: ConnectionString,
     connector: Connector,
     opts: ListenerOptions,
-    dial_timeout: Duration,
+    dialing: Dialing,
     shutdown: CancellationToken,
     st: Arc<HcStatus>,
 ) {
     let hc = st.name.clone();
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // Quick retries first: after a restart of the relay (or of this manager while the relay
+    // restarts) the endpoint is read again within a second.
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+        .with_fast_retries(hyco_io::backoff::FAST_RETRIES);
     // The endpoint must be known before listening: a listener that cannot dial would only reject.
     while endpoint_of(&st).is_none() {
         match resolve(&cs, &connector).await {
@@ -203,7 +229,7 @@ pub(crate) async fn supervise(
                     .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => {
-                let d = backoff.next_delay().max(Duration::from_millis(500));
+                let d = backoff.next_delay().max(Duration::from_millis(100));
                 warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
                 st.set_listener(ListenerStatus::Disconnected {
                     reason: format!("cannot resolve the endpoint: {e}"),
@@ -260,26 +286,72 @@ pub(crate) async fn supervise(
         };
         let target = endpoint_of(&st);
         let st = Arc::clone(&st);
+        let dialing = dialing.clone();
+        let permit = dialing.gate.try_acquire();
         tokio::spawn(async move {
+            let Some(_permit) = permit else {
+                // At the limit: the reserve still has the descriptor this answer needs.
+                let reason = "The manager is at its tunnel limit (--max-tunnels); retry later.";
+                st.rejected(reason.to_owned());
+                let _ = inc.reject(503, reason).await;
+                return;
+            };
             if let Some(target) = target {
-                bridge(inc, target, dial_timeout, &st).await;
+                bridge(inc, target, &dialing, &st).await;
             }
         });
     }
 }
 
-/// Dials the endpoint, then accepts (or rejects with 502), then pumps.
-async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, st: &HcStatus) {
+/// Resolves the endpoint and keeps the addresses the policy permits; `Err` is the reject
+/// (status, reason) and whether the policy refused it.
+async fn permitted_addrs(
+    target: &HostPort,
+    policy: &EndpointPolicy,
+) -> Result<Vec<std::net::SocketAddr>, (u16, String, bool)> {
+    let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| (502, format!("Endpoint {target} unreachable: {e}"), false))?
+        .collect();
+    policy
+        .permitted(&target.host, target.port, &addrs)
+        .map_err(|reason| (403, reason, true))
+}
+
+/// Dials the endpoint (the addresses the policy permits), then accepts (or rejects with 403,
+/// 502 or 504), then pumps.
+async fn bridge(inc: Incoming, target: HostPort, dialing: &Dialing, st: &HcStatus) {
     let hc = st.name.as_str();
     let started = Instant::now();
     let id = inc.id().to_owned();
-    let dial = tokio::time::timeout(
-        dial_timeout,
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
+    let dial_timeout = dialing.timeout;
+    let dial = tokio::time::timeout(dial_timeout, async {
+        match permitted_addrs(&target, &dialing.policy).await {
+            Ok(addrs) => Ok(TcpStream::connect(&addrs[..]).await),
+            Err(refusal) => Err(refusal),
+        }
+    })
     .await;
+    let dial = match dial {
+        Ok(Err((status, reason, by_policy))) => {
+            if by_policy {
+                // Said once per change of the endpoint's verdict, not per sender.
+                if st.endpoint_refused(&reason) {
+                    warn!(role = "listener", hc, endpoint = %target, reason = %reason, "endpoint refused by the allow-list; senders are rejected");
+                }
+            } else {
+                warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
+                st.rejected(reason.clone());
+            }
+            let _ = inc.reject(status, &reason).await;
+            return;
+        }
+        Ok(Ok(r)) => Ok(r),
+        Err(e) => Err(e),
+    };
     let (status, reason) = match dial {
         Ok(Ok(s)) => {
+            st.endpoint_allowed();
             let mut tcp = s;
             let _ = tcp.set_nodelay(true);
             let mut ws = match inc.accept().await {
@@ -328,13 +400,29 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix('#')
-                    .filter(|r| r.starts_with("[[") || r.starts_with("connection_string"))
+                    .filter(|r| {
+                        r.starts_with("[[")
+                            || r.starts_with("connection_string")
+                            || r.starts_with("allow_endpoints")
+                    })
                     .unwrap_or(l)
             })
             .collect::<Vec<_>>()
             .join("\n");
         let cfg = ManagerConfig::from_toml(&uncommented.replace('…', "a2V5")).unwrap();
         assert_eq!(cfg.connections.len(), 1);
+        assert_eq!(cfg.allow_endpoints.to_string(), "10.0.0.0/8,db.corp:5432");
+    }
+
+    #[test]
+    fn config_allow_endpoints() {
+        let cfg = ManagerConfig::from_toml("allow_endpoints = [\"*:5432\", \"[fd00::/8]:443\"]\n")
+            .unwrap();
+        assert_eq!(cfg.allow_endpoints.to_string(), "*:5432,[fd00::/8]:443");
+        let e = ManagerConfig::from_toml("allow_endpoints = [\"db:0\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_endpoints") && e.contains("'db:0'"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::{resolve, supervise, ManagerConfig, ManagerError, StatusBoard};
+use crate::{resolve, supervise, Dialing, ManagerConfig, ManagerError, StatusBoard};
 
 /// The connection strings added at run time, in `manager-state.json` (mode 0600: it holds keys).
 #[derive(Serialize, Deserialize, Default)]
@@ -45,6 +45,10 @@ pub struct Manager {
     /// on that endpoint shares which address last worked.
     by_endpoint: Mutex<HashMap<(String, u16), Connector>>,
     dial_timeout: Duration,
+    /// The endpoints it may dial.
+    policy: Arc<crate::EndpointPolicy>,
+    /// The tunnel limit.
+    gate: Arc<hyco_io::tunnels::TunnelGate>,
     token_lifetime: Duration,
     shutdown: CancellationToken,
     hcs: Mutex<BTreeMap<String, Entry>>,
@@ -95,12 +99,17 @@ impl Manager {
         shutdown: CancellationToken,
     ) -> Result<Arc<Manager>, ManagerError> {
         let connector = cfg.client.connector()?;
+        let gate = hyco_io::tunnels::TunnelGate::new("manager", cfg.max_tunnels);
+        let mut board = StatusBoard::new(&[]);
+        board.register_tunnel_gate(&gate);
         let m = Arc::new(Manager {
-            board: Arc::new(StatusBoard::new(&[])),
+            board: Arc::new(board),
+            gate,
             connector,
             relay_addrs: cfg.client.parsed_relay_addrs()?,
             by_endpoint: Mutex::new(HashMap::new()),
             dial_timeout: cfg.dial_timeout,
+            policy: Arc::new(cfg.allow_endpoints),
             token_lifetime: cfg.token_lifetime,
             shutdown,
             hcs: Mutex::new(BTreeMap::new()),
@@ -197,7 +206,11 @@ impl Manager {
             cs.clone(),
             self.connector_for(cs),
             opts,
-            self.dial_timeout,
+            Dialing {
+                timeout: self.dial_timeout,
+                policy: Arc::clone(&self.policy),
+                gate: Arc::clone(&self.gate),
+            },
             stop,
             st,
         ));

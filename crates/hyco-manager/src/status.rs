@@ -48,6 +48,8 @@ pub struct HcStatus {
     pub relay_listeners: AtomicI64,
     /// Our listener id (`sb-hc-id`), once the listener started.
     pub listener_id: Mutex<Option<String>>,
+    /// Why the endpoint is refused by the allow-list, while it is.
+    refused: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +123,32 @@ impl HcStatus {
             .inc_by(bytes);
     }
 
+    /// A sender was rejected because the allow-list refuses the endpoint. `true` when this is
+    /// news (the first refusal, or another reason than the last one): log it then, not for
+    /// every sender.
+    pub fn endpoint_refused(&self, reason: &str) -> bool {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .endpoint_refused
+            .get_or_create(&self.label)
+            .inc();
+        *lock(&self.last_error) = Some(reason.to_owned());
+        let mut g = lock(&self.refused);
+        let news = g.as_deref() != Some(reason);
+        if news {
+            *g = Some(reason.to_owned());
+        }
+        news
+    }
+
+    /// The endpoint was dialled: a later refusal is news again.
+    pub fn endpoint_allowed(&self) {
+        let mut g = lock(&self.refused);
+        if g.is_some() {
+            *g = None;
+        }
+    }
+
     /// A sender was rejected because the endpoint could not be reached.
     pub fn rejected(&self, reason: String) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +170,7 @@ struct Metrics {
     active_listeners: Gauges,
     sender_success: Counters,
     sender_server_error: Counters,
+    endpoint_refused: Counters,
     sender_disconnects: Counters,
     active_connections: Gauges,
     bytes_transferred: Counters,
@@ -158,6 +187,7 @@ impl Default for Metrics {
             active_listeners: Gauges::default(),
             sender_success: Counters::default(),
             sender_server_error: Counters::default(),
+            endpoint_refused: Counters::default(),
             sender_disconnects: Counters::default(),
             active_connections: Gauges::default(),
             bytes_transferred: Counters::default(),
@@ -209,6 +239,11 @@ impl StatusBoard {
             m.sender_server_error.clone(),
         );
         registry.register(
+            "sender_connections_endpoint_refused",
+            "Senders rejected because the endpoint is not one this manager may dial (allow-list, link-local, cloud metadata)",
+            m.endpoint_refused.clone(),
+        );
+        registry.register(
             "sender_disconnects",
             "SenderDisconnects: bridges closed",
             m.sender_disconnects.clone(),
@@ -244,6 +279,11 @@ impl StatusBoard {
         board
     }
 
+    /// Adds the tunnel limit's series (`hyco_manager_tunnels_refused_total`, …).
+    pub fn register_tunnel_gate(&mut self, gate: &hyco_io::tunnels::TunnelGate) {
+        gate.register(&mut self.registry);
+    }
+
     /// Adds a hybrid connection (or returns the one of that name).
     pub fn add(&self, name: &str) -> Arc<HcStatus> {
         let mut g = self.hcs.write().unwrap_or_else(|p| p.into_inner());
@@ -267,6 +307,7 @@ impl StatusBoard {
             bytes: AtomicU64::new(0),
             relay_listeners: AtomicI64::new(-1),
             listener_id: Mutex::new(None),
+            refused: Mutex::new(None),
             metrics: Arc::clone(&self.metrics),
         });
         g.push(Arc::clone(&h));

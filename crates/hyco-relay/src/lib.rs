@@ -82,6 +82,14 @@ pub struct Limits {
     pub auth_failure_burst: u32,
     /// …and per second after that; beyond, it gets 429.
     pub auth_failures_per_sec: f64,
+    /// Tunnels (senders from their upgrade to the end of the splice) open at once; beyond,
+    /// senders get 503 while descriptors remain to say so (issue 15 §5). Default: derived
+    /// from the descriptor limit ([`hyco_io::tunnels::default_max`]).
+    pub max_tunnels: usize,
+    /// Per-address limits (handshake slots, failed-authorization throttle) count an IPv6
+    /// source by its first `ipv6_prefix` bits (64: one budget per /64, what one host or
+    /// customer usually holds), an IPv4 source by its whole address.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for Limits {
@@ -102,6 +110,8 @@ impl Default for Limits {
             max_memory: None,
             auth_failure_burst: 30,
             auth_failures_per_sec: 1.0,
+            max_tunnels: hyco_io::tunnels::max_tunnels(None),
+            ipv6_prefix: 64,
         }
     }
 }
@@ -180,9 +190,11 @@ pub struct Shared {
     pub auth_throttle: throttle::AuthThrottle,
     /// The memory budget for new connections.
     pub memory: budget::MemoryBudget,
+    /// The tunnel limit (a descriptor reserve).
+    pub tunnel_gate: Arc<hyco_io::tunnels::TunnelGate>,
     /// Open tunnels, for live views.
     pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
-    /// Connections per IP still in their handshake (attacks C9).
+    /// Connections per source (address, or IPv6 prefix) still in their handshake (attacks C9).
     handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpGate>>,
 }
 
@@ -317,6 +329,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The data folder or a file in it can be read by other users (or cannot be inspected).
+    #[error("data folder: {0}")]
+    Private(#[from] hyco_io::private::PrivateError),
     /// TLS material could not be loaded or generated.
     #[error(transparent)]
     Tls(#[from] hyco_io::tls::TlsError),
@@ -340,7 +355,7 @@ pub struct Relay {
     pub ca_file: Option<PathBuf>,
 }
 
-fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), StartError> {
+fn write_file(path: &Path, data: &[u8]) -> Result<(), StartError> {
     let err = |source| StartError::DataDir {
         path: path.display().to_string(),
         source,
@@ -348,14 +363,8 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), StartError>
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(if private { 0o600 } else { 0o644 });
-        }
-        let mut f = opts.open(&tmp).map_err(err)?;
+        // Every file in the data folder is 0600 (issue 15 §4), certificates included.
+        let mut f = hyco_io::private::create_file(&tmp, true).map_err(err)?;
         f.write_all(data).map_err(err)?;
         f.sync_all().map_err(err)?;
     }
@@ -367,10 +376,8 @@ impl Relay {
     /// configured). Binds nothing.
     pub async fn prepare(cfg: RelayConfig) -> Result<Relay, StartError> {
         let dir = cfg.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        // 0700, every file in it 0600; refused when group or others can read it.
+        hyco_io::private::ensure_dir(&dir)?;
         let (tls_cfg, ca_file) = match &cfg.tls_files {
             Some((cert, key)) => (hyco_io::tls::server_config_from_files(cert, key)?, None),
             None => {
@@ -384,10 +391,10 @@ impl Relay {
                         }
                     }
                     let pki = hyco_io::tls::generate_pki(&names)?;
-                    write_file(&dir.join("ca.pem"), pki.ca_cert_pem.as_bytes(), false)?;
-                    write_file(&dir.join("ca-key.pem"), pki.ca_key_pem.as_bytes(), true)?;
-                    write_file(&key, pki.key_pem.as_bytes(), true)?;
-                    write_file(&cert, pki.cert_pem.as_bytes(), false)?;
+                    write_file(&dir.join("ca.pem"), pki.ca_cert_pem.as_bytes())?;
+                    write_file(&dir.join("ca-key.pem"), pki.ca_key_pem.as_bytes())?;
+                    write_file(&key, pki.key_pem.as_bytes())?;
+                    write_file(&cert, pki.cert_pem.as_bytes())?;
                     info!(ca = %dir.join("ca.pem").display(), "generated a CA and a server certificate");
                 }
                 (
@@ -423,7 +430,9 @@ impl Relay {
         let auth_throttle = throttle::AuthThrottle::new(
             cfg.limits.auth_failure_burst,
             cfg.limits.auth_failures_per_sec,
-        );
+        )
+        .with_ipv6_prefix(cfg.limits.ipv6_prefix);
+        let tunnel_gate = hyco_io::tunnels::TunnelGate::new("relay", cfg.limits.max_tunnels);
         let (cluster, registry) = match cluster {
             Some((c, tx)) => (Some(c), Arc::new(registry::Registry::with_directory(tx))),
             None => (None, Arc::default()),
@@ -432,6 +441,7 @@ impl Relay {
         if let Some(c) = &cluster {
             metrics.register_cluster(&c.stats);
         }
+        metrics.register_tunnel_gate(&tunnel_gate);
         let shared = Arc::new(Shared {
             cfg,
             store,
@@ -448,6 +458,7 @@ impl Relay {
             keys_changed: tokio::sync::watch::channel(0).0,
             auth_throttle,
             memory: budget::MemoryBudget::new(limits_memory),
+            tunnel_gate,
             tunnels: Default::default(),
         });
         let ns = shared.store.snapshot();
@@ -463,7 +474,6 @@ impl Relay {
         write_file(
             &dir.join("root.connection-string"),
             format!("{root_connection_string}\n").as_bytes(),
-            true,
         )?;
         Ok(Relay {
             shared,
@@ -546,7 +556,8 @@ async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     let limits = shared.cfg.limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let Some(slot) = HandshakeSlot::acquire(&shared, peer.ip(), deadline).await else {
+    let source = throttle::source_key(peer.ip(), limits.ipv6_prefix);
+    let Some(slot) = HandshakeSlot::acquire(&shared, source, deadline).await else {
         debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
         return;
     };

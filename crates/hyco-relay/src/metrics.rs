@@ -190,6 +190,12 @@ impl Metrics {
         stats.register(&mut self.registry);
     }
 
+    /// Adds the tunnel limit's series (`hyco_tunnels_refused_total`, `hyco_tunnel_limit`,
+    /// `hyco_tunnel_limit_reached`).
+    pub fn register_tunnel_gate(&mut self, gate: &hyco_io::tunnels::TunnelGate) {
+        gate.register(&mut self.registry);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         self.buffers_held

@@ -374,6 +374,12 @@ async fn connect(
         query,
         ..
     } = route;
+    // Refused while descriptors remain to say so (issue 15 §5); held until the splice ends.
+    let Some(tunnel_permit) = shared.tunnel_gate.try_acquire() else {
+        return Err(RelayError::Unavailable(
+            "ServerBusy: the relay is at its tunnel limit (--max-tunnels); retry later.",
+        ));
+    };
     let started = Instant::now();
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
@@ -503,6 +509,7 @@ async fn connect(
             let span = tracing::info_span!("tunnel", hc = %hc_name, id = %conn_id, listener_id = %listener_id, peer = %peer);
             shared.tracker.spawn(
                 async move {
+                    let _tunnel_permit = tunnel_permit;
                     let (s, l) = tokio::join!(sender_upgrade, upgrade);
                     let (Ok(s), Ok(l)) = (s, l) else {
                         debug!("an upgrade did not complete");

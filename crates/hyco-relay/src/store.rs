@@ -189,7 +189,10 @@ impl RedisStore {
 impl Store {
     /// Opens (or creates) `hyco.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(dir.join("hyco.redb")).map_err(db)?;
+        let path = dir.join("hyco.redb");
+        // Created 0600 before redb initializes it: it holds every rule's keys.
+        drop(hyco_io::private::create_file(&path, false).map_err(db)?);
+        let db = Database::create(path).map_err(db)?;
         let ns = load(&db)?;
         Ok(Store {
             backend: Backend::Embedded(db),

@@ -1,5 +1,5 @@
 //! Per-address throttle of failed authorizations (attacks.md A-rows, issue 7: token brute
-//! force). Each source IP has a bucket of `burst` failures refilled at `per_sec`; an address
+//! force). Each source (an IPv4 address, or an IPv6 prefix: [`source_key`]) has a bucket of `burst` failures refilled at `per_sec`; an address
 //! whose bucket is empty is answered 429 before any token is looked at, so guessing costs the
 //! attacker time and the relay nothing. Successes cost nothing; other addresses are untouched.
 //!
@@ -17,6 +17,20 @@ use tokio::time::Instant;
 /// Most addresses tracked at once.
 const MAX_TRACKED: usize = 100_000;
 
+/// The key per-address limits count `ip` under: an IPv4 address (IPv4-mapped IPv6 included)
+/// as itself, an IPv6 address by its first `v6_prefix` bits (the rest zeroed). Whoever holds
+/// a /64 has 2^64 addresses; keyed by the whole address, each would have its own budget.
+pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => IpAddr::V4(a),
+        IpAddr::V6(a) => {
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
 struct Bucket {
     tokens: f64,
     at: Instant,
@@ -26,6 +40,7 @@ struct Bucket {
 pub struct AuthThrottle {
     burst: f64,
     per_sec: f64,
+    v6_prefix: u8,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
@@ -35,8 +50,15 @@ impl AuthThrottle {
         AuthThrottle {
             burst: f64::from(burst),
             per_sec: per_sec.max(0.001),
+            v6_prefix: 64,
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts IPv6 sources by their first `bits` bits (default 64; [`source_key`]).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Self {
+        self.v6_prefix = bits.min(128);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Bucket>> {
@@ -54,6 +76,7 @@ impl AuthThrottle {
         if self.burst == 0.0 {
             return Ok(());
         }
+        let ip = source_key(ip, self.v6_prefix);
         let now = Instant::now();
         let mut g = self.lock();
         match g.get_mut(&ip) {
@@ -76,6 +99,7 @@ impl AuthThrottle {
         if self.burst == 0.0 {
             return;
         }
+        let ip = source_key(ip, self.v6_prefix);
         let now = Instant::now();
         let mut g = self.lock();
         if !g.contains_key(&ip) && g.len() >= MAX_TRACKED {
@@ -130,5 +154,35 @@ mod tests {
         }
         assert!(off.check(a).is_ok());
         assert_eq!(off.tracked(), 0);
+    }
+
+    #[test]
+    fn ipv6_sources_are_keyed_by_their_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd");
+        assert_eq!(source_key(a, 64), ip("2001:db8:1:2::"));
+        assert_eq!(source_key(ip("2001:db8:1:2::9"), 64), source_key(a, 64));
+        assert_ne!(source_key(ip("2001:db8:1:3::9"), 64), source_key(a, 64));
+        assert_eq!(source_key(a, 48), ip("2001:db8:1::"));
+        assert_eq!(source_key(a, 128), a);
+        assert_eq!(source_key(a, 200), a, "clamped to 128");
+        assert_eq!(source_key(a, 0), ip("::"));
+        // IPv4, and IPv4 written as IPv6, stay whole addresses.
+        assert_eq!(source_key(ip("192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_ipv6_64_shares_one_budget() {
+        let t = AuthThrottle::new(2, 1.0);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        t.failed(ip("fd00:15::10"));
+        t.failed(ip("fd00:15::11"));
+        assert!(t.check(ip("fd00:15::12")).is_err(), "same /64");
+        assert!(t.check(ip("fd00:16::10")).is_ok(), "another /64");
+        let whole = AuthThrottle::new(2, 1.0).with_ipv6_prefix(128);
+        whole.failed(ip("fd00:15::10"));
+        whole.failed(ip("fd00:15::11"));
+        assert!(whole.check(ip("fd00:15::12")).is_ok());
     }
 }

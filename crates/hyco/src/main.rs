@@ -103,7 +103,7 @@ struct MigrateArgs {
     #[arg(long, default_value = "hyco-data", env = "HYCO_DATA")]
     data: PathBuf,
     /// Redis URL of the cluster.
-    #[arg(long, env = "HYCO_CLUSTER")]
+    #[arg(long, env = "HYCO_CLUSTER", hide_env_values = true)]
     cluster: String,
     /// Cluster name (key prefix).
     #[arg(long, default_value = "default", env = "HYCO_CLUSTER_NAME")]
@@ -119,7 +119,7 @@ struct ClusterArgs {
     /// Run as a cluster node: the Redis URL (`redis://[:password@]host:port/db`, `rediss://…`,
     /// `redis+unix:///path`). Configuration and the listener directory live there instead of
     /// the data folder (which keeps the TLS material). docs/cluster.md.
-    #[arg(long, env = "HYCO_CLUSTER")]
+    #[arg(long, env = "HYCO_CLUSTER", hide_env_values = true)]
     cluster: Option<String>,
     /// This node's id, unique in the cluster (letters, digits, '-', '_'). Required with --cluster.
     #[arg(long, env = "HYCO_NODE_ID", requires = "cluster")]
@@ -179,6 +179,15 @@ struct RelayArgs {
     /// second. 0 turns the throttle off.
     #[arg(long, default_value_t = 30)]
     auth_failure_burst: u32,
+    /// Per-address limits (handshake slots, failed-authorization throttle) count IPv6 sources
+    /// by this many leading bits: one budget per /64 by default (128: per address).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
+    ipv6_prefix: u8,
+    /// Tunnels open at once; past it new ones are refused at once (503 to the sender) while descriptors
+    /// remain to say so. Default: (RLIMIT_NOFILE - min(RLIMIT_NOFILE/4, 200)) / 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tunnels: Option<u64>,
+
     /// Seconds running tunnels may drain after SIGTERM (0 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     drain_grace: u64,
@@ -208,6 +217,17 @@ struct ManagerRunArgs {
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Endpoints this manager may dial (repeatable, or comma-separated; added to the
+    /// configuration file's `allow_endpoints`): `*`, `db.corp`, `*.corp`, `10.0.0.0/8`,
+    /// `[fd00::/8]`, each optionally with `:PORT` or `:FIRST-LAST` (`db.corp:5432`, `*:5432`).
+    /// Without any, every endpoint but link-local and cloud metadata addresses, which only an
+    /// address entry naming them allows.
+    #[arg(
+        long = "allow-endpoint",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ','
+    )]
+    allow_endpoints: Vec<String>,
     /// Lifetime in seconds of the listener tokens minted from the keys; they are renewed on the
     /// open control channel before they expire.
     #[arg(long, default_value_t = 3600)]
@@ -215,6 +235,10 @@ struct ManagerRunArgs {
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
+    /// Tunnels open at once; past it new ones are refused at once (the sender gets a 503 reject) while descriptors
+    /// remain to say so. Default: (RLIMIT_NOFILE - min(RLIMIT_NOFILE/4, 200)) / 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tunnels: Option<u64>,
     #[command(flatten)]
     relay: RelayClientArgs,
 }
@@ -226,11 +250,15 @@ struct ForwardArgs {
     #[arg(short = 'L', long = "local", required = true)]
     locals: Vec<String>,
     /// Connection string with a Send key (EntityPath is replaced by each HC).
-    #[arg(long, env = "HYCO_CONNECTION_STRING")]
+    #[arg(long, env = "HYCO_CONNECTION_STRING", hide_env_values = true)]
     connection_string: String,
     /// Extra CA certificate to trust (PEM), besides the system roots.
     #[arg(long, env = "HYCO_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Tunnels open at once; past it new ones are refused at once (the local connection is reset) while descriptors
+    /// remain to say so. Default: (RLIMIT_NOFILE - min(RLIMIT_NOFILE/4, 200)) / 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tunnels: Option<u64>,
     #[command(flatten)]
     relay: RelayClientArgs,
 }
@@ -403,6 +431,8 @@ async fn relay(a: RelayArgs) -> Result<()> {
     cfg.limits.token_grace = Duration::from_secs(a.token_grace);
     cfg.limits.max_memory = a.max_memory_mib.map(|m| m << 20);
     cfg.limits.auth_failure_burst = a.auth_failure_burst;
+    cfg.limits.ipv6_prefix = a.ipv6_prefix;
+    cfg.limits.max_tunnels = tunnel_limit("relay", a.max_tunnels);
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
     cfg.cluster = cluster_config(&a.cluster, bound.port())?;
     let relay = hyco_relay::Relay::prepare(cfg)
@@ -563,6 +593,18 @@ async fn manager(
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     cfg.client = with_relay_addrs(cfg.client, a.relay.relay_addrs.clone())?;
     cfg.client.warm_connections = a.relay.warm_connections as usize;
+    if !a.allow_endpoints.is_empty() {
+        let mut list = cfg.allow_endpoints.entries().to_vec();
+        list.extend(
+            hyco_manager::EndpointPolicy::parse(&a.allow_endpoints)
+                .map_err(|e| usage(format!("--allow-endpoint {e}")))?
+                .entries()
+                .iter()
+                .cloned(),
+        );
+        cfg.allow_endpoints = hyco_manager::EndpointPolicy::new(list);
+    }
+    info!(allow = %cfg.allow_endpoints, "endpoints this manager may dial");
     let lifetimes = hyco_manager::TOKEN_LIFETIME_SECS;
     if !lifetimes.contains(&a.token_lifetime) {
         return Err(usage(format!(
@@ -573,6 +615,7 @@ async fn manager(
         )));
     }
     cfg.token_lifetime = Duration::from_secs(a.token_lifetime);
+    cfg.max_tunnels = tunnel_limit("manager", a.max_tunnels);
     let dir = state.ensure()?;
     let socket = state.socket();
     let control = hyco_manager::control::bind(&socket)
@@ -608,6 +651,26 @@ async fn manager(
     }
     m.wait().await;
     Ok(())
+}
+
+/// `--max-tunnels`, or the default for this process's descriptor limit; logged.
+fn tunnel_limit(role: &str, flag: Option<u64>) -> usize {
+    let flag = flag.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let max = hyco_io::tunnels::max_tunnels(flag);
+    let nofile = hyco_io::tunnels::nofile_limit();
+    match (flag, nofile) {
+        (Some(_), _) => info!(role, max_tunnels = max, "tunnel limit (--max-tunnels)"),
+        (None, Some(n)) => {
+            info!(
+                role,
+                max_tunnels = max,
+                nofile = n,
+                "tunnel limit derived from the descriptor limit"
+            )
+        }
+        (None, None) => info!(role, "no descriptor limit: no tunnel limit"),
+    }
+    max
 }
 
 /// Parses `[BIND:]PORT:HC`.
@@ -649,7 +712,9 @@ async fn forward(a: ForwardArgs) -> Result<()> {
     }
     let shutdown = CancellationToken::new();
     on_signals(shutdown.clone());
-    if let Err(e) = hyco_client::run_forward(rules, connector, shutdown).await {
+    let gate =
+        hyco_io::tunnels::TunnelGate::new("forwarder", tunnel_limit("forwarder", a.max_tunnels));
+    if let Err(e) = hyco_client::run_forward_limited(rules, connector, gate, shutdown).await {
         error!(error = %e, "forwarder failed");
         bail!("forwarder failed: {e}");
     }
@@ -689,6 +754,53 @@ mod tests {
         ]);
         assert_eq!(worker_threads(&set.cmd, set.threads), 3);
         assert!(Cli::try_parse_from(["hyco", "--threads", "0", "relay"]).is_err());
+    }
+
+    /// Environment variables whose values may be shown in `--help`: none of them can carry a
+    /// key or a password. Every other one must hide its value (issue 15 §4), so a new flag
+    /// with an environment variable is classified here before it ships.
+    const SHOWN_ENV: &[&str] = &[
+        "HYCO_THREADS",
+        "HYCO_DATA",
+        "HYCO_CLUSTER_NAME",
+        "HYCO_NODE_ID",
+        "HYCO_ADVERTISE",
+        "HYCO_CLUSTER_SECRET_FILE",
+        "HYCO_LISTEN",
+        "HYCO_STATUS_LISTEN",
+        "HYCO_CA_FILE",
+        "HYCO_RELAY_ADDRS",
+        "HYCO_WARM_CONNECTIONS",
+        "HYCO_STATE_DIR",
+    ];
+
+    fn each_command(c: &clap::Command, f: &mut impl FnMut(&clap::Command)) {
+        f(c);
+        for s in c.get_subcommands() {
+            each_command(s, f);
+        }
+    }
+
+    #[test]
+    fn every_flag_that_may_carry_a_secret_hides_its_environment_value() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut seen = 0;
+        each_command(&cmd, &mut |c| {
+            for a in c.get_arguments() {
+                let Some(env) = a.get_env() else { continue };
+                let name = env.to_string_lossy();
+                seen += 1;
+                assert!(
+                    a.is_hide_env_values_set() || SHOWN_ENV.contains(&name.as_ref()),
+                    "{} --{}: {name} may carry a secret; add hide_env_values = true (or list it in SHOWN_ENV if it never can)",
+                    c.get_name(),
+                    a.get_id()
+                );
+            }
+        });
+        assert!(seen > 10, "the walk found the flags ({seen})");
     }
 
     #[test]

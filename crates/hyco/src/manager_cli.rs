@@ -60,15 +60,11 @@ impl StateDirArg {
         self.dir().join("manager-state.json")
     }
 
-    /// Creates the folder (mode 0700) if needed.
+    /// Creates the folder (mode 0700) if needed; refuses one (or a state file) that other
+    /// users can read, with the `chmod` that fixes it.
     pub fn ensure(&self) -> Result<PathBuf> {
-        use std::os::unix::fs::DirBuilderExt;
         let d = self.dir();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&d)
-            .with_context(|| format!("cannot create the state folder {}", d.display()))?;
+        hyco_io::private::ensure_dir(&d).map_err(|e| usage(format!("state folder: {e}")))?;
         Ok(d)
     }
 }

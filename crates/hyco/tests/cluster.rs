@@ -94,7 +94,10 @@ async fn node_with(id: &str, redis: &Redis, first: Option<&Node>, more: &[String
     if let Some(f) = first {
         let fdata = f.relay.dir.0.join("data");
         let data = dir.0.join("data");
-        std::fs::create_dir_all(&data).unwrap();
+        // The relay refuses a data folder others can read.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&data)
+            .unwrap();
         std::fs::copy(fdata.join("ca.pem"), data.join("ca.pem")).unwrap();
         extra.extend([
             "--cert".into(),

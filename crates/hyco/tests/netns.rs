@@ -181,3 +181,178 @@ async fn e4_a_listener_whose_network_vanishes_is_dropped_within_the_dead_interva
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     m.kill().await;
 }
+
+/// A network namespace joined to the host by a veth pair on one IPv6 /64 (a ULA prefix): the
+/// namespace's end is `::2`, the host's end holds `::1` and `::10`…`::1f`, all of one /64.
+struct Netns6 {
+    name: String,
+    prefix: String,
+}
+
+impl Netns6 {
+    fn new(tag: &str) -> Netns6 {
+        let pid = std::process::id();
+        let name = format!("hyco-{tag}-{pid}");
+        let (outside, inside) = (
+            format!("h6{tag}h{}", pid % 100_000),
+            format!("h6{tag}n{}", pid % 100_000),
+        );
+        let prefix = format!("fd15:{:x}:{:x}:1", pid >> 16, pid & 0xffff);
+        ip(&["netns", "add", &name]);
+        let ns = Netns6 {
+            name: name.clone(),
+            prefix: prefix.clone(),
+        };
+        ip(&[
+            "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+        ]);
+        ip(&["link", "set", &inside, "netns", &name]);
+        for host in std::iter::once(1).chain(0x10..=0x1f) {
+            ip(&[
+                "addr",
+                "add",
+                &format!("{prefix}::{host:x}/64"),
+                "dev",
+                &outside,
+                "nodad",
+            ]);
+        }
+        ip(&["link", "set", &outside, "up"]);
+        let inns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &name, "ip"];
+            full.extend_from_slice(args);
+            ip(&full);
+        };
+        inns(&[
+            "addr",
+            "add",
+            &format!("{prefix}::2/64"),
+            "dev",
+            &inside,
+            "nodad",
+        ]);
+        inns(&["link", "set", &inside, "up"]);
+        inns(&["link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns6 {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A relay inside `ns` on `[prefix::2]:0` with `extra` flags; returns it, its port and CA.
+async fn relay_in(ns: &Netns6, dir: &TempDir, extra: &[&str]) -> (Proc, u16, std::path::PathBuf) {
+    let data = dir.0.join("data");
+    let listen = format!("[{}::2]:0", ns.prefix);
+    let hyco = bin();
+    let mut args = vec![
+        "netns",
+        "exec",
+        &ns.name,
+        hyco.to_str().unwrap(),
+        "relay",
+        "--listen",
+        &listen,
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn("relay-in-netns", std::path::Path::new("ip"), &args, &[]);
+    let line = p.wait_line("relay listening", T).await;
+    let port = hyco_testkit::field(&line, "listen")
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (p, port, data.join("ca.pem"))
+}
+
+/// One entity GET with a token signed by a key nobody has, from `source`; the status code.
+async fn failed_auth_from(ns: &Netns6, port: u16, ca: &std::path::Path, source: &str) -> u16 {
+    let sock = tokio::net::TcpSocket::new_v6().unwrap();
+    sock.bind(format!("[{source}]:0").parse().unwrap()).unwrap();
+    let tcp = tokio::time::timeout(
+        T,
+        sock.connect(format!("[{}::2]:{port}", ns.prefix).parse().unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let tls = hyco_io::tls::client_config(Some(ca)).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let bad = "SharedAccessSignature sr=http%3A%2F%2Flocalhost%2Fhc&sig=AAAA&se=9999999999&skn=RootManageSharedAccessKey";
+    s.write_all(
+        format!("GET /hc?api-version=2016-07 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {bad}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut head)).await;
+    let head = String::from_utf8_lossy(&head);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status from the relay: {head:?}"))
+}
+
+/// Failed authorizations from 16 addresses of one /64 (IPv6 sources, over a veth pair into a
+/// namespace) share one budget: an attacker with a /64 does not get 2^64 of them. With
+/// `--ipv6-prefix 128` each address has its own, as every IPv6 source had before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_limits_count_an_ipv6_64_as_one_source() {
+    let ns = Netns6::new("v6");
+    let sources: Vec<String> = (0x10..=0x1f)
+        .map(|h| format!("{}::{h:x}", ns.prefix))
+        .collect();
+    let mut counts = Vec::new();
+    for extra in [
+        &["--auth-failure-burst", "3"][..],
+        &["--auth-failure-burst", "3", "--ipv6-prefix", "128"],
+    ] {
+        let dir = TempDir::new("netns-v6");
+        let (mut relay, port, ca) = relay_in(&ns, &dir, extra).await;
+        let started = Instant::now();
+        let mut unauthorized = 0;
+        let mut throttled = 0;
+        for round in 0..4 {
+            for src in &sources {
+                match failed_auth_from(&ns, port, &ca, src).await {
+                    401 => unauthorized += 1,
+                    429 => throttled += 1,
+                    other => panic!("round {round} from {src}: status {other}"),
+                }
+            }
+        }
+        // The bucket refills one failure per second.
+        let refilled = started.elapsed().as_secs() as usize + 1;
+        counts.push((unauthorized, throttled, refilled));
+        relay.kill().await;
+    }
+    eprintln!(
+        "/64 keyed: (401, 429, seconds) {:?}; per address: {:?}",
+        counts[0], counts[1]
+    );
+    let (u, t, refilled) = counts[0];
+    assert!(
+        u <= 3 + refilled,
+        "one /64 had more than one budget: {u} x 401, {t} x 429"
+    );
+    assert_eq!(u + t, 64);
+    let (u, _, _) = counts[1];
+    assert!(
+        u >= 16 * 3,
+        "with --ipv6-prefix 128 each address has its own budget: {u}"
+    );
+}

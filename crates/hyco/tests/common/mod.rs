@@ -36,6 +36,15 @@ impl Relay {
 
     /// A relay listening on `listen` (an address of a network namespace the test made).
     pub async fn start_on(dir: TempDir, listen: &str, extra: &[&str]) -> Relay {
+        Self::start_via(dir, listen, extra, None).await
+    }
+
+    /// A relay on 127.0.0.1 port 0 whose descriptor limit is `nofile`.
+    pub async fn start_with_nofile(dir: TempDir, nofile: u32, extra: &[&str]) -> Relay {
+        Self::start_via(dir, "127.0.0.1:0", extra, Some(nofile)).await
+    }
+
+    async fn start_via(dir: TempDir, listen: &str, extra: &[&str], nofile: Option<u32>) -> Relay {
         let listen = listen.to_owned();
         let data = dir.0.join("data");
         let mut args = vec![
@@ -46,7 +55,10 @@ impl Relay {
             data.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn("relay", &bin(), &args, &[]);
+        let proc = match nofile {
+            None => Proc::spawn("relay", &bin(), &args, &[]),
+            Some(n) => spawn_with_nofile("relay", n, &args, &[]),
+        };
         let line = proc.wait_line("relay listening", T).await;
         let port: u16 = field(&line, "listen")
             .unwrap()
@@ -180,6 +192,16 @@ impl Relay {
         .connector()
         .unwrap()
     }
+}
+
+/// `hyco args…` with a descriptor limit (soft and hard) of `nofile`: a shell sets it with
+/// `ulimit -n`, then becomes the process.
+pub fn spawn_with_nofile(tag: &str, nofile: u32, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let script = format!("ulimit -n {nofile} && exec \"$0\" \"$@\"");
+    let hyco = bin();
+    let mut full = vec!["-c", script.as_str(), hyco.to_str().unwrap()];
+    full.extend_from_slice(args);
+    Proc::spawn(tag, std::path::Path::new("sh"), &full, env)
 }
 
 pub async fn relay(tag: &str) -> Relay {
