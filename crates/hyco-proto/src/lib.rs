@@ -18,6 +18,7 @@
 //! * [`control`]: `accept`, `request`, `response`, `renewToken` (§4).
 //! * [`entity`]: endpoint metadata and the Atom entity description (§6).
 //! * [`error`]: every error enum, and [`ProtoError`] wrapping them.
+//! * [`escape`]: outside text made safe for logs, terminals and pages.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod connection_string;
 pub mod control;
 pub mod entity;
 pub mod error;
+pub mod escape;
 pub mod rights;
 pub mod sas;
 pub mod secret;
