@@ -7,6 +7,11 @@
 //! The relay and the manager both use it with their own sources. It binds where it is told:
 //! keep it on loopback (the default) unless it sits behind something that authenticates,
 //! because it shows listener addresses and hybrid connection names.
+//!
+//! It answers only requests whose `Host` is a loopback name or address (`localhost`,
+//! `*.localhost`, `127.0.0.0/8`, `[::1]`) or one of [`Sources::hosts`]; any other gets 421.
+//! Without that, a web page open in a browser on the same machine could read the pages by DNS
+//! rebinding (its own name, re-pointed at 127.0.0.1, is same-origin for the page).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,6 +39,44 @@ pub struct Sources {
     pub metrics: Snapshot,
     /// Discrete events (JSON), if the process publishes any.
     pub events: Option<broadcast::Sender<String>>,
+    /// Host names (or addresses) the pages answer to besides loopback ones, as in a `Host`
+    /// header without its port (`--status-host`); compared case-insensitively.
+    pub hosts: Vec<String>,
+}
+
+/// Whether a `Host` header value names this server: a loopback name or address, or one of
+/// `allowed`. The port, if any, is ignored; anything unparsable is refused.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`
+        match rest.split_once(']') {
+            Some((v6, tail)) if tail.is_empty() || tail.starts_with(':') => v6,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || lower
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+        || allowed.iter().any(|a| {
+            let a = a
+                .strip_prefix('[')
+                .and_then(|a| a.strip_suffix(']'))
+                .unwrap_or(a);
+            a.eq_ignore_ascii_case(name)
+        })
 }
 
 const PAGE: &str = include_str!("status/page.html");
@@ -69,7 +112,46 @@ where
 }
 
 fn data_frame(json: &str) -> Result<Frame<Bytes>, Infallible> {
-    Ok(Frame::data(Bytes::from(format!("data: {json}\n\n"))))
+    Ok(Frame::data(Bytes::from(format!(
+        "data: {}\n\n",
+        displayable(json)
+    ))))
+}
+
+/// A JSON document with every control character in its strings (keys too) written as an
+/// escape ([`hyco_proto::escape`]): the snapshots carry outside text (listener ids, endpoint
+/// metadata in error details, reasons), and what the page shows must not hold control bytes.
+pub fn displayable(json: &str) -> String {
+    use hyco_proto::escape::{escaped, needs_escape};
+    // serde_json writes C0 controls as `\…` escapes, so a document with no backslash and no
+    // other escapable character has nothing to change.
+    if !json.contains('\\') && !json.chars().any(needs_escape) {
+        return json.to_owned();
+    }
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => *s = escaped(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            serde_json::Value::Object(o) => {
+                *o = std::mem::take(o)
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        walk(&mut v);
+                        (escaped(&k), v)
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(mut v) => {
+            walk(&mut v);
+            v.to_string()
+        }
+        // Not JSON (never from this crate's callers): shown as text, escaped.
+        Err(_) => escaped(json),
+    }
 }
 
 /// The snapshot now and then every second.
@@ -114,6 +196,23 @@ async fn route(
     src: Sources,
     stop: CancellationToken,
 ) -> Result<Response<Body>, Infallible> {
+    // A Host header is required; an absolute-form target's authority must pass as well.
+    let host_ok = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| host_allowed(h, &src.hosts))
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| host_allowed(a.as_str(), &src.hosts));
+    if !host_ok {
+        return Ok(full(
+            StatusCode::MISDIRECTED_REQUEST,
+            "text/plain",
+            "unknown Host: this status page answers loopback names and its --status-host names\n",
+        ));
+    }
     if req.method() != Method::GET {
         return Ok(full(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -128,7 +227,11 @@ async fn route(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             (src.metrics)(),
         ),
-        "/api/status" => full(StatusCode::OK, "application/json", (src.snapshot)()),
+        "/api/status" => full(
+            StatusCode::OK,
+            "application/json",
+            displayable(&(src.snapshot)()),
+        ),
         "/api/events" => snapshots(src.snapshot, stop),
         "/api/listener-events" => match &src.events {
             Some(tx) => event_stream(tx, stop),
@@ -158,5 +261,47 @@ pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationTo
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             let _ = conn.await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_loopback_and_configured_hosts_are_allowed() {
+        let cfg = vec!["status.example".to_owned(), "[fd00::5]".to_owned()];
+        for ok in [
+            "localhost",
+            "LOCALHOST:9000",
+            "localhost.",
+            "app.localhost:1",
+            "127.0.0.1",
+            "127.1.2.3:8080",
+            "[::1]",
+            "[::1]:9000",
+            "status.example",
+            "Status.Example:443",
+            "[fd00::5]:80",
+        ] {
+            assert!(host_allowed(ok, &cfg), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "evil.example",
+            "evil.example:9000",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "10.0.0.1",
+            "[::2]",
+            "::1",
+            "[::1]x",
+            "localhost:80:80",
+            "status.example.evil",
+        ] {
+            assert!(!host_allowed(bad, &cfg), "{bad}");
+        }
+        assert!(!host_allowed("status.example", &[]));
     }
 }

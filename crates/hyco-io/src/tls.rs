@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -67,14 +68,19 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// A PEM syntax error as the I/O error [`TlsError::Read`] carries.
+fn pem_error(origin: &str, e: pem::Error) -> TlsError {
+    TlsError::Read {
+        path: origin.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    }
+}
+
 /// Parses every certificate in a PEM text.
 pub fn parse_certs(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
-            path: origin.into(),
-            source,
-        })?;
+        .map_err(|e| pem_error(origin, e))?;
     if certs.is_empty() {
         return Err(TlsError::Pem {
             path: origin.into(),
@@ -84,17 +90,15 @@ pub fn parse_certs(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'stati
     Ok(certs)
 }
 
-/// Parses the first private key in a PEM text.
+/// Parses the first private key (PKCS#1, PKCS#8 or SEC1) in a PEM text.
 pub fn parse_key(pem: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|source| TlsError::Read {
-            path: origin.into(),
-            source,
-        })?
-        .ok_or(TlsError::Pem {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::Pem {
             path: origin.into(),
             what: "no private key found",
-        })
+        },
+        e => pem_error(origin, e),
+    })
 }
 
 /// Server config from PEM files: TLS 1.2 + 1.3, HTTP/1.1 ALPN, session tickets for resumption.

@@ -18,6 +18,20 @@ pub const MAX_QUERY_PAIRS: usize = 256;
 pub const MAX_ENTITY_NAME: usize = 260;
 /// Longest reason phrase [`sanitize_reason`] returns.
 pub const MAX_REASON: usize = 512;
+/// Longest `sb-hc-id` accepted (Azure's own ids are a GUID, 36 characters, with an optional
+/// `_G<n>` suffix).
+pub const MAX_ID: usize = 128;
+
+/// Whether `id` is an acceptable `sb-hc-id`: 1 to [`MAX_ID`] characters, each an ASCII letter,
+/// digit or one of `-_.:@{}` (GUIDs in any .NET format but `(…)`, Azure's `_G<n>` suffix,
+/// plain numbers, host-like names). The id is logged, shown on status pages and echoed to
+/// listeners, so nothing else (no control character, space, quote or `=`) gets in.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@{}".contains(&b))
+}
 
 /// `sb-hc-action`: what a WebSocket connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +104,9 @@ pub enum AddressError {
     /// An `sb-hc-action` value that is not listen, connect, accept or request.
     #[error("unknown sb-hc-action")]
     BadAction,
+    /// An `sb-hc-id` that is empty, too long or has a character outside [`is_valid_id`]'s.
+    #[error("sb-hc-id must be 1 to 128 letters, digits or '-_.:@{{}}'")]
+    BadId,
     /// An entity name outside the allowed alphabet or length; the text says which rule.
     #[error("invalid hybrid connection name: {0}")]
     BadName(&'static str),
@@ -170,7 +187,12 @@ impl HcQuery {
                     q.action =
                         Some(Action::from_wire(&form_decode(v)).ok_or(AddressError::BadAction)?);
                 }
-                "sb-hc-id" => set(&mut q.id, "sb-hc-id")?,
+                "sb-hc-id" => {
+                    set(&mut q.id, "sb-hc-id")?;
+                    if !q.id.as_deref().is_some_and(is_valid_id) {
+                        return Err(AddressError::BadId);
+                    }
+                }
                 "sb-hc-token" => set(&mut q.token, "sb-hc-token")?,
                 "sb-hc-statuscode" => set(&mut q.status_code, "sb-hc-statusCode")?,
                 "sb-hc-statusdescription" => {

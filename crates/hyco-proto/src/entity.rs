@@ -150,7 +150,7 @@ pub fn parse_entity_atom(xml: &str) -> Result<EntityDescription, EntityError> {
         match r.read_event().map_err(|e| xml_err(&e))? {
             Event::Eof => break,
             Event::Start(e) => {
-                let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                let name = e.local_name().as_ref().to_owned();
                 if stack.is_empty() && name != "entry" {
                     return Err(if name == "feed" {
                         EntityError::NotFound
@@ -164,8 +164,16 @@ pub fn parse_entity_atom(xml: &str) -> Result<EntityDescription, EntityError> {
                 stack.push(name);
                 text.clear();
             }
-            Event::Text(t) => text.push_str(&t.unescape().map_err(|e| xml_err(&e))?),
-            Event::CData(c) => text.push_str(&c.decode().map_err(|e| xml_err(&e))?),
+            Event::Text(t) => text.push_str(&t.xml10_content()),
+            Event::CData(c) => text.push_str(&c.xml10_content()),
+            // `&lt;` and `&#60;` come as their own events; no DTD, so no other entity exists.
+            Event::GeneralRef(r) => match r.resolve_char_ref().map_err(|e| xml_err(&e))? {
+                Some(c) => text.push(c),
+                None => text.push_str(
+                    quick_xml::escape::resolve_predefined_entity(&r)
+                        .ok_or_else(|| xml_err(&format!("unknown entity &{};", &*r)))?,
+                ),
+            },
             Event::End(_) => {
                 let path: Vec<&str> = stack.iter().map(String::as_str).collect();
                 match path.as_slice() {

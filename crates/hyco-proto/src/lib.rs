@@ -19,6 +19,7 @@
 //! * [`entity`]: endpoint metadata and the Atom entity description (§6).
 //! * [`names`]: hybrid connection and rule names (Azure's rules) as URL path segments.
 //! * [`error`]: every error enum, and [`ProtoError`] wrapping them.
+//! * [`escape`]: outside text made safe for logs, terminals and pages.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod control;
 pub mod entity;
 pub mod error;
 pub mod names;
+pub mod escape;
 pub mod rights;
 pub mod sas;
 pub mod secret;

@@ -7,7 +7,8 @@
 //!   `{node, epoch, listenerId}`. An entry counts only while its node's lease holds the same
 //!   epoch; stale ones are removed by whoever meets them. `own:{node}`: the fields a node wrote,
 //!   so a resync can remove what it no longer holds.
-//! * `cfg`, `cfg:ver`, `cfg:lock`: the configuration ([`crate::store`]).
+//! * `cfg`, `cfg:ver`, `cfg:lock`: the configuration ([`crate::store`]), signed with a key
+//!   derived from the cluster secret when there is one.
 //!
 //! Pub/sub: `inbox:{node}` (one per node) and `bcast`. Messages are JSON envelopes prefixed by
 //! an HMAC-SHA256 over them with the cluster key; others are dropped and counted.
@@ -26,7 +27,7 @@
 //! cluster can see them (fencing).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -230,6 +231,8 @@ pub struct ClusterStats {
     pub bad_messages: Counter,
     /// Times this node fenced itself.
     pub fences: Counter,
+    /// Configuration versions in Redis refused for a missing or bad signature.
+    pub bad_config: Counter,
     /// 1 while Redis answers the lease renewals.
     pub redis_up: Gauge,
     /// Live nodes at the last renewal.
@@ -258,6 +261,11 @@ impl ClusterStats {
             "cluster_bad_messages",
             "Cluster messages dropped for a bad MAC, age or shape",
             self.bad_messages.clone(),
+        );
+        r.register(
+            "cluster_bad_config",
+            "Configuration versions in Redis refused for a missing or bad signature",
+            self.bad_config.clone(),
         );
         r.register(
             "cluster_fences",
@@ -292,6 +300,8 @@ pub struct Cluster {
     healthy: AtomicBool,
     peers: AtomicUsize,
     resync: Notify,
+    /// The last configuration version refused (logged once each).
+    refused_config: AtomicI64,
     /// Work counters.
     pub stats: ClusterStats,
     dir_rx: Mutex<Option<mpsc::UnboundedReceiver<DirOp>>>,
@@ -367,6 +377,7 @@ impl Cluster {
             healthy: AtomicBool::new(true),
             peers: AtomicUsize::new(0),
             resync: Notify::new(),
+            refused_config: AtomicI64::new(-1),
             stats: ClusterStats::default(),
             dir_rx: Mutex::new(Some(rx)),
             cfg,
@@ -963,6 +974,13 @@ async fn reload_config(cluster: &Cluster, shared: &Arc<Shared>) {
             shared.keys_changed.send_modify(|g| *g += 1);
         }
         Ok(Ok(false)) => {}
+        Ok(Err(crate::store::StoreError::Unverified { ver, reason })) => {
+            // Once per version: the poll meets the same refused version every few seconds.
+            if cluster.refused_config.swap(ver, Ordering::Relaxed) != ver {
+                cluster.stats.bad_config.inc();
+                warn!(version = ver, reason = %reason, "refusing the configuration in Redis: not signed with this cluster's secret, or altered; keeping the last good one");
+            }
+        }
         Ok(Err(e)) => debug!(error = %e, "configuration reload failed"),
         Err(e) => debug!(error = %e, "configuration reload task failed"),
     }

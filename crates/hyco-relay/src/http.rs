@@ -161,21 +161,14 @@ fn is_hop_header(name: &str) -> bool {
 }
 
 /// The request target the listener sees: the path as sent, and the query without `sb-hc-*`
-/// pairs that carry a value (`?sb-hc-undefined` stays; §2.10). Other bytes are kept as sent.
-pub fn request_target(path: &str, query: Option<&str>) -> String {
+/// pairs that carry a value (`?sb-hc-undefined` stays; §2.10). The pairs kept are the parser's
+/// own `app_query`, so a name is dropped exactly when [`HcQuery::parse`] reads it as `sb-hc-*`
+/// (`sb%2Dhc%2Dtoken=` too). Other bytes are kept as sent.
+pub fn request_target(path: &str, query: &HcQuery) -> String {
     let mut out = path.to_owned();
-    if let Some(q) = query {
-        let kept: Vec<&str> = q
-            .split('&')
-            .filter(|pair| {
-                let is_sb = pair.len() >= 6 && pair[..6].eq_ignore_ascii_case("sb-hc-");
-                !(is_sb && pair.contains('='))
-            })
-            .collect();
-        if !(kept.is_empty() || kept.len() == 1 && kept[0].is_empty()) {
-            out.push('?');
-            out.push_str(&kept.join("&"));
-        }
+    if !query.app_query.is_empty() {
+        out.push('?');
+        out.push_str(&query.app_query);
     }
     out
 }
@@ -254,7 +247,7 @@ pub async fn handle(
     };
     let hc_name = hc.name.clone();
     let method = req.method().clone();
-    let target = request_target(req.uri().path(), raw_query);
+    let target = request_target(req.uri().path(), &query);
     let headers = request_headers(req.headers(), authorization_used);
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
@@ -728,18 +721,27 @@ mod tests {
 
     #[test]
     fn request_target_drops_sb_hc_pairs_with_values_only() {
-        assert_eq!(request_target("/hc/a/b", None), "/hc/a/b");
+        let t = |path: &str, q: Option<&str>| {
+            request_target(path, &HcQuery::parse(q.unwrap_or("")).unwrap())
+        };
+        assert_eq!(t("/hc/a/b", None), "/hc/a/b");
+        assert_eq!(t("/hc", Some("x=1&sb-hc-token=abc&y=2")), "/hc?x=1&y=2");
         assert_eq!(
-            request_target("/hc", Some("x=1&sb-hc-token=abc&y=2")),
-            "/hc?x=1&y=2"
-        );
-        assert_eq!(
-            request_target("/hc", Some("sb-hc-undefined&SB-HC-ID=4")),
+            t("/hc", Some("sb-hc-undefined&SB-HC-ID=4")),
             "/hc?sb-hc-undefined"
         );
-        assert_eq!(request_target("/hc", Some("&foo=bar&")), "/hc?&foo=bar&");
-        assert_eq!(request_target("/hc", Some("sb-hc-token=x")), "/hc");
-        assert_eq!(request_target("/hc", Some("")), "/hc");
+        assert_eq!(t("/hc", Some("&foo=bar&")), "/hc?&foo=bar&");
+        assert_eq!(t("/hc", Some("sb-hc-token=x")), "/hc");
+        assert_eq!(t("/hc", Some("")), "/hc");
+        // Encoded names are dropped exactly when the parser reads them as `sb-hc-*`.
+        for q in [
+            "sb%2Dhc%2Dtoken=x",
+            "sb-hc%2dtoken=x",
+            "%73b-hc-token=x",
+            "SB-HC-TOKEN=x",
+        ] {
+            assert_eq!(t("/hc", Some(&format!("a=1&{q}"))), "/hc?a=1", "{q}");
+        }
     }
 
     #[test]

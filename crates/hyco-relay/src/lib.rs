@@ -406,11 +406,12 @@ impl Relay {
         let (store, cluster) = match &cfg.cluster {
             None => (store::Store::open(&dir)?, None),
             Some(cc) => {
-                let (url, prefix) = (cc.url.clone(), cc.prefix());
-                let store =
-                    tokio::task::spawn_blocking(move || store::Store::open_redis(&url, &prefix))
-                        .await
-                        .map_err(|e| store::StoreError::Db(e.to_string()))??;
+                let (url, prefix, secret) = (cc.url.clone(), cc.prefix(), cc.secret.clone());
+                let store = tokio::task::spawn_blocking(move || {
+                    store::Store::open_redis(&url, &prefix, secret.as_deref())
+                })
+                .await
+                .map_err(|e| store::StoreError::Db(e.to_string()))??;
                 let (c, tx) = cluster::Cluster::connect(cc.clone()).await?;
                 (store, Some((c, tx)))
             }
@@ -486,13 +487,15 @@ impl Relay {
 
     /// Serves the status page, `/api/status`, `/api/events` and `/metrics` on `listener` (keep it
     /// on loopback) until the relay stops accepting.
-    pub fn serve_status(&self, listener: TcpListener) {
+    /// `hosts`: names besides loopback ones the pages answer to (`--status-host`).
+    pub fn serve_status(&self, listener: TcpListener, hosts: Vec<String>) {
         let s1 = Arc::clone(&self.shared);
         let s2 = Arc::clone(&self.shared);
         let sources = hyco_io::status::Sources {
             snapshot: Arc::new(move || status::snapshot(&s1)),
             metrics: Arc::new(move || s2.metrics.encode()),
             events: Some(self.shared.events.clone()),
+            hosts,
         };
         tokio::spawn(hyco_io::status::serve(
             listener,

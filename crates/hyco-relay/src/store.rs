@@ -10,6 +10,14 @@
 //! as the embedded store). A write holds the lock `cfg:lock` and watches `cfg:ver`, so writes from
 //! several nodes never interleave; other nodes reload when `cfg:ver` moves
 //! ([`crate::cluster`]).
+//!
+//! With a cluster secret the configuration is signed: the field `sig` of `cfg` holds a manifest
+//! (`cfg:ver` and the SHA-256 of every other field) with an HMAC-SHA256 under a key derived
+//! from the secret for this purpose alone ([`config_key`]). A node reads a configuration only
+//! when the MAC verifies (constant time), the manifest's version is `cfg:ver` and the fields
+//! are exactly the manifest's; otherwise it keeps the last good one ([`StoreError::Unverified`]).
+//! A Redis client without the secret can thus neither add, alter, remove nor roll back one
+//! record. Without a secret nothing is signed and Redis must be as private as the keys.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -24,6 +32,105 @@ use serde::{Deserialize, Serialize};
 const STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("state");
 const NS_KEY: &str = "namespace";
 const HC_PREFIX: &str = "hc/";
+/// The field of `cfg` that holds the signed manifest.
+const SIG_KEY: &str = "sig";
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The key that signs configuration records: HMAC-SHA256 of a fixed label under the cluster
+/// secret, so it differs from the key of node-to-node messages.
+pub fn config_key(secret: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let Ok(mut mac) = <HmacSha256 as Mac>::new_from_slice(secret) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    mac.update(b"hyco cluster configuration records v1");
+    mac.finalize().into_bytes().into()
+}
+
+/// What the `sig` field signs: the configuration version and the SHA-256 of every record.
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    ver: i64,
+    records: BTreeMap<String, String>,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn manifest_mac(key: &[u8; 32], prefix: &str, manifest: &str) -> HmacSha256 {
+    use hmac::Mac;
+    let Ok(mut mac) = <HmacSha256 as Mac>::new_from_slice(key) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    // The prefix binds the records to this cluster name.
+    mac.update(prefix.as_bytes());
+    mac.update(&[0]);
+    mac.update(manifest.as_bytes());
+    mac
+}
+
+/// The `sig` value for `records` (all fields of `cfg` but `sig`) at version `ver`.
+fn sign(key: &[u8; 32], prefix: &str, ver: i64, records: &HashMap<String, Vec<u8>>) -> String {
+    use hmac::Mac;
+    let m = Manifest {
+        ver,
+        records: records
+            .iter()
+            .map(|(k, v)| (k.clone(), sha256_hex(v)))
+            .collect(),
+    };
+    let json = serde_json::to_string(&m).unwrap_or_default();
+    let tag = manifest_mac(key, prefix, &json).finalize().into_bytes();
+    format!("{}.{json}", hex::encode(tag))
+}
+
+/// Checks the fields of `cfg` read at version `ver` against their `sig`; returns the records
+/// (without `sig`) or why they are refused.
+fn verify(
+    key: &[u8; 32],
+    prefix: &str,
+    ver: i64,
+    mut map: HashMap<String, Vec<u8>>,
+) -> Result<HashMap<String, Vec<u8>>, String> {
+    use hmac::Mac;
+    let Some(sig) = map.remove(SIG_KEY) else {
+        return if map.is_empty() && ver == 0 {
+            Ok(map) // nothing stored yet
+        } else {
+            Err("the records are not signed".into())
+        };
+    };
+    let sig = String::from_utf8(sig).map_err(|_| "the signature is not text".to_owned())?;
+    let (tag, json) = sig
+        .split_once('.')
+        .ok_or_else(|| "the signature is malformed".to_owned())?;
+    let tag = hex::decode(tag).map_err(|_| "the signature is malformed".to_owned())?;
+    manifest_mac(key, prefix, json)
+        .verify_slice(&tag) // constant time
+        .map_err(|_| "the signature does not verify with this cluster secret".to_owned())?;
+    let m: Manifest =
+        serde_json::from_str(json).map_err(|_| "the signed manifest is malformed".to_owned())?;
+    if m.ver != ver {
+        return Err(format!(
+            "cfg:ver is {ver} but the records were signed at version {}",
+            m.ver
+        ));
+    }
+    for (k, v) in &map {
+        match m.records.get(k) {
+            None => return Err(format!("record {k:?} is not signed")),
+            Some(h) if *h != sha256_hex(v) => return Err(format!("record {k:?} was altered")),
+            Some(_) => {}
+        }
+    }
+    if let Some(k) = m.records.keys().find(|k| !map.contains_key(*k)) {
+        return Err(format!("signed record {k:?} is missing"));
+    }
+    Ok(map)
+}
 
 /// A shared access rule: a key name, its rights and two keys.
 #[derive(Clone, Serialize, Deserialize)]
@@ -107,6 +214,14 @@ pub enum StoreError {
     /// The shared store (Redis) cannot be reached; try again later.
     #[error("the cluster store is unavailable: {0}")]
     Unavailable(String),
+    /// The configuration in Redis is not signed with this cluster's secret, or was altered.
+    #[error("the configuration in Redis (version {ver}) is refused: {reason}")]
+    Unverified {
+        /// `cfg:ver` of what was read.
+        ver: i64,
+        /// What did not verify.
+        reason: String,
+    },
 }
 
 fn db<E: std::fmt::Display>(e: E) -> StoreError {
@@ -133,6 +248,8 @@ struct RedisStore {
     client: redis::Client,
     prefix: String,
     conn: Mutex<Option<redis::Connection>>,
+    /// Signs and verifies the records ([`config_key`]); `None`: unsigned.
+    key: Option<[u8; 32]>,
 }
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -173,16 +290,36 @@ impl RedisStore {
         r
     }
 
-    /// The version and records, read atomically.
+    /// The version and records, read atomically and verified.
     fn read(c: &mut redis::Connection, s: &RedisStore) -> Result<(i64, Namespace), StoreError> {
-        let (ver, map): (Option<i64>, HashMap<String, Vec<u8>>) = redis::pipe()
+        let (ver, map) = Self::read_raw(c, s)?;
+        let ns = decode(map.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        Ok((ver, ns))
+    }
+
+    /// The version and the records as stored (without `sig`), verified when signing is on.
+    fn read_raw(
+        c: &mut redis::Connection,
+        s: &RedisStore,
+    ) -> Result<(i64, HashMap<String, Vec<u8>>), StoreError> {
+        let (ver, mut map): (Option<i64>, HashMap<String, Vec<u8>>) = redis::pipe()
             .atomic()
             .get(s.key("cfg:ver"))
             .hgetall(s.key("cfg"))
             .query(c)
             .map_err(unavailable)?;
-        let ns = decode(map.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        Ok((ver.unwrap_or(0), ns))
+        let ver = ver.unwrap_or(0);
+        match &s.key {
+            Some(key) => {
+                let map = verify(key, &s.prefix, ver, map)
+                    .map_err(|reason| StoreError::Unverified { ver, reason })?;
+                Ok((ver, map))
+            }
+            None => {
+                map.remove(SIG_KEY);
+                Ok((ver, map))
+            }
+        }
     }
 }
 
@@ -202,13 +339,15 @@ impl Store {
         })
     }
 
-    /// Opens the configuration kept in Redis under `prefix` (blocking).
-    pub fn open_redis(url: &str, prefix: &str) -> Result<Store, StoreError> {
+    /// Opens the configuration kept in Redis under `prefix` (blocking). With `secret` (the
+    /// cluster secret) records are signed and only verified ones are read.
+    pub fn open_redis(url: &str, prefix: &str, secret: Option<&[u8]>) -> Result<Store, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Db(e.to_string()))?;
         let rs = RedisStore {
             client,
             prefix: prefix.to_owned(),
             conn: Mutex::new(None),
+            key: secret.map(config_key),
         };
         let (ver, ns) = rs.with_conn(|c| RedisStore::read(c, &rs))?;
         Ok(Store {
@@ -252,12 +391,14 @@ impl Store {
         self.version.store(version, Ordering::Relaxed);
     }
 
-    /// Copies the embedded store of `dir` into Redis under `prefix`. Refuses when Redis holds a
-    /// configuration already, unless `replace`. Returns the number of hybrid connections.
+    /// Copies the embedded store of `dir` into Redis under `prefix`, signed with `secret` when
+    /// given. Refuses when Redis holds a configuration already, unless `replace`. Returns the
+    /// number of hybrid connections.
     pub fn migrate_to_redis(
         dir: &Path,
         url: &str,
         prefix: &str,
+        secret: Option<&[u8]>,
         replace: bool,
     ) -> Result<usize, StoreError> {
         let path = dir.join("hyco.redb");
@@ -271,32 +412,55 @@ impl Store {
             .get_connection_with_timeout(REDIS_TIMEOUT)
             .map_err(unavailable)?;
         let cfg = format!("{prefix}cfg");
-        let n: usize = redis::cmd("HLEN")
+        let ver_key = format!("{prefix}cfg:ver");
+        // The signature names the version the write creates: watch it so none slips between.
+        redis::cmd("WATCH")
+            .arg(&ver_key)
+            .query::<()>(&mut c)
+            .map_err(unavailable)?;
+        let (n, ver): (usize, Option<i64>) = redis::pipe()
+            .cmd("HLEN")
             .arg(&cfg)
+            .get(&ver_key)
             .query(&mut c)
             .map_err(unavailable)?;
         if n > 0 && !replace {
+            let _ = redis::cmd("UNWATCH").query::<()>(&mut c);
             return Err(StoreError::Refused(format!(
                 "the cluster already has a configuration ({n} records); pass --replace to overwrite it"
             )));
         }
-        let mut p = redis::pipe();
-        p.atomic().del(&cfg).ignore();
+        let mut records = HashMap::new();
         let rec = NamespaceRecord {
             rules: ns.rules.clone(),
         };
-        p.hset(&cfg, NS_KEY, serde_json::to_vec(&rec).map_err(db)?)
-            .ignore();
+        records.insert(NS_KEY.to_owned(), serde_json::to_vec(&rec).map_err(db)?);
         for (key, hc) in &ns.hcs {
-            p.hset(
-                &cfg,
+            records.insert(
                 format!("{HC_PREFIX}{key}"),
                 serde_json::to_vec(hc).map_err(db)?,
-            )
-            .ignore();
+            );
         }
-        p.incr(format!("{prefix}cfg:ver"), 1).ignore();
-        let _: () = p.query(&mut c).map_err(unavailable)?;
+        let new_ver = ver
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Refused("cfg:ver cannot grow any more".into()))?;
+        let mut p = redis::pipe();
+        p.atomic().del(&cfg).ignore();
+        for (k, v) in &records {
+            p.hset(&cfg, k, v).ignore();
+        }
+        if let Some(secret) = secret {
+            let sig = sign(&config_key(secret), prefix, new_ver, &records);
+            p.hset(&cfg, SIG_KEY, sig).ignore();
+        }
+        p.set(&ver_key, new_ver).ignore();
+        let done: Option<()> = p.query(&mut c).map_err(unavailable)?;
+        if done.is_none() {
+            return Err(StoreError::Unavailable(
+                "the configuration changed during the migration; try again".into(),
+            ));
+        }
         Ok(ns.hcs.len())
     }
 
@@ -390,7 +554,14 @@ impl Store {
                     .arg(&ver_key)
                     .query::<()>(c)
                     .map_err(unavailable)?;
-                let (_, mut ns) = RedisStore::read(c, rs)?;
+                let (old_ver, mut records) = match RedisStore::read_raw(c, rs) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = redis::cmd("UNWATCH").query::<()>(c);
+                        return Err(e);
+                    }
+                };
+                let mut ns = decode(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
                 let (out, changes) = match f(&mut ns) {
                     Ok(x) => x,
                     Err(e) => {
@@ -407,22 +578,33 @@ impl Store {
                             let rec = NamespaceRecord {
                                 rules: ns.rules.clone(),
                             };
-                            p.hset(&cfg, NS_KEY, serde_json::to_vec(&rec).map_err(db)?)
-                                .ignore();
+                            let bytes = serde_json::to_vec(&rec).map_err(db)?;
+                            p.hset(&cfg, NS_KEY, &bytes).ignore();
+                            records.insert(NS_KEY.to_owned(), bytes);
                         }
                         Change::Hc(key) => {
                             let field = format!("{HC_PREFIX}{key}");
                             match ns.hcs.get(&key) {
                                 Some(hc) => {
-                                    p.hset(&cfg, field, serde_json::to_vec(hc).map_err(db)?)
-                                        .ignore();
+                                    let bytes = serde_json::to_vec(hc).map_err(db)?;
+                                    p.hset(&cfg, &field, &bytes).ignore();
+                                    records.insert(field, bytes);
                                 }
                                 None => {
-                                    p.hdel(&cfg, field).ignore();
+                                    p.hdel(&cfg, &field).ignore();
+                                    records.remove(&field);
                                 }
                             }
                         }
                     }
+                }
+                if let Some(key) = &rs.key {
+                    // WATCH and the lock make this write's INCR land on old_ver + 1.
+                    let new_ver = old_ver.checked_add(1).ok_or_else(|| {
+                        StoreError::Refused("cfg:ver cannot grow any more".into())
+                    })?;
+                    p.hset(&cfg, SIG_KEY, sign(key, &rs.prefix, new_ver, &records))
+                        .ignore();
                 }
                 p.incr(&ver_key, 1);
                 let done: Option<(i64,)> = p.query(c).map_err(unavailable)?;

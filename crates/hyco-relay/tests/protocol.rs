@@ -1002,6 +1002,49 @@ async fn small_http_requests_travel_on_the_control_channel() {
     assert_eq!(a.status, 204);
 }
 
+/// Issue 14: the query token is accepted under every spelling of its name that the parser
+/// decodes to `sb-hc-token` (case, `%2D`, any percent-encoded letter), and under none of them
+/// does it reach the listener's request target.
+#[tokio::test]
+async fn http_mode_never_forwards_the_token_however_its_name_is_encoded() {
+    let env = start("http-token-names", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    for name in [
+        "sb-hc-token",
+        "SB-HC-TOKEN",
+        "sb%2Dhc%2Dtoken",
+        "sb%2dhc%2dtoken",
+        "%73%62-hc-%74oken",
+        "Sb-Hc%2DToKeN",
+    ] {
+        let t = env.token(Some("hc1"), now() + 600);
+        let sig: String = form_urlencoded::byte_serialize(t.as_bytes()).collect();
+        let url = format!("https://localhost:{}/hc1/p?x=1&{name}={sig}&y=2", env.port);
+        let c = env.connector.clone();
+        let sender = tokio::spawn(async move {
+            c.https_request(http::Method::GET, &url, &[], bytes::Bytes::new(), 1 << 20)
+                .await
+                .unwrap()
+        });
+        let r = next_request(&mut l.ws).await;
+        assert_eq!(
+            r.request_target.as_deref(),
+            Some("/hc1/p?x=1&y=2"),
+            "{name}"
+        );
+        let seen = format!("{r:?}");
+        assert!(
+            !seen.contains("SharedAccessSignature"),
+            "{name}: the token reached the listener: {seen}"
+        );
+        l.ws.send_text(&response_json(&r.id, 204, false))
+            .await
+            .unwrap();
+        let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+        assert_eq!(a.status, 204, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn large_http_bodies_go_over_the_request_rendezvous_both_ways() {
     let env = start("http-large", |_| {}).await;

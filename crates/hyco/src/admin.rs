@@ -308,7 +308,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 } else {
                     eprintln!(
                         "created hybrid connection {} -> {hp}",
-                        v["name"].as_str().unwrap_or(&name)
+                        hyco_proto::escape::Escaped(v["name"].as_str().unwrap_or(&name))
                     );
                 }
             }
@@ -527,8 +527,9 @@ fn parse_endpoint(e: &str) -> Result<HostPort> {
         .map_err(|err| usage(format!("--endpoint {e}: {err}")))
 }
 
-fn str_of(v: &serde_json::Value) -> &str {
-    v.as_str().unwrap_or("-")
+/// A string of the relay's answer for a terminal: control characters escaped.
+fn str_of(v: &serde_json::Value) -> String {
+    hyco_proto::escape::escaped(v.as_str().unwrap_or("-"))
 }
 
 fn rights_of(v: &serde_json::Value) -> String {
@@ -536,6 +537,7 @@ fn rights_of(v: &serde_json::Value) -> String {
         .into_iter()
         .flatten()
         .filter_map(|r| r.as_str())
+        .map(hyco_proto::escape::escaped)
         .collect::<Vec<_>>()
         .join(",")
 }

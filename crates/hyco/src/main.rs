@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod logfmt;
 mod manager_cli;
 
 use std::net::SocketAddr;
@@ -111,6 +112,10 @@ struct MigrateArgs {
     /// Overwrite a configuration the cluster has already.
     #[arg(long)]
     replace: bool,
+    /// The nodes' cluster secret file: the records are signed with it, as nodes started with
+    /// it require (docs/cluster.md).
+    #[arg(long, env = "HYCO_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
 }
 
 /// How a relay joins a cluster.
@@ -194,6 +199,10 @@ struct RelayArgs {
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
+    /// A host name the status page answers to besides loopback names (repeatable); requests
+    /// with any other Host get 421 (a defence against DNS rebinding).
+    #[arg(long = "status-host", value_name = "NAME")]
+    status_hosts: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -239,6 +248,10 @@ struct ManagerRunArgs {
     /// remain to say so. Default: (RLIMIT_NOFILE - min(RLIMIT_NOFILE/4, 200)) / 2.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_tunnels: Option<u64>,
+    /// A host name the status page answers to besides loopback names (repeatable); requests
+    /// with any other Host get 421 (a defence against DNS rebinding).
+    #[arg(long = "status-host", value_name = "NAME")]
+    status_hosts: Vec<String>,
     #[command(flatten)]
     relay: RelayClientArgs,
 }
@@ -295,7 +308,7 @@ fn init_tracing(json: bool, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>)
     if json {
         b.json().init();
     } else {
-        b.init();
+        b.fmt_fields(logfmt::fields()).init();
     }
 }
 
@@ -379,7 +392,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote the manager's, the relay's and Redis's answers: escaped.
+            eprintln!("error: {}", hyco_proto::escape::Escaped(&format!("{e:#}")));
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(64)
             } else {
@@ -455,7 +469,7 @@ async fn relay(a: RelayArgs) -> Result<()> {
         let l = hyco_io::listener::bind(addr)
             .with_context(|| format!("cannot listen on {addr} for the status page"))?;
         info!(status = %l.local_addr()?, "status page and metrics listening");
-        relay.serve_status(l);
+        relay.serve_status(l, a.status_hosts);
     }
     info!(listen = %bound, data = %a.data.display(), "relay listening");
     let shutdown = CancellationToken::new();
@@ -494,25 +508,41 @@ fn cluster_config(
     c.lease = Duration::from_secs(a.cluster_lease);
     c.refresh = Duration::from_secs((a.cluster_lease / 3).max(1));
     if let Some(f) = &a.cluster_secret_file {
-        let key = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let key = key.trim_ascii().to_vec();
-        if key.len() < 16 {
-            bail!(
-                "{}: the cluster secret must have at least 16 bytes",
-                f.display()
-            );
-        }
-        c.secret = Some(key);
+        c.secret = Some(read_cluster_secret(f)?);
     }
     Ok(Some(c))
+}
+
+/// A cluster secret file's key: its bytes without surrounding whitespace, at least 16.
+fn read_cluster_secret(f: &std::path::Path) -> Result<Vec<u8>> {
+    let key = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+    let key = key.trim_ascii().to_vec();
+    if key.len() < 16 {
+        bail!(
+            "{}: the cluster secret must have at least 16 bytes",
+            f.display()
+        );
+    }
+    Ok(key)
 }
 
 async fn cluster_cmd(cmd: ClusterCmd) -> Result<()> {
     match cmd {
         ClusterCmd::Migrate(a) => {
             let prefix = format!("hyco:{}:", a.cluster_name);
+            let secret = a
+                .cluster_secret_file
+                .as_deref()
+                .map(read_cluster_secret)
+                .transpose()?;
             let n = tokio::task::spawn_blocking(move || {
-                hyco_relay::store::Store::migrate_to_redis(&a.data, &a.cluster, &prefix, a.replace)
+                hyco_relay::store::Store::migrate_to_redis(
+                    &a.data,
+                    &a.cluster,
+                    &prefix,
+                    secret.as_deref(),
+                    a.replace,
+                )
             })
             .await??;
             println!("Copied the namespace rules and {n} hybrid connection(s) into the cluster.");
@@ -646,6 +676,7 @@ async fn manager(
             snapshot: std::sync::Arc::new(move || b1.snapshot()),
             metrics: std::sync::Arc::new(move || b2.encode_metrics()),
             events: None,
+            hosts: a.status_hosts,
         };
         tokio::spawn(hyco_io::status::serve(l, sources, shutdown.clone()));
     }

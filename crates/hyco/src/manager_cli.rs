@@ -11,6 +11,8 @@ use hyco_manager::logs::LogBuffer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use hyco_proto::escape::Escaped;
+
 use crate::usage;
 
 /// Where the manager keeps its state file and control socket.
@@ -29,16 +31,7 @@ impl StateDirArg {
         if let Some(d) = &self.state_dir {
             return d.clone();
         }
-        // Root: effective uid 0, as /proc/self/status tells.
-        let is_root = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-            })
-            .unwrap_or(false);
-        if is_root {
+        if euid() == Some(0) {
             return PathBuf::from("/var/lib/hyco");
         }
         if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
@@ -61,12 +54,39 @@ impl StateDirArg {
     }
 
     /// Creates the folder (mode 0700) if needed; refuses one (or a state file) that other
-    /// users can read, with the `chmod` that fixes it.
+    /// users can read, with the `chmod` that fixes it, and one that another user owns:
+    /// whoever can write there can replace the control socket and receive the connection
+    /// strings `hyco manager add` sends.
     pub fn ensure(&self) -> Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
         let d = self.dir();
         hyco_io::private::ensure_dir(&d).map_err(|e| usage(format!("state folder: {e}")))?;
+        let meta = std::fs::metadata(&d)
+            .with_context(|| format!("cannot read the state folder {}", d.display()))?;
+        let me = euid().context("cannot tell this process's user id from /proc/self/status")?;
+        if meta.uid() != me {
+            bail!(
+                "the state folder {} belongs to user id {}, not to this user ({me}); \
+                 use a folder of your own (--state-dir) or `chown {me} {}`",
+                d.display(),
+                meta.uid(),
+                d.display()
+            );
+        }
         Ok(d)
     }
+}
+
+/// This process's effective user id, as /proc/self/status tells (no `unsafe` needed).
+fn euid() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// The commands that talk to a running manager.
@@ -124,19 +144,38 @@ pub enum ClientCmd {
     },
 }
 
-/// Sends one request; returns the answer lines as they come (`each` sees every line).
-async fn request(
-    socket: &Path,
-    req: &Value,
-    mut each: impl FnMut(Value) -> Result<()>,
-) -> Result<()> {
+/// Connects to the control socket and checks who serves it: the socket's owner (its peer's
+/// `SO_PEERCRED` uid) must be this user or root, or nothing is sent, since a request may carry
+/// a connection string with its key.
+async fn connect(socket: &Path) -> Result<tokio::net::UnixStream> {
     let conn = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         anyhow!(
             "no manager is running with its control socket at {} ({e}); start `hyco manager run` (same --state-dir)",
             socket.display()
         )
     })?;
-    let (r, mut w) = conn.into_split();
+    let peer = conn
+        .peer_cred()
+        .with_context(|| format!("cannot tell who serves {}", socket.display()))?
+        .uid();
+    let me = euid().context("cannot tell this process's user id from /proc/self/status")?;
+    if peer != me && peer != 0 {
+        bail!(
+            "the control socket {} is served by user id {peer}, not by this user ({me}) or root: \
+             nothing was sent. Another user may have replaced it; check the state folder",
+            socket.display()
+        );
+    }
+    Ok(conn)
+}
+
+/// Sends one request; returns the answer lines as they come (`each` sees every line).
+async fn request(
+    socket: &Path,
+    req: &Value,
+    mut each: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
+    let (r, mut w) = connect(socket).await?.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     w.write_all(&line).await?;
@@ -144,13 +183,14 @@ async fn request(
     while let Some(l) = lines.next_line().await? {
         let v: Value = serde_json::from_str(&l).context("the manager's answer is not JSON")?;
         if let Some(e) = v["error"].as_str() {
-            bail!("{e}");
+            bail!("{}", Escaped(e));
         }
         each(v)?;
     }
     Ok(())
 }
 
+/// The one answer to a request: a JSON object. No answer at all is an error.
 async fn one(socket: &Path, req: Value) -> Result<Value> {
     let mut out = Value::Null;
     request(socket, &req, |v| {
@@ -158,20 +198,39 @@ async fn one(socket: &Path, req: Value) -> Result<Value> {
         Ok(())
     })
     .await?;
-    Ok(out)
+    match out {
+        Value::Object(_) => Ok(out),
+        Value::Null => bail!(
+            "no answer on {}: the connection closed without a reply (is a manager running there?)",
+            socket.display()
+        ),
+        _ => bail!("the manager's answer is not a JSON object"),
+    }
+}
+
+/// The string `key` of an answer, which must be there.
+fn answer<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
+    v[key]
+        .as_str()
+        .ok_or_else(|| anyhow!("the manager's answer has no '{key}'"))
+}
+
+/// A string of an answer for a terminal: control characters escaped.
+fn text(v: &Value, default: &str) -> String {
+    hyco_proto::escape::escaped(v.as_str().unwrap_or(default))
 }
 
 fn row(h: &Value) {
     let state = match h["detail"].as_str() {
         Some(d) if h["state"] != "Connected" => {
-            format!("{} ({d})", h["state"].as_str().unwrap_or("?"))
+            format!("{} ({})", text(&h["state"], "?"), Escaped(d))
         }
-        _ => h["state"].as_str().unwrap_or("?").to_owned(),
+        _ => text(&h["state"], "?"),
     };
     println!(
         "{:<24} {:<24} {:>6} {:>8} {:>12}  {}",
-        h["name"].as_str().unwrap_or("?"),
-        h["endpoint"].as_str().unwrap_or("-"),
+        text(&h["name"], "?"),
+        text(&h["endpoint"], "-"),
         h["relayListeners"]
             .as_i64()
             .map_or("-".into(), |n| n.to_string()),
@@ -209,7 +268,7 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
                 return Err(usage("the connection string has no EntityPath"));
             }
             let v = one(&socket, json!({"cmd": "add", "connectionString": cs})).await?;
-            eprintln!("added {}", v["added"].as_str().unwrap_or("?"));
+            eprintln!("added {}", Escaped(answer(&v, "added")?));
         }
         ClientCmd::List { json } => {
             let v = one(&socket, json!({"cmd": "list"})).await?;
@@ -242,7 +301,7 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
                 ] {
                     let val = match &v[key] {
                         Value::Null => "-".to_owned(),
-                        Value::String(s) => s.clone(),
+                        Value::String(s) => hyco_proto::escape::escaped(s),
                         other => other.to_string(),
                     };
                     println!("{label:<24} {val}");
@@ -251,11 +310,11 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
         }
         ClientCmd::Remove { hc } => {
             let v = one(&socket, json!({"cmd": "remove", "hc": hc})).await?;
-            eprintln!("removed {}", v["removed"].as_str().unwrap_or("?"));
+            eprintln!("removed {}", Escaped(answer(&v, "removed")?));
         }
         ClientCmd::Restart { hc } => {
             let v = one(&socket, json!({"cmd": "restart", "hc": hc})).await?;
-            eprintln!("restarted {}", v["restarted"].as_str().unwrap_or("?"));
+            eprintln!("restarted {}", Escaped(answer(&v, "restarted")?));
         }
         ClientCmd::Test {
             hc,
@@ -278,16 +337,13 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
                         } else {
                             "FAIL"
                         },
-                        s["step"].as_str().unwrap_or("?"),
-                        s["detail"].as_str().unwrap_or("")
+                        text(&s["step"], "?"),
+                        text(&s["detail"], "")
                     );
                 }
             }
             if v["ok"].as_bool() != Some(true) {
-                bail!(
-                    "test of {} failed",
-                    v["hybridConnection"].as_str().unwrap_or("?")
-                );
+                bail!("test of {} failed", text(&v["hybridConnection"], "?"));
             }
         }
         ClientCmd::Logs { lines, follow } => {
@@ -297,7 +353,7 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
                 &json!({"cmd": "logs", "lines": lines, "follow": follow}),
                 |v| {
                     let mut out = stdout.lock();
-                    writeln!(out, "{}", v["line"].as_str().unwrap_or(""))?;
+                    writeln!(out, "{}", text(&v["line"], ""))?;
                     out.flush()?;
                     Ok(())
                 },

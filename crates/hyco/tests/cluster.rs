@@ -814,6 +814,116 @@ async fn forged_messages_are_dropped_and_deletes_reach_every_node() {
     let _ = m.kill().await;
 }
 
+/// Issue 14: with a cluster secret the configuration records in Redis are signed. A Redis
+/// client without the secret adds a Manage rule to the namespace record (`HSET … cfg`) and
+/// bumps `cfg:ver`: every node refuses it, says so once in its log, keeps serving the last good
+/// configuration, and the injected key opens nothing; an admin write refuses to build on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_injected_into_redis_is_refused_by_every_node_and_logged() {
+    let secret_dir = TempDir::new("cluster-signed-secret");
+    let secret_file = secret_dir.0.join("cluster.key");
+    std::fs::write(&secret_file, "fedcba9876543210fedcba9876543210\n").unwrap();
+    let more = [
+        "--cluster-secret-file".to_string(),
+        secret_file.display().to_string(),
+    ];
+    let (base, _redis, nodes) = cluster_with("cluster-signed", 2, &more).await;
+    let echo = echo_server().await;
+    let (l, s) = nodes[0].relay.hc("signed", &echo.to_string()).await;
+    let _m = nodes[0]
+        .relay
+        .manager("manager", &on(&l, nodes[1].relay.port));
+    nodes[1].relay.wait_listeners("signed", 1).await;
+    let connector = nodes[0].relay.connector();
+    // The signed configuration made on n1 is served by n2.
+    lib_echo(&on(&s, nodes[1].relay.port), &connector, 1024)
+        .await
+        .unwrap();
+    assert!(redis_cli(&base, &["HGET", "hyco:default:cfg", "sig"]).len() > 64);
+
+    // The injection: the root rule copied under another name, with a key the attacker knows.
+    let ns = redis_cli(&base, &["HGET", "hyco:default:cfg", "namespace"]);
+    let mut rec: serde_json::Value = serde_json::from_str(&ns).unwrap();
+    let evil_key = "ZXZpbGV2aWxldmlsZXZpbGV2aWxldmlsZXZpbGV2aWw=";
+    let mut rule = rec["rules"][0].clone();
+    rule["name"] = "evil\r\nFAKE LINE\u{1b}[31m".into();
+    rule["primaryKey"] = evil_key.into();
+    rule["secondaryKey"] = evil_key.into();
+    rec["rules"].as_array_mut().unwrap().push(rule);
+    redis_cli(
+        &base,
+        &["HSET", "hyco:default:cfg", "namespace", &rec.to_string()],
+    );
+    let ver = redis_cli(&base, &["INCR", "hyco:default:cfg:ver"]);
+    for nd in &nodes {
+        let line = nd
+            .relay
+            .proc
+            .wait_line("refusing the configuration in Redis", T)
+            .await;
+        assert!(line.contains(&format!("version={ver}")), "{line}");
+        assert!(line.contains("altered"), "{line}");
+    }
+    // The injected key (under the plain name too) opens nothing, on any node.
+    let root = &nodes[0].relay.root;
+    let root_name = root
+        .split("SharedAccessKeyName=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    for nd in &nodes {
+        for name in [root_name, "evil"] {
+            let evil = on(
+                &root.replace(key_of(root), evil_key).replace(
+                    &format!("SharedAccessKeyName={root_name}"),
+                    &format!("SharedAccessKeyName={name}"),
+                ),
+                nd.relay.port,
+            );
+            let (code, _, err) = hyco_testkit::run(
+                &common::bin(),
+                &["admin", "hc", "list"],
+                &[
+                    ("HYCO_CA_FILE", nd.relay.ca().as_str()),
+                    ("HYCO_CONNECTION_STRING", evil.as_str()),
+                ],
+                T,
+            )
+            .await;
+            assert_ne!(code, 0, "the injected key was accepted");
+            assert!(err.contains("401"), "{err}");
+        }
+        // The last good configuration still serves.
+        lib_echo(&on(&s, nd.relay.port), &connector, 1024)
+            .await
+            .unwrap();
+    }
+    // An admin write does not build on the altered records.
+    let (code, _, err) = nodes[1]
+        .relay
+        .admin(&["hc", "create", "more", "--endpoint", &echo.to_string()])
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("refused"), "{err}");
+    // Logged once per version, on one line without control bytes.
+    for nd in &nodes {
+        let lines = nd.relay.proc.lines();
+        let refused: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("refusing the configuration in Redis"))
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            !refused[0].chars().any(|c| c.is_control()),
+            "{:?}",
+            refused[0]
+        );
+        assert_eq!(metric(&nd.status, "hyco_cluster_bad_config").await, 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_store_migrates_into_a_cluster() {
     // A standalone relay with a hybrid connection and keys.

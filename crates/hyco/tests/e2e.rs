@@ -903,3 +903,238 @@ async fn relay_addr_carries_the_endpoint_name_to_another_address() {
         .unwrap();
     assert!(e.to_string().contains(&nowhere.to_string()), "{e}");
 }
+
+/// A `GET path` on a plain-HTTP status address with the given `Host`; the whole answer.
+async fn status_get_as(addr: &str, host: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// Issue 14, log forging: the inputs of the report, through a real relay and manager with text
+/// logs. A sender (no token needed here) sends `sb-hc-id` with CR LF, a whole forged log line
+/// and a terminal escape; a listener does the same with a Listen token; a Manage holder puts
+/// `evil\r\nFAKE LINE\x1b[31m` into the endpoint metadata, which the manager quotes in its retry
+/// warning, its status page and `manager show`. Afterwards every log has one line per event and
+/// no control byte, and what is shown carries the text escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_text_never_forges_a_log_line_or_reaches_a_terminal_raw() {
+    let r = Relay::start_with(
+        TempDir::new("forge"),
+        0,
+        &["--status-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let echo = echo_server().await;
+    let (code, _, err) = r
+        .admin(&[
+            "hc",
+            "create",
+            "forge",
+            "--endpoint",
+            &echo.to_string(),
+            "--no-client-auth",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, l, err) = r
+        .admin(&["rule", "create", "l", "--hc", "forge", "--rights", "listen"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let l = l.trim().to_owned();
+    let m = r.manager_with("manager", &l, &["--status-listen", "127.0.0.1:0"], &[]);
+    let mstatus = hyco_testkit::field(
+        &m.wait_line("status page and metrics listening", T).await,
+        "status",
+    )
+    .unwrap();
+    r.wait_listeners("forge", 1).await;
+    let connector = r.connector();
+
+    // The report's sb-hc-id, decoded: what the relay used to log and pass on raw.
+    let forged = "ID\r\n2026-12-04T00:00:00Z  INFO hyco_relay: FORGED admin login ok\u{1b}[2J";
+    let anon = format!("Endpoint=sb://localhost:{}/;EntityPath=forge", r.port);
+    let sent = connect_with(
+        &ConnectionString::parse(&anon).unwrap(),
+        &connector,
+        &ConnectOptions {
+            id: Some(forged.into()),
+            ..ConnectOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        sent.err().and_then(|e| e.status()),
+        Some(400),
+        "a forged sb-hc-id was accepted"
+    );
+    // The same id on a listener's control channel, with a Listen token.
+    let stop = hyco_io::CancellationToken::new();
+    let (listener, _incoming) = hyco_client::HybridListener::start(
+        ConnectionString::parse(&l).unwrap(),
+        connector.clone(),
+        hyco_client::ListenerOptions {
+            id: Some(forged.into()),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .unwrap();
+    let mut status = listener.status_watch();
+    let down = tokio::time::timeout(T, async {
+        loop {
+            if let hyco_client::ListenerStatus::Disconnected { reason } =
+                &*status.borrow_and_update()
+            {
+                return reason.clone();
+            }
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    assert!(down.contains("400"), "{down}");
+    stop.cancel();
+
+    // Endpoint metadata from a Manage holder, quoted by the manager on every retry.
+    let meta = r#"[{"key":"endpoint","value":"evil\r\nFAKE LINE\u001b[31m"}]"#;
+    let root = ConnectionString::parse(&r.root).unwrap();
+    let hyco_proto::ConnectionStringAuth::Key { name, key } = &root.auth else {
+        panic!()
+    };
+    let token = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri("localhost", None),
+        name,
+        key,
+        4_000_000_000,
+    );
+    let body = serde_json::json!({ "userMetadata": meta }).to_string();
+    let ans = connector
+        .https_request(
+            http::Method::PATCH,
+            &format!(
+                "https://localhost:{}/$hyco/v1/hybridconnections/forge",
+                r.port
+            ),
+            &[
+                ("Authorization", token.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            bytes::Bytes::from(body),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ans.status, 200, "{:?}", ans.body);
+    let state = m.state_dir.to_str().unwrap().to_owned();
+    let (code, _, err) = run(
+        &bin(),
+        &["manager", "restart", "forge"],
+        &[("HYCO_STATE_DIR", &state)],
+        T,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let warned = m.wait_line("cannot resolve the endpoint", T).await;
+    assert!(warned.contains(r"evil\r\nFAKE LINE\x1b[31m"), "{warned}");
+    let (code, shown, err) = run(
+        &bin(),
+        &["manager", "show", "forge"],
+        &[("HYCO_STATE_DIR", &state)],
+        T,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.contains(r"FAKE LINE\x1b[31m"), "{shown}");
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    let page = status_get_as(&mstatus, &mstatus, "/api/status").await;
+    assert!(page.contains(r"FAKE LINE\\x1b[31m"), "{page}");
+    assert!(
+        !page.contains(r"\r\n") && !page.contains(r"\u001b"),
+        "{page}"
+    );
+
+    // Every line of both logs: one event each, no control byte, no forged line.
+    for p in [&r.proc, &m] {
+        for line in p.lines() {
+            assert!(
+                !line.chars().any(char::is_control),
+                "control bytes in {line:?}"
+            );
+            assert!(
+                !line.starts_with("2026-12-04T00:00:00Z"),
+                "forged line {line:?}"
+            );
+            assert!(!line.starts_with("FAKE LINE"), "forged line {line:?}");
+        }
+    }
+}
+
+/// Issue 14, DNS rebinding: the status pages of a relay and a manager answer loopback names
+/// and their `--status-host` names only; a foreign `Host` gets 421 and no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pages_answer_only_loopback_and_configured_hosts() {
+    let flags = [
+        "--status-listen",
+        "127.0.0.1:0",
+        "--status-host",
+        "status.example",
+    ];
+    let r = Relay::start_with(TempDir::new("status-host"), 0, &flags).await;
+    let rstatus = hyco_testkit::field(
+        &r.proc
+            .wait_line("status page and metrics listening", T)
+            .await,
+        "status",
+    )
+    .unwrap();
+    let echo = echo_server().await;
+    let (l, _) = r.hc("secret-name", &echo.to_string()).await;
+    let m = r.manager_with("manager", &l, &flags, &[]);
+    let mstatus = hyco_testkit::field(
+        &m.wait_line("status page and metrics listening", T).await,
+        "status",
+    )
+    .unwrap();
+    r.wait_listeners("secret-name", 1).await;
+    let port = |a: &str| a.rsplit(':').next().unwrap().to_owned();
+    for addr in [&rstatus, &mstatus] {
+        let p = port(addr);
+        for host in [
+            format!("127.0.0.1:{p}"),
+            format!("localhost:{p}"),
+            format!("[::1]:{p}"),
+            "status.example".into(),
+            format!("STATUS.example:{p}"),
+        ] {
+            for path in ["/api/status", "/", "/metrics"] {
+                let a = status_get_as(addr, &host, path).await;
+                assert!(a.starts_with("HTTP/1.1 200"), "{host} {path}: {a}");
+            }
+        }
+        for host in [
+            format!("evil.example:{p}"),
+            "evil.example".into(),
+            format!("127.0.0.1.evil.example:{p}"),
+            format!("10.1.2.3:{p}"),
+        ] {
+            for path in ["/api/status", "/", "/metrics", "/api/events"] {
+                let a = status_get_as(addr, &host, path).await;
+                assert!(a.starts_with("HTTP/1.1 421"), "{host} {path}: {a}");
+                assert!(!a.contains("secret-name"), "{host} {path}: {a}");
+            }
+        }
+    }
+}

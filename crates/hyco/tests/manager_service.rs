@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{bin, echo_roundtrip, relay, Relay, T};
-use hyco_testkit::{echo_server, eventually, run, Proc};
+use hyco_testkit::{echo_server, eventually, run, Proc, TempDir};
 
 /// `hyco manager …` against the manager whose state folder is `dir`.
 async fn cli(dir: &str, args: &[&str]) -> (i32, String, String) {
@@ -187,4 +187,153 @@ async fn added_connections_survive_a_restart_and_one_state_folder_has_one_manage
     let (code, _, err) = cli(r.dir.0.join("nobody").to_str().unwrap(), &["list"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("no manager is running"), "{err}");
+}
+
+/// `hyco manager add -` with the connection string on stdin, against the state folder `dir`.
+async fn add_from_stdin(dir: &str, cs: &str) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin())
+        .args(["manager", "add", "-"])
+        .env("HYCO_STATE_DIR", dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{cs}\n").as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(T, child.wait_with_output())
+        .await
+        .expect("manager add did not finish")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const CS: &str = "Endpoint=sb://localhost:9/;SharedAccessKeyName=l;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MDA=;EntityPath=hc";
+
+/// Issue 14: a state folder that group or others may enter (0777) is refused with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_folder_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = TempDir::new("mgr-loose");
+    let dir = base.0.join("state");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = dir.to_str().unwrap();
+    let (code, _, err) = run(&bin(), &["manager", "run"], &[("HYCO_STATE_DIR", d)], T).await;
+    assert_ne!(code, 0, "a 0777 state folder was accepted");
+    assert!(
+        err.contains("open to other users") && err.contains(&format!("chmod 700 {d}")),
+        "{err}"
+    );
+    assert!(!dir.join("manager.sock").exists());
+    // 0750 (group may enter) too; 0700 is fine (the manager starts and is stopped here).
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (code, _, err) = run(&bin(), &["manager", "run"], &[("HYCO_STATE_DIR", d)], T).await;
+    assert_ne!(code, 0, "{err}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut m = Proc::spawn(
+        "manager",
+        &bin(),
+        &["manager", "run"],
+        &[("HYCO_STATE_DIR", d)],
+    );
+    m.wait_line("manager running", T).await;
+    m.terminate(T).await;
+}
+
+/// Issue 14: a `manager.sock` put there by another user (here `nobody`, in a folder open to
+/// all, as in the report) gets nothing: the CLI checks the socket's peer (SO_PEERCRED) before
+/// it sends the connection string, and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_socket_served_by_another_user_gets_no_connection_string() {
+    use std::os::unix::fs::PermissionsExt;
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    assert!(
+        is_root,
+        "this test runs as root (it serves a socket as user nobody)"
+    );
+    let base = TempDir::new("mgr-peer");
+    let dir = base.0.join("state");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&base.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("manager.sock");
+    // The impostor: Python as nobody (setpriv, util-linux), reporting what it received.
+    let script = "import socket,sys\n\
+s=socket.socket(socket.AF_UNIX)\n\
+s.bind(sys.argv[1]); s.listen(1)\n\
+print('impostor listening', flush=True)\n\
+c,_=s.accept(); c.settimeout(15); got=b''\n\
+try:\n\
+  while True:\n\
+    b=c.recv(65536)\n\
+    if not b: break\n\
+    got+=b\n\
+except Exception: pass\n\
+print('impostor received %d bytes' % len(got), flush=True)\n";
+    let fake = Proc::spawn(
+        "impostor",
+        std::path::Path::new("setpriv"),
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+            sock.to_str().unwrap(),
+        ],
+        &[],
+    );
+    fake.wait_line("impostor listening", T).await;
+    let (code, _, err) = add_from_stdin(dir.to_str().unwrap(), CS).await;
+    assert_ne!(code, 0, "the CLI trusted a socket served by another user");
+    assert!(err.contains("served by user id"), "{err}");
+    assert!(!err.contains("c2VjcmV0"), "{err}");
+    let got = fake.wait_line("impostor received", T).await;
+    assert_eq!(got.trim(), "impostor received 0 bytes");
+}
+
+/// Issue 14: a control socket that answers nothing, or not JSON, is an error (the CLI used to
+/// print `added ?` and exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_malformed_answer_is_an_error() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let base = TempDir::new("mgr-empty");
+    let dir = base.0.join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let sock = tokio::net::UnixListener::bind(dir.join("manager.sock")).unwrap();
+    for (answer, expected) in [
+        (&b""[..], "no answer"),
+        (&b"{\"added\":\"hc\"\n"[..], "not JSON"),
+        (&b"{}\n"[..], "has no 'added'"),
+        (&b"[1]\n"[..], "not a JSON object"),
+    ] {
+        let server = async {
+            let (c, _) = sock.accept().await.unwrap();
+            let (r, mut w) = c.into_split();
+            let mut line = String::new();
+            tokio::io::BufReader::new(r)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            w.write_all(answer).await.unwrap();
+            line
+        };
+        let (line, (code, _, err)) =
+            tokio::join!(server, add_from_stdin(dir.to_str().unwrap(), CS));
+        assert!(line.contains("\"add\""), "{line}");
+        assert_ne!(code, 0, "{answer:?} was taken for an answer");
+        assert!(err.contains(expected), "{answer:?}: {err}");
+    }
 }

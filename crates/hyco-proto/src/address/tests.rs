@@ -25,11 +25,11 @@ fn app_query_kept_byte_for_byte() {
 #[test]
 fn relay_parameters_are_decoded_once() {
     let q = HcQuery::parse(
-        "&foo=bar&sb-hc-action=connect&sb-hc-id=a%2Bb+c&sb-hc-token=SharedAccessSignature+sr%3Dx%253A&sb-hc-rv=Qm9v&",
+        "&foo=bar&sb-hc-action=connect&sb-hc-id=a%2Db_G1&sb-hc-token=SharedAccessSignature+sr%3Dx%253A&sb-hc-rv=Qm9v&",
     )
     .unwrap();
     assert_eq!(q.action, Some(Action::Connect));
-    assert_eq!(q.id.as_deref(), Some("a+b c"));
+    assert_eq!(q.id.as_deref(), Some("a-b_G1"));
     // .NET: '+' is a space; the inner %25 becomes % once, not twice.
     assert_eq!(q.token.as_deref(), Some("SharedAccessSignature sr=x%3A"));
     assert_eq!(q.extra_sb, vec![("sb-hc-rv".to_owned(), "Qm9v".to_owned())]);
@@ -111,7 +111,41 @@ fn query_limits() {
     );
     assert!(HcQuery::parse(&"a".repeat(MAX_QUERY)).is_ok());
     // Invalid UTF-8 after decoding does not panic.
-    assert!(HcQuery::parse("sb-hc-id=%FF%FE&x=%").is_ok());
+    assert!(HcQuery::parse("sb-hc-action=connect&x=%FF%FE&y=%").is_ok());
+    assert_eq!(HcQuery::parse("sb-hc-id=%FF%FE"), Err(AddressError::BadId));
+}
+
+/// Issue 14: `sb-hc-id` is logged and echoed, so only id-like text gets in.
+#[test]
+fn sb_hc_id_is_bounded_in_length_and_alphabet() {
+    for ok in [
+        "7",
+        "123456",
+        "a1b2c3d4-e5f6-7890-abcd-ef1234567890",
+        "a1b2c3d4-e5f6-7890-abcd-ef1234567890_G12",
+        "{a1b2c3d4-e5f6-7890-abcd-ef1234567890}",
+        "host.example:42@x",
+        &"a".repeat(MAX_ID),
+    ] {
+        let q = HcQuery::parse(&format!(
+            "sb-hc-id={}",
+            form_urlencoded::byte_serialize(ok.as_bytes()).collect::<String>()
+        ));
+        assert_eq!(q.map(|q| q.id), Ok(Some(ok.to_owned())), "{ok}");
+    }
+    for bad in [
+        "",
+        "ID%0D%0A2026-12-04T00:00:00Z%20%20INFO%20hyco_relay:%20FORGED%20admin%20login%20ok%1B%5B2J",
+        "a%1Bb",
+        "a+b",
+        "a%22b",
+        "a%3Db",
+        "a%5Cb",
+        "%C3%A9",
+        &"a".repeat(MAX_ID + 1),
+    ] {
+        assert_eq!(HcQuery::parse(&format!("sb-hc-id={bad}")), Err(AddressError::BadId), "{bad}");
+    }
 }
 
 #[test]
@@ -199,10 +233,10 @@ fn urls() {
         "wss://h/$hc/hyco?a=1&sb-hc-action=connect&sb-hc-id=g"
     );
     // The URL parses back to what was put in.
-    let u = ws_url("h", "hyco", Some("/x?lang=en"), Action::Accept, "a&b=c");
+    let u = ws_url("h", "hyco", Some("/x?lang=en"), Action::Accept, "{a@b:c}");
     let q = HcQuery::parse(u.split_once('?').unwrap().1).unwrap();
     assert_eq!(q.action, Some(Action::Accept));
-    assert_eq!(q.id.as_deref(), Some("a&b=c"));
+    assert_eq!(q.id.as_deref(), Some("{a@b:c}"));
     assert_eq!(q.app_query, "lang=en");
 
     let addr = "wss://h/$hc/e?sb-hc-action=accept&sb-hc-id=1";

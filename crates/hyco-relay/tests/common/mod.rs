@@ -65,7 +65,7 @@ pub async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
     let ca = relay.ca_file.clone().or(given_ca).unwrap();
     let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let status_port = status.local_addr().unwrap().port();
-    relay.serve_status(status);
+    relay.serve_status(status, Vec::new());
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(listener, stop.clone()));
     let tls = hyco_io::tls::client_config(Some(&ca)).unwrap();

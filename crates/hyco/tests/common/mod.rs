@@ -247,9 +247,11 @@ pub async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize
 /// `GET path` from a plain-HTTP status address.
 pub async fn http_get(addr: &str, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     tokio::time::timeout(T, s.read_to_string(&mut out))
         .await
