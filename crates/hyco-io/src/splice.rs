@@ -304,23 +304,32 @@ where
                 if start == end {
                     break;
                 }
+                // The next piece of a frame larger than MAX_FRAME starts with a continuation
+                // header of its own. It goes in front of the payload in the buffer, over bytes
+                // already written, when there is room (a piece rarely starts a read); else it
+                // is written alone.
+                let mut from = start;
                 if c.piece_left == 0 {
-                    // The next piece of a frame larger than MAX_FRAME: a continuation header of
-                    // its own (a few bytes), then the payload as before.
                     let out = FrameHeader {
                         fin: c.fin && c.left <= MAX_FRAME,
                         opcode: OpCode::Continuation,
                         mask: None,
                         len: c.left.min(MAX_FRAME),
                     };
-                    let mut head = [0u8; 14];
-                    let hn = out.encode(&mut head);
-                    write_timed(w, &head[..hn], cfg.write_timeout).await?;
+                    let hn = out.encoded_len();
+                    if start >= hn {
+                        from = start - hn;
+                        out.encode(&mut buf[from..start]);
+                    } else {
+                        let mut head = [0u8; 14];
+                        out.encode(&mut head);
+                        write_timed(w, &head[..hn], cfg.write_timeout).await?;
+                    }
                     c.piece_left = out.len;
                 }
                 let n = (end - start).min(c.piece_left as usize);
                 apply_mask(&mut buf[start..start + n], c.mask, c.off);
-                write_timed(w, &buf[start..start + n], cfg.write_timeout).await?;
+                write_timed(w, &buf[from..start + n], cfg.write_timeout).await?;
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 start += n;
                 c.left -= n as u64;
