@@ -7,8 +7,10 @@
 //! buffer, and a slow reader stops the other side through TCP back-pressure.
 //!
 //! Semantics, as protocol.md §5.4 asks:
-//! * message type and boundaries are kept (FIN and opcode pass through; fragment sizes may
-//!   change only where a read split a frame, which the header rewrite keeps intact);
+//! * message type and boundaries are kept (FIN and opcode pass through). A data frame larger
+//!   than [`MAX_FRAME`] goes on as several frames of at most that size, the first with its
+//!   opcode and the rest continuations, FIN on the last only if the original had it: Azure
+//!   delivers messages so, and Java's client (which caps frames at 64 KiB) relies on it;
 //! * a Close from one peer is forwarded to the other with its code and reason and is **not**
 //!   answered: the other direction keeps flowing until that peer closes too (half-close);
 //! * a peer that vanishes without a Close (abort) ends the splice and the other connection is
@@ -27,6 +29,10 @@ use tokio::sync::Notify;
 
 use crate::bufpool;
 use crate::ws::frame::{apply_mask, close_payload, parse_close, FrameError, FrameHeader, OpCode};
+
+/// Largest payload of a data frame the splice writes: Java's client refuses larger frames
+/// (`ClientWebSocket.java` sets a 64 KiB message buffer, and Jetty checks each frame against it).
+pub const MAX_FRAME: u64 = 64 * 1024;
 
 /// Splice settings.
 #[derive(Debug, Clone, Copy)]
@@ -252,6 +258,20 @@ async fn write_timed<W: AsyncWrite + Unpin>(
     }
 }
 
+/// A data frame being streamed through.
+struct Streaming {
+    /// Its masking key.
+    mask: [u8; 4],
+    /// Payload bytes still to come.
+    left: u64,
+    /// Offset into the payload (for the mask).
+    off: usize,
+    /// Bytes left of the frame being written (a piece of at most MAX_FRAME).
+    piece_left: u64,
+    /// Whether the frame read ends its message.
+    fin: bool,
+}
+
 /// One direction: frames read from `r` (a client, so masked) are written unmasked to `w`.
 /// `my_pong` collects pongs owed to `r`'s peer (written by the other direction); `their_pong`
 /// holds pongs owed to `w`'s peer, which this direction writes between frames.
@@ -270,27 +290,51 @@ where
     // Held only while bytes move (see `bufpool::ReadBuffer`).
     let mut big = bufpool::ReadBuffer::new(cfg.buffer.max(1024));
     let (mut start, mut end) = (0usize, 0usize);
-    // The data frame being streamed: (mask, bytes left, offset into the payload).
-    let mut cur: Option<([u8; 4], u64, usize)> = None;
+    // The data frame being streamed, if any.
+    let mut cur: Option<Streaming> = None;
     let mut in_message = false;
     loop {
         // Forward everything that is complete in the buffer.
         while let Some(buf) = big.get_mut() {
-            if let Some((mask, left, off)) = cur.as_mut() {
-                if *left == 0 {
+            if let Some(c) = cur.as_mut() {
+                if c.left == 0 {
                     cur = None;
                     continue;
                 }
                 if start == end {
                     break;
                 }
-                let n = (end - start).min(*left as usize);
-                apply_mask(&mut buf[start..start + n], *mask, *off);
-                write_timed(w, &buf[start..start + n], cfg.write_timeout).await?;
+                // The next piece of a frame larger than MAX_FRAME starts with a continuation
+                // header of its own. It goes in front of the payload in the buffer, over bytes
+                // already written, when there is room (a piece rarely starts a read); else it
+                // is written alone.
+                let mut from = start;
+                if c.piece_left == 0 {
+                    let out = FrameHeader {
+                        fin: c.fin && c.left <= MAX_FRAME,
+                        opcode: OpCode::Continuation,
+                        mask: None,
+                        len: c.left.min(MAX_FRAME),
+                    };
+                    let hn = out.encoded_len();
+                    if start >= hn {
+                        from = start - hn;
+                        out.encode(&mut buf[from..start]);
+                    } else {
+                        let mut head = [0u8; 14];
+                        out.encode(&mut head);
+                        write_timed(w, &head[..hn], cfg.write_timeout).await?;
+                    }
+                    c.piece_left = out.len;
+                }
+                let n = (end - start).min(c.piece_left as usize);
+                apply_mask(&mut buf[start..start + n], c.mask, c.off);
+                write_timed(w, &buf[from..start + n], cfg.write_timeout).await?;
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 start += n;
-                *left -= n as u64;
-                *off += n;
+                c.left -= n as u64;
+                c.piece_left -= n as u64;
+                c.off += n;
                 continue;
             }
             let (h, hl) = match FrameHeader::parse(&buf[start..end]) {
@@ -333,19 +377,32 @@ where
                 return Err(DirError::Protocol(FrameError::BadFragmentation));
             }
             in_message = !h.fin;
-            // Rewrite the header unmasked into the tail of the masked one, then send it with
-            // whatever payload is already here, in one write.
-            let out = FrameHeader { mask: None, ..h };
+            // Rewrite the header unmasked into the tail of the masked one (it is at least 4
+            // bytes shorter, also when a frame is cut to MAX_FRAME), then send it with whatever
+            // payload is already here, in one write.
+            let piece = h.len.min(MAX_FRAME);
+            let out = FrameHeader {
+                mask: None,
+                fin: h.fin && h.len <= MAX_FRAME,
+                len: piece,
+                ..h
+            };
             let ol = out.encoded_len();
             let hs = start + hl - ol;
             out.encode(&mut buf[hs..start + hl]);
-            let n = (end - start - hl).min(h.len as usize);
+            let n = (end - start - hl).min(piece as usize);
             let p = start + hl;
             apply_mask(&mut buf[p..p + n], mask, 0);
             write_timed(w, &buf[hs..p + n], cfg.write_timeout).await?;
             count.fetch_add(n as u64, Ordering::Relaxed);
             start = p + n;
-            cur = Some((mask, h.len - n as u64, n));
+            cur = Some(Streaming {
+                mask,
+                left: h.len - n as u64,
+                off: n,
+                piece_left: piece - n as u64,
+                fin: h.fin,
+            });
         }
         // Keep a partial header at the front, then read more.
         if start == end {

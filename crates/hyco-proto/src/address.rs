@@ -358,10 +358,33 @@ pub fn sanitize_reason(s: &str) -> String {
     cleaned.trim().to_owned()
 }
 
-/// 128 random bits as 32 lower-case hex digits (rendezvous and connection ids). The caller
-/// supplies the randomness.
+/// 128 random bits as a dashed GUID, `8-4-4-4-12` lower-case hex digits (request, rendezvous,
+/// connection and listener ids): Microsoft's clients parse every id as one (Java's
+/// `UUID.fromString`). The caller supplies the randomness.
 pub fn new_connection_id(random16: [u8; 16]) -> String {
-    random16.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(36);
+    for (i, b) in random16.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Whether `id` is a dashed GUID, optionally followed by Azure's `_G<n>` suffix (which the
+/// clients strip before parsing).
+pub fn is_guid(id: &str) -> bool {
+    let guid = match id.split_once("_G") {
+        Some((g, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => g,
+        Some(_) => return false,
+        None => id,
+    };
+    guid.len() == 36
+        && guid.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// A `host:port` endpoint, e.g. the target in App Service metadata (§6.1).

@@ -124,6 +124,16 @@ pub fn render_entity_atom(id_url: &str, d: &EntityDescription) -> String {
     )
 }
 
+/// An error body as Azure's management endpoint sends it, `<Error><Code>{status}</Code>
+/// <Detail>{detail}</Detail></Error>`: .NET's management client reads the `Detail` for its
+/// exception text. `detail` is XML-escaped.
+pub fn render_error_xml(status: u16, detail: &str) -> String {
+    format!(
+        "<Error><Code>{status}</Code><Detail>{}</Detail></Error>",
+        esc(detail)
+    )
+}
+
 /// Deepest element nesting [`parse_entity_atom`] follows.
 const MAX_XML_DEPTH: usize = 32;
 

@@ -348,18 +348,29 @@ impl Audience {
     /// Whether the audience covers `entity` on `host`. The host compares case-insensitively
     /// and a `:port` on `host` is ignored; the audience path must be a prefix of the entity's
     /// lower-cased segments on segment boundaries (`hc1` covers `hc1` and `hc1/sub`, not
-    /// `hc10`); the namespace root covers every entity.
+    /// `hc10`); the namespace root covers every entity. `entity` may go on into the request's
+    /// path (a token signed for the whole URL, as Java's client makes); segments compare
+    /// percent-decoded on both sides, so `extra%20Path` and `extra Path` are the same.
     pub fn covers(&self, host: &str, entity: &str) -> bool {
         if !host_without_port(host).eq_ignore_ascii_case(&self.host) {
             return false;
         }
+        let decoded = |s: &str| -> String {
+            percent_decode_str(s)
+                .decode_utf8_lossy()
+                .to_ascii_lowercase()
+        };
         let target: Vec<String> = entity
             .split('/')
             .filter(|s| !s.is_empty())
-            .map(str::to_ascii_lowercase)
+            .map(decoded)
             .collect();
         self.segments.len() <= target.len()
-            && self.segments.iter().zip(&target).all(|(a, b)| a == b)
+            && self
+                .segments
+                .iter()
+                .zip(&target)
+                .all(|(a, b)| decoded(a) == *b)
     }
 }
 

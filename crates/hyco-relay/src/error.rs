@@ -145,11 +145,41 @@ impl RelayError {
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
-        let mut resp = error_response(status, code, &message);
+        let resp = error_response(status, code, &message);
+        self.add_headers(resp)
+    }
+
+    /// The answer for this refusal on a management (`api-version`) path: the same status,
+    /// reason and headers, with Azure's XML error body, which .NET's management client reads.
+    pub fn into_xml_response(self) -> Response<Body> {
+        let (status, _) = self.status_and_code();
+        let message = self.to_string();
+        let mut resp = error_response(status, "", &message);
+        *resp.body_mut() = full(hyco_proto::entity::render_error_xml(
+            status.as_u16(),
+            &message,
+        ));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml; charset=utf-8"),
+        );
+        self.add_headers(resp)
+    }
+
+    fn add_headers(self, mut resp: Response<Body>) -> Response<Body> {
+        let status = resp.status();
         if let RelayError::TooManyFailures(secs) = self {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            // A 401 without a challenge is a protocol violation to Jetty (Java's client), which
+            // then reports that instead of the reason.
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("SharedAccessSignature"),
+            );
         }
         if matches!(self, RelayError::UpgradeRequired) {
             resp.headers_mut().insert(

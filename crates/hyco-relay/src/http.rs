@@ -222,6 +222,12 @@ pub async fn handle(
         query.token.is_some() || req.headers().contains_key("servicebusauthorization");
     let authorization_used = needs_auth && !relay_credential;
     if needs_auth {
+        // A token may be signed for the whole URL, path after the entity included (Java's
+        // client signs the request's URL).
+        let audience_path = match &resolved {
+            Some((_, hc, rest)) => format!("{}{rest}", hc.name),
+            None => entity_name.clone(),
+        };
         let mut hosts = shared.cfg.hostnames.clone();
         hosts.push(strip_port(&host).to_ascii_lowercase());
         let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
@@ -229,7 +235,7 @@ pub async fn handle(
             crate::auth::authorize(
                 &ns,
                 &hosts,
-                Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
+                Some((&audience_path, resolved.as_ref().map(|(_, hc, _)| *hc))),
                 token?,
                 Need::Send,
                 unix_now(),
@@ -287,6 +293,14 @@ pub async fn handle(
         let Some(choice) =
             crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
+            if tried.is_empty()
+                && crate::service::none_qualify(shared, &hc_key, allowed.as_deref(), &disallowed)
+                    .await
+            {
+                return Err(RelayError::NotFound(
+                    crate::service::NO_LISTENER_QUALIFIES.into(),
+                ));
+            }
             return Err(RelayError::NoListener(hc_name));
         };
         if tried.len() >= 3 {
@@ -299,20 +313,26 @@ pub async fn handle(
             choice.rendezvous_host(shared),
             hc_name
         );
-        let full = RequestCommand {
-            address: address.clone(),
-            id: id.clone(),
-            request_target: Some(target.clone()),
-            method: Some(method.as_str().to_owned()),
-            remote_endpoint: Some(RemoteEndpoint {
-                address: peer.ip().to_string(),
-                port: peer.port(),
-            }),
-            request_headers: Some(headers.clone()),
-            body: Some(inline_body.as_ref().is_none_or(|b| !b.is_empty())),
+        let full = |body: bool| {
+            ListenerCommand::Request(RequestCommand {
+                address: address.clone(),
+                id: id.clone(),
+                request_target: Some(target.clone()),
+                method: Some(method.as_str().to_owned()),
+                remote_endpoint: Some(RemoteEndpoint {
+                    address: peer.ip().to_string(),
+                    port: peer.port(),
+                }),
+                request_headers: Some(headers.clone()),
+                body: Some(body),
+            })
+            .to_json()
         };
-        let full_json = ListenerCommand::Request(full).to_json();
-        if full_json.len() > MAX_COMMAND {
+        let full_json = full(inline_body.as_ref().is_none_or(|b| !b.is_empty()));
+        // On a rendezvous a body is always announced and sent, an empty one as an empty final
+        // frame: Java's listener reads one there whatever `body` says.
+        let rendezvous_json = full(true);
+        if rendezvous_json.len() > MAX_COMMAND {
             return Err(RelayError::HeadersTooLarge);
         }
         let (tx, rx) = oneshot::channel();
@@ -342,7 +362,7 @@ pub async fn handle(
                     Some(b) => RequestBody::Read(b.clone()),
                     None => RequestBody::Streaming(body.take().ok_or_else(body_taken)?),
                 };
-                (ControlMsg::Command(short), Some((full_json, b)))
+                (ControlMsg::Command(short), Some((rendezvous_json, b)))
             }
         };
         table.lock().insert(
@@ -621,7 +641,6 @@ where
             .map_err(|e| format!("sending the request: {e}"))?;
         match body {
             RequestBody::Streaming(b) => stream_request_body(ws, b, idle).await?,
-            RequestBody::Read(b) if b.is_empty() => {} // announced as `body: false`
             RequestBody::Read(b) => ws
                 .send_part(false, true, true, &b)
                 .await
@@ -661,6 +680,10 @@ where
                     return Ok(());
                 }
             }
+            // Java's listener never sends the final frame: it closes with 1000 after the last
+            // fragment, and Azure takes that as the end of the body. A normal Close (or one
+            // without a code) ends it; any other code aborts it.
+            Ok(Ok(Part::Close(None | Some((1000, _))))) => return Ok(()),
             Ok(Ok(Part::Close(_))) => {
                 let _ = btx
                     .send(Err(std::io::Error::other("listener closed mid-body")))

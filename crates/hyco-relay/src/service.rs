@@ -179,17 +179,28 @@ async fn websocket(
         (Action::Connect, Some((_, hc, _))) => hc.requires_client_authorization,
         _ => true,
     };
+    // `Authorization` is the relay's credential only when it was the one checked; otherwise it
+    // is the application's, for the listener to evaluate (.NET's AcceptHandler, Node's
+    // verifyClient).
+    let authorization_used = needs_auth
+        && query.token.is_none()
+        && !req.headers().contains_key("servicebusauthorization");
     let need = if action == Action::Listen {
         Need::Listen
     } else {
         Need::Send
+    };
+    // The audience may name the path after the entity too (a token for the whole URL).
+    let audience_path = match &resolved {
+        Some((_, hc, rest)) => format!("{}{rest}", hc.name),
+        None => entity_name.clone(),
     };
     let grant = if needs_auth {
         let g = crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
             crate::auth::authorize(
                 &ns,
                 &hosts,
-                Some((&entity_name, resolved.as_ref().map(|(_, hc, _)| *hc))),
+                Some((&audience_path, resolved.as_ref().map(|(_, hc, _)| *hc))),
                 token.as_ref().map_err(|e| *e)?.as_deref(),
                 need,
                 unix_now(),
@@ -215,6 +226,7 @@ async fn websocket(
         suffix,
         host,
         query,
+        authorization_used,
     };
     match action {
         Action::Listen => {
@@ -240,6 +252,8 @@ struct Route {
     host: String,
     /// The `sb-hc-*` parameters and the application's query.
     query: HcQuery,
+    /// Whether `Authorization` carried the token the relay checked.
+    authorization_used: bool,
 }
 
 fn listen(
@@ -321,18 +335,19 @@ fn canonical_header_name(name: &str) -> String {
         .join("-")
 }
 
-/// The sender's headers for `connectHeaders`: credentials and extensions removed, repeated
-/// headers joined with ", " (attacks A11).
-fn connect_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+/// The sender's headers for `connectHeaders`: the relay's credentials and extensions removed,
+/// repeated headers joined with ", " (attacks A11). `Authorization` goes only when it was the
+/// relay's credential.
+fn connect_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(String, String)> {
     forwarded_headers(headers, |n| {
-        matches!(
-            n,
-            "servicebusauthorization"
-                | "authorization"
-                | "sec-websocket-extensions"
-                | "microsoft-relay-allowedlisteners"
-                | "microsoft-relay-disallowedlisteners"
-        )
+        (n == "authorization" && drop_authorization)
+            || matches!(
+                n,
+                "servicebusauthorization"
+                    | "sec-websocket-extensions"
+                    | "microsoft-relay-allowedlisteners"
+                    | "microsoft-relay-disallowedlisteners"
+            )
     })
 }
 
@@ -372,6 +387,7 @@ async fn connect(
         hc_name,
         suffix,
         query,
+        authorization_used,
         ..
     } = route;
     // Refused while descriptors remain to say so (issue 15 §5); held until the splice ends.
@@ -384,7 +400,7 @@ async fn connect(
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
         id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
-    let headers = connect_headers(req.headers());
+    let headers = connect_headers(req.headers(), authorization_used);
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
     // A listener that leaves before answering does not cost the sender the whole deadline:
     // the accept is offered to another one (at most three), or the sender learns at once.
@@ -393,12 +409,14 @@ async fn connect(
         let Some(target) =
             crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
-            return Err(if tried.is_empty() {
+            return Err(if !tried.is_empty() {
+                RelayError::ListenerGone
+            } else if none_qualify(shared, &hc_key, allowed.as_deref(), &disallowed).await {
+                RelayError::NotFound(NO_LISTENER_QUALIFIES.into())
+            } else {
                 RelayError::NotFound(format!(
                     "Endpoint does not exist. No listener is connected for hybrid connection '{hc_name}'."
                 ))
-            } else {
-                RelayError::ListenerGone
             });
         };
         if tried.len() >= 3 {
@@ -406,7 +424,11 @@ async fn connect(
         }
         tried.add(&target);
         let rv = address::new_connection_id(rand::random());
-        let conn_id = query.id.clone().unwrap_or_else(|| rv[..16].to_owned());
+        // The sender's own id, else a fresh GUID (never a piece of the capability).
+        let conn_id = query
+            .id
+            .clone()
+            .unwrap_or_else(|| address::new_connection_id(rand::random()));
         let mut address = format!(
             "wss://{}/$hc/{}{}?",
             target.rendezvous_host(shared),
@@ -567,6 +589,25 @@ async fn connect(
     }
 }
 
+/// Azure's answer (404) when listeners are connected but the sender's
+/// `Microsoft-Relay-AllowedListeners` / `DisallowedListeners` rule out all of them.
+pub(crate) const NO_LISTENER_QUALIFIES: &str =
+    "None of the connected listeners meet the AllowedListeners/DisallowedListeners criteria.";
+
+/// Whether the sender named listeners to allow or disallow and some listener is connected
+/// (so the headers, not the absence of listeners, left nobody to pick).
+pub(crate) async fn none_qualify(
+    shared: &Shared,
+    hc_key: &str,
+    allowed: Option<&[String]>,
+    disallowed: &[String],
+) -> bool {
+    (allowed.is_some() || !disallowed.is_empty())
+        && crate::cluster::pick(shared, hc_key, None, &[], &Default::default())
+            .await
+            .is_some()
+}
+
 /// The rendezvous capability (`sb-hc-rv`) of an accept or request-rendezvous address.
 pub(crate) fn rendezvous_capability(query: &HcQuery) -> Result<String, RelayError> {
     query
@@ -587,17 +628,16 @@ fn accept(
     let rv = rendezvous_capability(query)?;
     let ns = shared.store.snapshot();
     let (hc_key, _, _) = resolve(&ns, segments).ok_or(RelayError::RendezvousInvalid)?;
-    let status = query
-        .status_code
-        .as_deref()
-        .or(query.node_status_code.as_deref());
+    let (node_status, node_description) = listener_added_reject(req.uri().query().unwrap_or(""));
+    let (status, description) = match &query.status_code {
+        Some(s) => (Some(s.clone()), query.status_description.clone()),
+        None => (
+            node_status,
+            node_description.or_else(|| query.status_description.clone()),
+        ),
+    };
     if let Some(status) = status {
-        let reason = query
-            .status_description
-            .as_deref()
-            .or(query.node_status_description.as_deref())
-            .unwrap_or("Rejected by the listener")
-            .to_owned();
+        let reason = description.unwrap_or_else(|| "Rejected by the listener".to_owned());
         let status = status.trim().parse::<u16>().unwrap_or(502);
         shared
             .rendezvous
@@ -628,6 +668,29 @@ fn accept(
     Ok(switching_protocols(accept_key, protocol.as_deref()))
 }
 
+/// Node's un-prefixed `statusCode` / `statusDescription` reject (its listener appends them to
+/// the accept address), taken only where the listener put them: after the relay's own
+/// `sb-hc-*` pairs, which end the address the relay issued. Before those comes the sender's own
+/// query, whose `statusCode` is the application's, not a reject. The last of each wins.
+fn listener_added_reject(raw_query: &str) -> (Option<String>, Option<String>) {
+    let (mut status, mut description) = (None, None);
+    let mut past_relay_pairs = false;
+    for pair in raw_query.split('&') {
+        let Some((k, v)) = form_urlencoded::parse(pair.as_bytes()).next() else {
+            continue;
+        };
+        let sb_hc = k.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("sb-hc-"));
+        if sb_hc && pair.contains('=') {
+            past_relay_pairs = true;
+        } else if past_relay_pairs && k.eq_ignore_ascii_case("statusCode") {
+            status = Some(v.into_owned());
+        } else if past_relay_pairs && k.eq_ignore_ascii_case("statusDescription") {
+            description = Some(v.into_owned());
+        }
+    }
+    (status, description)
+}
+
 async fn entity_or_http(
     shared: &Arc<Shared>,
     peer: SocketAddr,
@@ -642,13 +705,30 @@ async fn entity_or_http(
     if !is_entity_get {
         return crate::http::handle(shared, peer, req, &segments).await;
     }
+    // Refusals here get Azure's XML error body: .NET's management client reads its `Detail`.
+    Ok(
+        entity_get(shared, peer, &req, &segments, raw_query).unwrap_or_else(|e| {
+            debug!(peer = %peer, path = %path_for_log(&path), error = %e, "entity read refused");
+            e.into_xml_response()
+        }),
+    )
+}
+
+/// `GET /{hc}?api-version=…`: the entity description (§2.9).
+fn entity_get(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    segments: &[&str],
+    raw_query: &str,
+) -> Result<Response<Body>, RelayError> {
     let ns = shared.store.snapshot();
-    let resolved = resolve(&ns, &segments).filter(|(_, _, rest)| rest.is_empty());
+    let resolved = resolve(&ns, segments).filter(|(_, _, rest)| rest.is_empty());
     let name = resolved
         .as_ref()
         .map(|(_, hc, _)| hc.name.clone())
         .unwrap_or_else(|| segments.join("/"));
-    let host = host_of(&req);
+    let host = host_of(req);
     let mut hosts = shared.cfg.hostnames.clone();
     hosts.push(strip_port(&host).to_ascii_lowercase());
     let query =

@@ -708,6 +708,103 @@ async fn http_mode_works_across_nodes() {
     stop.cancel();
 }
 
+// Issue 17, point 3: a bodyless request for another node's listener is announced address-only,
+// and Java's listener, having read the full `request` on the rendezvous, reads a body there
+// whatever `body` says (HybridHttpConnection.java:143-158: with `body: false` it calls
+// `array()` on a null buffer and the sender waits for 504). The rendezvous always carries
+// `body: true` and, for no body, an empty final binary frame, which .NET and Node read as an
+// empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodyless_request_for_another_nodes_listener_sends_an_empty_body_on_the_rendezvous() {
+    use hyco_io::ws::{Message, Part};
+    use hyco_proto::control::{ListenerCommand, ResponseCommand};
+    let (_base, _redis, nodes) = cluster("cluster-bodyless", 2).await;
+    let (l, s) = nodes[0].relay.hc("web", "127.0.0.1:9").await;
+    let connector = nodes[0].relay.connector();
+    // A raw listener on n1; the request arrives on n2.
+    let lcs = ConnectionString::parse(&l).unwrap();
+    let hyco_proto::ConnectionStringAuth::Key { name, key } = &lcs.auth else {
+        panic!("a key")
+    };
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = hyco_proto::sas::sign(
+        &hyco_proto::sas::resource_uri("localhost", Some("web")),
+        name,
+        key,
+        expiry,
+    );
+    let url = format!(
+        "wss://localhost:{}/$hc/web?sb-hc-action=listen",
+        nodes[0].relay.port
+    );
+    let mut listener = connector
+        .connect(&url, &[("ServiceBusAuthorization", token.as_str())])
+        .await
+        .unwrap();
+    nodes[0].relay.wait_listeners("web", 1).await;
+    let send = ConnectionString::parse(&on(&s, nodes[1].relay.port)).unwrap();
+    let c2 = connector.clone();
+    let sender = tokio::spawn(async move {
+        hyco_client::http::request(
+            &send,
+            &c2,
+            http::Method::GET,
+            "/nobody",
+            &[],
+            bytes::Bytes::new(),
+            1 << 20,
+        )
+        .await
+        .unwrap()
+    });
+    let next_request = |m: Message| match m {
+        Message::Text(t) => match ListenerCommand::parse(&t).unwrap() {
+            ListenerCommand::Request(r) => r,
+            other => panic!("expected request, got {other:?}"),
+        },
+        other => panic!("expected text, got {other:?}"),
+    };
+    let short = next_request(
+        tokio::time::timeout(T, listener.ws.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    assert!(short.method.is_none(), "address-only across nodes");
+    let mut rdv = connector.connect(&short.address, &[]).await.unwrap().ws;
+    let full = next_request(tokio::time::timeout(T, rdv.recv()).await.unwrap().unwrap());
+    assert_eq!(full.method.as_deref(), Some("GET"));
+    assert_eq!(full.body, Some(true), "the body is announced");
+    match tokio::time::timeout(T, rdv.recv_part(1 << 16))
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Part::Data {
+            text: false,
+            fin: true,
+            data,
+            ..
+        } => assert!(data.is_empty()),
+        other => panic!("expected an empty final binary frame, got {other:?}"),
+    }
+    let resp = ListenerCommand::Response(ResponseCommand {
+        request_id: full.id.clone(),
+        status_code: 200,
+        status_description: None,
+        response_headers: None,
+        body: false,
+    })
+    .to_json();
+    rdv.send_text(&resp).await.unwrap();
+    let a = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert_eq!(a.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_messages_are_dropped_and_deletes_reach_every_node() {
     let secret_dir = TempDir::new("cluster-secret");

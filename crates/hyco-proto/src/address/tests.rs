@@ -261,8 +261,23 @@ fn reasons_and_ids() {
     assert_eq!(sanitize_reason(&"x".repeat(2000)).len(), 512);
     assert_eq!(sanitize_reason("  Gone  "), "Gone");
     let id = new_connection_id([0xab; 16]);
-    assert_eq!(id, "ab".repeat(16));
-    assert_eq!(new_connection_id([0; 16]), "0".repeat(32));
+    assert_eq!(id, "abababab-abab-abab-abab-abababababab");
+    assert_eq!(
+        new_connection_id([0; 16]),
+        "00000000-0000-0000-0000-000000000000"
+    );
+    assert!(is_guid(&id));
+    assert!(is_guid("1c048eb5-77c4-4b85-96fd-fa526801af35_G0"));
+    assert!(is_guid("1C048EB5-77C4-4B85-96FD-FA526801AF35_G21"));
+    for bad in [
+        "ab".repeat(16),
+        "abababab-abab-abab-abab-abababababab_G".into(),
+        "abababab-abab-abab-abab-abababababab_Gx".into(),
+        "abababab-abab-abab-abab-ababababababab".into(),
+        "abababab-abab-abab-abab_abababababab".into(),
+    ] {
+        assert!(!is_guid(&bad), "{bad}");
+    }
 }
 
 #[test]

@@ -155,6 +155,26 @@ fn audience_prefix_only_on_segment_boundaries() {
     assert!(!nested.covers("ns", "a/bc"));
 }
 
+// Java's client signs the whole request URL, path after the entity and query included, with
+// spaces as `%20` (HybridConnectionListenerTest.java's parseRequestPathWithSpacesAndQueryTest
+// passes that URL to TokenProvider.getTokenAsync, TokenProvider.java:67-75). Such an audience
+// covers that path, spelled either way, and nothing beside it.
+#[test]
+fn an_audience_may_name_the_path_after_the_entity() {
+    let sr = "https%3A%2F%2Flocalhost%3A443%2Fjavatest%2Fextra%2520Path%2Fextra%2520%2520Path2%3FqueryKey%3DqueryValue%26queryKey2%3DqueryValue%3B";
+    let t = ParsedToken::parse(&format!(
+        "SharedAccessSignature sr={sr}&sig=AAAA&se=1&skn=k"
+    ))
+    .unwrap();
+    let a = t.audience().unwrap();
+    assert!(a.covers("localhost", "javatest/extra%20Path/extra%20%20Path2"));
+    assert!(a.covers("localhost", "javatest/extra Path/extra  Path2"));
+    assert!(a.covers("localhost", "javatest/extra%20path/extra%20%20path2/more"));
+    assert!(!a.covers("localhost", "javatest"));
+    assert!(!a.covers("localhost", "javatest/extra%20Path"));
+    assert!(!a.covers("localhost", "javatest/other/extra%20%20Path2"));
+}
+
 #[test]
 fn audience_ipv6_and_refusals() {
     let a = Audience::parse("http://[::1]:9443/hyco").unwrap();
