@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod generate;
 mod manager_cli;
 
 use std::net::SocketAddr;
@@ -88,6 +89,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Print a shell completion script (e.g. `hyco completions bash > /etc/bash_completion.d/hyco`).
+    Completions(generate::CompletionsArgs),
+    /// Generate the manual pages.
+    Man(generate::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -352,6 +357,8 @@ async fn run(cmd: Cmd, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) -> R
         Cmd::Forward(a) => forward(a).await,
         Cmd::Cluster { cmd } => cluster_cmd(cmd).await,
         Cmd::Admin(a) => admin::run(a).await,
+        Cmd::Completions(a) => generate::completions::<Cli>(&a),
+        Cmd::Man(a) => generate::man::<Cli>(&a),
     }
 }
 
