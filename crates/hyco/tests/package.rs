@@ -54,7 +54,10 @@ fn debian_package_installs_verifies_and_purges() {
         eprintln!("SKIPPED debian_package_installs_verifies_and_purges: needs root (dpkg -i)");
         return;
     }
-    if !sh("dpkg-query", &["-W", "hyco"]).1.contains("no packages found") {
+    if !sh("dpkg-query", &["-W", "hyco"])
+        .1
+        .contains("no packages found")
+    {
         eprintln!(
             "SKIPPED debian_package_installs_verifies_and_purges: a hyco package is known to dpkg \
              on this machine; this test would remove it"
@@ -74,7 +77,12 @@ fn debian_package_installs_verifies_and_purges() {
             "--fast",
         ],
     );
-    let deb = built.lines().last().expect("the .deb's path").trim().to_owned();
+    let deb = built
+        .lines()
+        .last()
+        .expect("the .deb's path")
+        .trim()
+        .to_owned();
 
     let _purge = Purge;
     must("dpkg", &["-i", &deb]);
@@ -118,13 +126,26 @@ fn debian_package_installs_verifies_and_purges() {
     let group = must("stat", &["-c", "%G", "/etc/hyco/manager.toml"]);
     assert_eq!(group.trim(), "hyco");
     // The installed manager reads the installed configuration.
-    let (ok, text) = sh("/usr/bin/hyco", &["manager", "run", "--config", "/etc/hyco/manager.toml", "--help"]);
+    let (ok, text) = sh(
+        "/usr/bin/hyco",
+        &[
+            "manager",
+            "run",
+            "--config",
+            "/etc/hyco/manager.toml",
+            "--help",
+        ],
+    );
     assert!(ok, "{text}");
     // Man pages are roff, completions name the subcommands.
-    let man = must("sh", &["-c", "gzip -dc /usr/share/man/man1/hyco-relay.1.gz"]);
+    let man = must(
+        "sh",
+        &["-c", "gzip -dc /usr/share/man/man1/hyco-relay.1.gz"],
+    );
     assert!(man.starts_with(".ie") || man.contains(".TH"), "{man}");
     assert!(man.contains("status\\-listen"), "{man}");
-    let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/hyco").expect("bash");
+    let bash =
+        std::fs::read_to_string("/usr/share/bash-completion/completions/hyco").expect("bash");
     assert!(bash.contains("manager") && bash.contains("--status-listen"));
 
     // State the services would have written.
@@ -134,24 +155,35 @@ fn debian_package_installs_verifies_and_purges() {
     // Remove: the program goes, configuration and state stay.
     must("dpkg", &["-r", "hyco"]);
     assert!(!Path::new("/usr/bin/hyco").exists());
-    assert!(Path::new("/etc/hyco/manager.toml").exists(), "-r removed the conffile");
+    assert!(
+        Path::new("/etc/hyco/manager.toml").exists(),
+        "-r removed the conffile"
+    );
     assert!(Path::new("/var/lib/hyco/manager-state.json").exists());
 
     // Purge: nothing is left, not a file of the package, its state, its folder or its user.
     must("dpkg", &["-P", "hyco"]);
     assert!(!installed());
-    assert!(sh("dpkg-query", &["-W", "hyco"]).1.contains("no packages found"));
+    assert!(sh("dpkg-query", &["-W", "hyco"])
+        .1
+        .contains("no packages found"));
     let shared_dirs = ["/", "/etc", "/usr", "/usr/bin", "/usr/lib", "/usr/share"];
     for f in &files {
         let p = Path::new(f);
         let ours = f.contains("hyco") || p.is_file() || p.is_symlink();
         if ours && !shared_dirs.contains(&f.as_str()) {
-            assert!(!p.exists() || p.is_dir() && !f.contains("hyco"), "{f} is left after purge");
+            assert!(
+                !p.exists() || p.is_dir() && !f.contains("hyco"),
+                "{f} is left after purge"
+            );
         }
     }
     for p in ["/etc/hyco", "/var/lib/hyco", "/var/lib/hyco-relay"] {
         assert!(!Path::new(p).exists(), "{p} is left after purge");
     }
     assert!(!user_exists(), "the user hyco is left after purge");
-    assert!(!sh("getent", &["group", "hyco"]).0, "the group hyco is left after purge");
+    assert!(
+        !sh("getent", &["group", "hyco"]).0,
+        "the group hyco is left after purge"
+    );
 }

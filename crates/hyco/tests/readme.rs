@@ -260,17 +260,30 @@ impl Postgres {
         let mut prefix: Vec<String> = Vec::new();
         if root {
             std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).expect("chown");
-            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-                .map(String::from)
-                .to_vec();
+            prefix = [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+            ]
+            .map(String::from)
+            .to_vec();
         }
         // In its own folder: the test's working directory may be closed to `nobody`.
         prefix.extend(["env".into(), "-C".into(), dir.0.display().to_string()]);
         let mut init = prefix.clone();
         init.push(bindir.join("initdb").display().to_string());
         init.extend(
-            ["-D", data.to_str().expect("path"), "-U", "postgres", "--auth=trust", "--no-sync"]
-                .map(String::from),
+            [
+                "-D",
+                data.to_str().expect("path"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ]
+            .map(String::from),
         );
         let out = std::process::Command::new(&init[0])
             .args(&init[1..])
@@ -313,11 +326,21 @@ impl Postgres {
 #[test]
 fn cargo_run_picks_hyco() {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(repo())
         .output()
         .expect("cargo metadata");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata json");
     let defaults = m["workspace_default_members"]
         .as_array()
@@ -331,7 +354,11 @@ fn cargo_run_picks_hyco() {
     let bins: Vec<&str> = members
         .iter()
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
-        .filter(|t| t["kind"].as_array().is_some_and(|k| k.contains(&"bin".into())))
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.contains(&"bin".into()))
+        })
         .filter_map(|t| t["name"].as_str())
         .collect();
     let picked = match (members.as_slice(), bins.as_slice()) {
@@ -355,7 +382,10 @@ async fn readme_quick_start_runs_as_written() {
     // Every block is run here or covered elsewhere; a new one fails until it is one or the other.
     let elsewhere = [
         ("./scripts/test", "the suite itself"),
-        ("packaging/build-deb", "tests/package.rs builds the package and installs it"),
+        (
+            "packaging/build-deb",
+            "tests/package.rs builds the package and installs it",
+        ),
         (
             "sudo systemctl edit hyco-relay",
             "needs systemd as the init system; tests/package.rs verifies the units",
@@ -365,7 +395,10 @@ async fn readme_quick_start_runs_as_written() {
         let known = b.starts_with("cargo run")
             || b.contains("psql")
             || elsewhere.iter().any(|(start, _)| b.starts_with(start));
-        assert!(known, "README.md:{line}: a command block this test neither runs nor explains:\n{b}");
+        assert!(
+            known,
+            "README.md:{line}: a command block this test neither runs nor explains:\n{b}"
+        );
     }
     let relay_block = &blocks
         .iter()
@@ -375,8 +408,13 @@ async fn readme_quick_start_runs_as_written() {
     let relay_cmd = relay_block.trim();
     let args = relay_cmd
         .strip_prefix("cargo run --release -- ")
-        .unwrap_or_else(|| panic!("the relay command is not `cargo run --release -- …`: {relay_cmd}"));
-    assert!(!relay_cmd.contains('\n'), "one relay command: {relay_block}");
+        .unwrap_or_else(|| {
+            panic!("the relay command is not `cargo run --release -- …`: {relay_cmd}")
+        });
+    assert!(
+        !relay_cmd.contains('\n'),
+        "one relay command: {relay_block}"
+    );
     let quick = &blocks
         .iter()
         .find(|(_, b)| b.contains("psql"))
@@ -391,7 +429,10 @@ async fn readme_quick_start_runs_as_written() {
     let root = clone_root("readme");
     let text = format!(
         "target/release/hyco {args} &\n__ready 'relay listening'\n{}",
-        script(&with_ports(quick, &[(5432, pg_port), (15432, fwd_port)]), &[])
+        script(
+            &with_ports(quick, &[(5432, pg_port), (15432, fwd_port)]),
+            &[]
+        )
     );
     let state = root.0.join("state");
     let mut sh = Shell::start(
@@ -407,7 +448,10 @@ async fn readme_quick_start_runs_as_written() {
     let (code, out) = sh.finish(Duration::from_secs(90)).await;
     assert_eq!(code, 0, "the quick start failed:\n{out}");
     assert!(out.contains("Root connection string"), "{out}");
-    assert!(out.contains("through the tunnel: 42"), "psql's answer is missing:\n{out}");
+    assert!(
+        out.contains("through the tunnel: 42"),
+        "psql's answer is missing:\n{out}"
+    );
 }
 
 /// Every ```sh block of the docs a user pastes is either run here or named with the reason it
@@ -449,7 +493,10 @@ async fn docs_command_blocks_run_or_parse() {
             parse_commands(doc, line, &block, why).await;
         }
     }
-    assert_eq!(seen, 3, "the docs' command blocks changed: update this test");
+    assert_eq!(
+        seen, 3,
+        "the docs' command blocks changed: update this test"
+    );
 }
 
 /// `--help` appended to each `hyco` command of the block (continuation lines joined, optional
@@ -521,7 +568,10 @@ __ready '"event":"NewListenerRegistered","hybridConnection":"ops"'
 #[test]
 fn ports_are_replaced_as_whole_numbers() {
     assert_eq!(
-        with_ports("-L 15432:pg 127.0.0.1:5432 54321 5432", &[(5432, 7), (15432, 8)]),
+        with_ports(
+            "-L 15432:pg 127.0.0.1:5432 54321 5432",
+            &[(5432, 7), (15432, 8)]
+        ),
         "-L 8:pg 127.0.0.1:7 54321 7"
     );
 }
