@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod cli_env;
 mod generate;
 mod manager_cli;
 
@@ -262,8 +263,9 @@ struct RelayClientArgs {
 
 /// Logs go to stderr, and also into `logs` (what `hyco manager logs` shows).
 fn init_tracing(json: bool, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HYCO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = cli_env::var("HYCO_LOG")
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v.to_string_lossy()).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -315,7 +317,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = cli_env::parse();
     let _ = PROXY_FLAGS.set((cli.proxy.clone(), cli.no_proxy.clone()));
     let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
     init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
@@ -333,7 +335,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli_env::error_chain(&e));
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(64)
             } else {
