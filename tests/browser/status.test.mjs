@@ -122,6 +122,38 @@ test("status pages show hybrid connections live, and a dead manager", async (t) 
   }, connectionsBefore, { timeout: T });
   await page.screenshot({ path: join(out, "relay-status.png"), fullPage: true });
 
+  // A sender without Send (a Listen key) is refused: a failure by reason.
+  const badFwd = start(["forward", "-L", "127.0.0.1:0:web", "--connection-string", listen], { HYCO_CA_FILE: env.HYCO_CA_FILE });
+  procs.push(badFwd);
+  await roundtrip(portOf(await badFwd.waitFor(/forwarding/), "local"), 10).catch(() => 0);
+  // Once the process's history holds the traffic and the failure, a page opened only now shows
+  // both on its charts (not "no traffic yet" beside the bytes carried), and keeps updating.
+  const deadline = Date.now() + T;
+  for (;;) {
+    const h = await (await fetch(`http://127.0.0.1:${relayStatus}/api/history`)).json();
+    const web = h.samples.at(-1)?.hybridConnections?.web;
+    if (web && web.bytes >= 600_000 && web.failures["senders refused (4xx)"] >= 1) break;
+    assert.ok(Date.now() < deadline, `the history did not record the traffic: ${JSON.stringify(h.samples.at(-1))}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  const later = await browser.newPage({ viewport: { width: 1100, height: 900 } });
+  await later.goto(`http://127.0.0.1:${relayStatus}/`);
+  await later.waitForFunction(() => {
+    const c = document.querySelector('[data-hc="web"]');
+    const fig = (k) => c && c.querySelector(`[data-chart="${k}"]`);
+    return fig("bytes") && Number(fig("bytes").dataset.peak) > 0
+      && !fig("bytes").textContent.includes("no traffic")
+      && Number(fig("failures").dataset.peak) > 0
+      && fig("failures").textContent.includes("senders refused (4xx)")
+      && fig("tunnels") && fig("bytes").querySelector("polyline").getAttribute("points").split(" ").length >= 2;
+  }, null, { timeout: T }).catch(async (e) => {
+    throw new Error(`${e.message}; the card shows: ${await later.locator('[data-hc="web"]').innerText().catch(() => "(none)")}`);
+  });
+  const samples = () => later.evaluate(() => Number(document.querySelector('[data-hc="web"] .charts').dataset.samples));
+  const before = await samples();
+  await later.waitForFunction((n) => Number(document.querySelector('[data-hc="web"] .charts').dataset.samples) > n, before, { timeout: T });
+  await later.screenshot({ path: join(out, "relay-status-charts.png"), fullPage: true });
+
   // The manager's own page.
   const mpage = await browser.newPage({ viewport: { width: 390, height: 844 } }); // a phone
   await mpage.goto(`http://127.0.0.1:${managerStatus}/`);

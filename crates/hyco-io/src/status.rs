@@ -1,6 +1,7 @@
 //! A small loopback HTTP server for operators: `/metrics` (Prometheus text), `/api/status`
 //! (a JSON snapshot), `/api/events` (the same snapshot pushed every second as Server-Sent
-//! Events), `/api/listener-events` (one Server-Sent Event per listener up or down, when the
+//! Events), `/api/history` (the last hour of samples of the snapshot, see [`history`]),
+//! `/api/listener-events` (one Server-Sent Event per listener up or down, when the
 //! process publishes them) and `/` (a status page that renders the snapshots; its assets are
 //! embedded, no CDN).
 //!
@@ -78,6 +79,8 @@ pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
             a.eq_ignore_ascii_case(name)
         })
 }
+
+pub mod history;
 
 const PAGE: &str = include_str!("status/page.html");
 
@@ -194,6 +197,7 @@ fn event_stream(tx: &broadcast::Sender<String>, stop: CancellationToken) -> Resp
 async fn route(
     req: Request<Incoming>,
     src: Sources,
+    past: Arc<history::History>,
     stop: CancellationToken,
 ) -> Result<Response<Body>, Infallible> {
     // A Host header is required; an absolute-form target's authority must pass as well.
@@ -233,6 +237,7 @@ async fn route(
             displayable(&(src.snapshot)()),
         ),
         "/api/events" => snapshots(src.snapshot, stop),
+        "/api/history" => full(StatusCode::OK, "application/json", past.to_json()),
         "/api/listener-events" => match &src.events {
             Some(tx) => event_stream(tx, stop),
             None => full(StatusCode::NOT_FOUND, "text/plain", "no events here\n"),
@@ -241,8 +246,24 @@ async fn route(
     })
 }
 
-/// Serves until `stop` fires.
+/// Serves until `stop` fires; samples the snapshot into the history meanwhile.
 pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationToken) {
+    let past = Arc::new(history::History::default());
+    let (snap, p, st) = (
+        Arc::clone(&sources.snapshot),
+        Arc::clone(&past),
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(history::EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => p.record(&snap()),
+                _ = st.cancelled() => return,
+            }
+        }
+    });
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -254,9 +275,11 @@ pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationTo
             },
             _ = stop.cancelled() => return,
         };
-        let (src, st) = (sources.clone(), stop.clone());
+        let (src, past, st) = (sources.clone(), Arc::clone(&past), stop.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| route(req, src.clone(), st.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                route(req, src.clone(), Arc::clone(&past), st.clone())
+            });
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             let _ = conn.await;

@@ -396,6 +396,7 @@ impl HcStatus {
             "activeConnections": active,
             "connections": self.served.load(Ordering::Relaxed) + active as u64,
             "rejected": self.rejected.load(Ordering::Relaxed),
+            "failures": {"senders rejected (endpoint unreachable)": self.rejected.load(Ordering::Relaxed)},
             "bytes": self.bytes.load(Ordering::Relaxed),
             "lastError": lock(&self.last_error).clone(),
         })

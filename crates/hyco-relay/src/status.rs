@@ -88,6 +88,13 @@ pub fn snapshot(shared: &Shared) -> String {
             "activeConnections": live.len(),
             "connections": shared.metrics.sender_success.get_or_create(&label).get(),
             "bytes": shared.metrics.bytes_transferred.get_or_create(&label).get() + live_bytes,
+            // Failures by reason, as counted for /metrics (the page charts them per minute).
+            "failures": {
+                "senders refused (4xx)": shared.metrics.sender_client_error.get_or_create(&label).get(),
+                "senders failed (5xx)": shared.metrics.sender_server_error.get_or_create(&label).get(),
+                "listeners refused (4xx)": shared.metrics.listener_client_error.get_or_create(&label).get(),
+                "listeners failed (5xx)": shared.metrics.listener_server_error.get_or_create(&label).get(),
+            },
         }));
     }
     json!({

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod cli_env;
+mod generate;
 mod logfmt;
 mod manager_cli;
 
@@ -89,6 +91,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Print a shell completion script (e.g. `hyco completions bash > /etc/bash_completion.d/hyco`).
+    Completions(generate::CompletionsArgs),
+    /// Generate the manual pages.
+    Man(generate::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -298,8 +304,9 @@ struct RelayClientArgs {
 
 /// Logs go to stderr, and also into `logs` (what `hyco manager logs` shows).
 fn init_tracing(json: bool, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HYCO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = cli_env::var("HYCO_LOG")
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v.to_string_lossy()).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -373,7 +380,7 @@ fn log_panics_briefly() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = cli_env::parse();
     let _ = PROXY_FLAGS.set((cli.proxy.clone(), cli.no_proxy.clone()));
     let logs = std::sync::Arc::new(hyco_manager::logs::LogBuffer::default());
     init_tracing(cli.log_json, std::sync::Arc::clone(&logs));
@@ -392,8 +399,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Errors quote the manager's, the relay's and Redis's answers: escaped.
-            eprintln!("error: {}", hyco_proto::escape::Escaped(&format!("{e:#}")));
+            // Errors quote the manager's, the relay's and Redis's answers: escaped, each cause once.
+            eprintln!("error: {}", hyco_proto::escape::Escaped(&cli_env::error_chain(&e)));
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(64)
             } else {
@@ -417,6 +424,8 @@ async fn run(cmd: Cmd, logs: std::sync::Arc<hyco_manager::logs::LogBuffer>) -> R
         Cmd::Forward(a) => forward(a).await,
         Cmd::Cluster { cmd } => cluster_cmd(cmd).await,
         Cmd::Admin(a) => admin::run(a).await,
+        Cmd::Completions(a) => generate::completions::<Cli>(&a),
+        Cmd::Man(a) => generate::man::<Cli>(&a),
     }
 }
 
