@@ -1,5 +1,6 @@
 //! What a user meets at the shell: an empty `HYCO_*` variable counts as unset (as shells and
 //! other tools treat it), and an error's causes are each printed once.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! a panel queries must be exported by a running relay (a cluster node on a real Redis, for the
 //! `hyco_cluster_*` series) or manager, after traffic that exercises tunnels and failures. So
 //! the dashboard cannot drift from the code.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

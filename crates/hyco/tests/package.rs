@@ -6,6 +6,7 @@
 //!
 //! It changes the machine (a package, a system user), so it needs root (CI runs the suite as
 //! root) and skips with a message otherwise, or when a `hyco` package is installed already.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

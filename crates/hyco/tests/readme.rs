@@ -20,6 +20,7 @@
 //! * `/etc/hyco/manager.toml` (the package's configuration) is `packaging/manager.toml`, the
 //!   file the package installs there.
 //! * The manager's state folder is a temporary one (`HYCO_STATE_DIR`), not `/var/lib/hyco`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 
