@@ -129,6 +129,9 @@ fn store_err(e: StoreError) -> RelayError {
         StoreError::Unavailable(why) => {
             RelayError::StoreUnavailable(format!("The cluster store is unavailable: {why}"))
         }
+        e @ StoreError::Unverified { .. } => RelayError::StoreUnavailable(format!(
+            "{e}; restore it with `hyco cluster migrate --replace --cluster-secret-file …`"
+        )),
         other => RelayError::Internal(other.to_string()),
     }
 }

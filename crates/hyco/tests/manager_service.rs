@@ -269,18 +269,25 @@ async fn a_control_socket_served_by_another_user_gets_no_connection_string() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let sock = dir.join("manager.sock");
     // The impostor: Python as nobody (setpriv, util-linux), reporting what it received.
-    let script = "import socket,sys\n\
-s=socket.socket(socket.AF_UNIX)\n\
-s.bind(sys.argv[1]); s.listen(1)\n\
-print('impostor listening', flush=True)\n\
-c,_=s.accept(); c.settimeout(15); got=b''\n\
-try:\n\
-  while True:\n\
-    b=c.recv(65536)\n\
-    if not b: break\n\
-    got+=b\n\
-except Exception: pass\n\
-print('impostor received %d bytes' % len(got), flush=True)\n";
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print('impostor listening', flush=True)
+c, _ = s.accept()
+c.settimeout(15)
+got = b''
+while True:
+    try:
+        b = c.recv(65536)
+    except Exception:
+        break
+    if not b:
+        break
+    got += b
+print('impostor received %d bytes' % len(got), flush=True)
+"#;
     let fake = Proc::spawn(
         "impostor",
         std::path::Path::new("setpriv"),
