@@ -126,7 +126,7 @@ fn debian_package_installs_verifies_and_purges() {
     assert_eq!(conf.mode() & 0o777, 0o640);
     let group = must("stat", &["-c", "%G", "/etc/hyco/manager.toml"]);
     assert_eq!(group.trim(), "hyco");
-    // The installed manager reads the installed configuration.
+    // The installed binary accepts the units' manager command line (parsing only: --help).
     let (ok, text) = sh(
         "/usr/bin/hyco",
         &[
