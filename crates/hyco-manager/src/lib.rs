@@ -9,10 +9,13 @@
 #![warn(missing_docs)]
 
 pub mod control;
+pub mod endpoint;
+pub mod http_bridge;
 pub mod logs;
 pub mod service;
 pub mod status;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +25,13 @@ use hyco_client::{
 };
 use hyco_io::backoff::Backoff;
 use hyco_io::CancellationToken;
-use hyco_proto::address::HostPort;
 use hyco_proto::ConnectionString;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+pub use endpoint::{Endpoint, HcOptions};
+pub use http_bridge::HttpSettings;
 pub use service::{Manager, TestReport};
 pub use status::{HcStatus, StatusBoard};
 
@@ -44,6 +47,10 @@ pub struct ManagerConfig {
     pub dial_timeout: Duration,
     /// Lifetime of the listener tokens minted from the keys (renewed before expiry).
     pub token_lifetime: Duration,
+    /// HTTP mode: timeout, body cap, pool size.
+    pub http: HttpSettings,
+    /// The manager's own settings of some hybrid connections, by lower-cased name.
+    pub hc_options: HashMap<String, HcOptions>,
 }
 
 impl Default for ManagerConfig {
@@ -53,6 +60,8 @@ impl Default for ManagerConfig {
             client: ClientOptions::default(),
             dial_timeout: Duration::from_secs(10),
             token_lifetime: Duration::from_secs(3600),
+            http: HttpSettings::default(),
+            hc_options: HashMap::new(),
         }
     }
 }
@@ -67,6 +76,8 @@ struct FileConfig {
     #[serde(default)]
     relay_addrs: Vec<String>,
     dial_timeout_secs: Option<u64>,
+    http_timeout_secs: Option<u64>,
+    http_max_body: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
 }
@@ -75,6 +86,11 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileHc {
     connection_string: String,
+    /// The endpoint speaks HTTP (HTTP mode on).
+    #[serde(default)]
+    http: bool,
+    /// Replaces the user metadata's endpoint (`host:port` or `unix:/path`).
+    endpoint: Option<Endpoint>,
 }
 
 /// Why the manager could not run.
@@ -119,9 +135,20 @@ impl ManagerConfig {
         if let Some(s) = f.dial_timeout_secs {
             cfg.dial_timeout = Duration::from_secs(s);
         }
-        for (i, hc) in f.hybrid_connection.iter().enumerate() {
+        if let Some(s) = f.http_timeout_secs {
+            cfg.http.timeout = Duration::from_secs(s.max(1));
+        }
+        cfg.http.max_body = f.http_max_body;
+        for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
                 .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
+            let options = HcOptions {
+                http: hc.http,
+                endpoint: hc.endpoint,
+            };
+            if let (Some(name), true) = (&cs.entity_path, options != HcOptions::default()) {
+                cfg.hc_options.insert(name.to_ascii_lowercase(), options);
+            }
             cfg.connections.push(cs);
         }
         Ok(cfg)
@@ -146,27 +173,53 @@ pub fn start(
     Ok((m.board(), async move { m.wait().await }))
 }
 
-/// Reads the endpoint from the entity's user metadata, and the relay's listener count.
-async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<(HostPort, u32), String> {
+/// Reads the entity into `st`: the endpoint (the local one when set, else the user
+/// metadata's), whether HTTP is on (locally or in the metadata), the relay's listener count.
+pub(crate) async fn resolve_into(
+    st: &HcStatus,
+    local: &HcOptions,
+    cs: &ConnectionString,
+    connector: &Connector,
+) -> Result<(), String> {
     let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
-    let meta = d
-        .user_metadata
-        .ok_or_else(|| "the hybrid connection has no user metadata with an endpoint".to_owned())?;
-    let hp = hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?;
-    Ok((hp, d.listener_count))
+    st.relay_listeners.store(
+        i64::from(d.listener_count),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let meta = d.user_metadata.unwrap_or_default();
+    let http = local.http || endpoint::http_in_metadata(&meta);
+    st.http.store(http, std::sync::atomic::Ordering::Relaxed);
+    let ep = match &local.endpoint {
+        Some(e) => e.clone(),
+        None if meta.is_empty() => {
+            return Err("the hybrid connection has no user metadata with an endpoint".into())
+        }
+        None => Endpoint::Tcp(
+            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?,
+        ),
+    };
+    set_endpoint(st, ep);
+    Ok(())
 }
 
-fn endpoint_of(st: &HcStatus) -> Option<HostPort> {
+fn endpoint_of(st: &HcStatus) -> Option<Endpoint> {
     st.endpoint.lock().ok().and_then(|g| g.clone())
 }
 
-pub(crate) fn set_endpoint(st: &HcStatus, hp: HostPort) {
+pub(crate) fn set_endpoint(st: &HcStatus, hp: Endpoint) {
     if let Ok(mut g) = st.endpoint.lock() {
         if g.as_ref() != Some(&hp) {
             info!(hc = %st.name, endpoint = %hp, "endpoint resolved");
         }
         *g = Some(hp);
     }
+}
+
+/// A hybrid connection's own settings and the manager's HTTP-mode settings.
+#[derive(Clone, Default)]
+pub(crate) struct Local {
+    pub options: HcOptions,
+    pub http: HttpSettings,
 }
 
 pub(crate) async fn supervise(
@@ -176,17 +229,14 @@ pub(crate) async fn supervise(
     dial_timeout: Duration,
     shutdown: CancellationToken,
     st: Arc<HcStatus>,
+    local: Local,
 ) {
     let hc = st.name.clone();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     // The endpoint must be known before listening: a listener that cannot dial would only reject.
     while endpoint_of(&st).is_none() {
-        match resolve(&cs, &connector).await {
-            Ok((hp, n)) => {
-                set_endpoint(&st, hp);
-                st.relay_listeners
-                    .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
-            }
+        match resolve_into(&st, &local.options, &cs, &connector).await {
+            Ok(()) => {}
             Err(e) => {
                 let d = backoff.next_delay().max(Duration::from_millis(500));
                 warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
@@ -200,34 +250,39 @@ pub(crate) async fn supervise(
             }
         }
     }
-    let (listener, mut incoming) =
-        match HybridListener::start(cs.clone(), connector.clone(), opts, shutdown.clone()) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(hc = %hc, error = %e, "cannot start the listener");
-                st.set_listener(ListenerStatus::Disconnected {
-                    reason: e.to_string(),
-                });
-                return;
-            }
-        };
+    let (listener, mut incoming, mut requests) = match HybridListener::start_with_http(
+        cs.clone(),
+        connector.clone(),
+        opts,
+        shutdown.clone(),
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(hc = %hc, error = %e, "cannot start the listener");
+            st.set_listener(ListenerStatus::Disconnected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
     if let Ok(mut g) = st.listener_id.lock() {
         *g = Some(listener.listener_id().to_owned());
     }
     // Mirror the control channel's state, and refresh the endpoint each time it comes (back) up.
     let mut status = listener.status_watch();
-    let (cs2, conn2, st2) = (cs.clone(), connector.clone(), Arc::clone(&st));
+    let (cs2, conn2, st2, local2) = (
+        cs.clone(),
+        connector.clone(),
+        Arc::clone(&st),
+        local.options.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let s = status.borrow_and_update().clone();
             st2.set_listener(s.clone());
             if matches!(s, ListenerStatus::Connected { .. }) {
-                match resolve(&cs2, &conn2).await {
-                    Ok((hp, n)) => {
-                        set_endpoint(&st2, hp);
-                        st2.relay_listeners
-                            .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
-                    }
+                match resolve_into(&st2, &local2, &cs2, &conn2).await {
+                    Ok(()) => {}
                     Err(e) => {
                         warn!(hc = %st2.name, error = %e, "endpoint refresh failed; keeping the previous one")
                     }
@@ -238,9 +293,27 @@ pub(crate) async fn supervise(
             }
         }
     });
+    let unix = match &local.options.endpoint {
+        Some(Endpoint::Unix(p)) => Some(p.clone()),
+        _ => None,
+    };
+    let http = Arc::new(http_bridge::HttpBridge::new(
+        local.http.clone(),
+        dial_timeout,
+        unix,
+        Arc::clone(&st.endpoint_connections),
+    ));
     loop {
         let inc = tokio::select! {
             i = incoming.recv() => match i { Some(i) => i, None => return },
+            r = requests.recv() => match r {
+                Some(req) => {
+                    let (st, http) = (Arc::clone(&st), Arc::clone(&http));
+                    tokio::spawn(async move { http_bridge::dispatch(&http, req, &st).await });
+                    continue;
+                }
+                None => return,
+            },
             _ = shutdown.cancelled() => return,
         };
         let target = endpoint_of(&st);
@@ -254,19 +327,13 @@ pub(crate) async fn supervise(
 }
 
 /// Dials the endpoint, then accepts (or rejects with 502), then pumps.
-async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, st: &HcStatus) {
+async fn bridge(inc: Incoming, target: Endpoint, dial_timeout: Duration, st: &HcStatus) {
     let hc = st.name.as_str();
     let started = Instant::now();
     let id = inc.id().to_owned();
-    let dial = tokio::time::timeout(
-        dial_timeout,
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await;
+    let dial = tokio::time::timeout(dial_timeout, endpoint::Dialed::dial(&target)).await;
     let (status, reason) = match dial {
-        Ok(Ok(s)) => {
-            let mut tcp = s;
-            let _ = tcp.set_nodelay(true);
+        Ok(Ok(mut tcp)) => {
             let mut ws = match inc.accept().await {
                 Ok(ws) => ws,
                 Err(e) => {
@@ -275,7 +342,7 @@ async fn bridge(inc: Incoming, target: HostPort, dial_timeout: Duration, st: &Hc
                 }
             };
             st.bridge_opened(started.elapsed());
-            let r = hyco_client::pump(&mut tcp, &mut ws).await;
+            let r = tcp.pump(&mut ws).await;
             let (up, down, outcome) = match r {
                 Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
                 Err(e) => (0, 0, format!("aborted: {e}")),

@@ -168,7 +168,9 @@ pub fn request_target(path: &str, query: Option<&str>) -> String {
         let kept: Vec<&str> = q
             .split('&')
             .filter(|pair| {
-                let is_sb = pair.len() >= 6 && pair[..6].eq_ignore_ascii_case("sb-hc-");
+                let is_sb = pair
+                    .get(..6)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("sb-hc-"));
                 !(is_sb && pair.contains('='))
             })
             .collect();
@@ -183,8 +185,17 @@ pub fn request_target(path: &str, query: Option<&str>) -> String {
 /// The sender's headers for `requestHeaders`: hop-by-hop headers, the relay's credentials and
 /// the listener-choice headers removed; repeated headers joined with ", ".
 fn request_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(String, String)> {
+    // The headers `Connection` names are hop-by-hop too (RFC 9110 §7.6.1).
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
     forwarded_headers(headers, |n| {
         is_hop_header(n)
+            || named.iter().any(|t| t == n)
             || n == "servicebusauthorization"
             || (n == "authorization" && drop_authorization)
             || n == "microsoft-relay-allowedlisteners"
@@ -740,6 +751,8 @@ mod tests {
         assert_eq!(request_target("/hc", Some("&foo=bar&")), "/hc?&foo=bar&");
         assert_eq!(request_target("/hc", Some("sb-hc-token=x")), "/hc");
         assert_eq!(request_target("/hc", Some("")), "/hc");
+        // UTF-8 in the query (hyper accepts it): no slicing inside a character.
+        assert_eq!(request_target("/hc", Some("abcdeé=1")), "/hc?abcdeé=1");
     }
 
     #[test]
@@ -756,6 +769,8 @@ mod tests {
         h.append("x-multi", HeaderValue::from_static("a"));
         h.append("x-multi", HeaderValue::from_static("b"));
         h.insert("via", HeaderValue::from_static("1.1 proxy"));
+        h.append("connection", HeaderValue::from_static("X-Named-Hop"));
+        h.insert("x-named-hop", HeaderValue::from_static("1"));
         let kept = request_headers(&h, false);
         let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["Host", "Authorization", "X-Multi", "Via"]);
