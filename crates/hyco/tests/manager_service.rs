@@ -229,7 +229,7 @@ async fn a_state_folder_open_to_others_is_refused() {
     let (code, _, err) = run(&bin(), &["manager", "run"], &[("HYCO_STATE_DIR", d)], T).await;
     assert_ne!(code, 0, "a 0777 state folder was accepted");
     assert!(
-        err.contains("open to other users") && err.contains(&format!("chmod 700 {d}")),
+        err.contains("can be read by other users") && err.contains(&format!("chmod 700 {d}")),
         "{err}"
     );
     assert!(!dir.join("manager.sock").exists());
@@ -269,18 +269,22 @@ async fn a_control_socket_served_by_another_user_gets_no_connection_string() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let sock = dir.join("manager.sock");
     // The impostor: Python as nobody (setpriv, util-linux), reporting what it received.
-    let script = "import socket,sys\n\
-s=socket.socket(socket.AF_UNIX)\n\
-s.bind(sys.argv[1]); s.listen(1)\n\
-print('impostor listening', flush=True)\n\
-c,_=s.accept(); c.settimeout(15); got=b''\n\
-try:\n\
-  while True:\n\
-    b=c.recv(65536)\n\
-    if not b: break\n\
-    got+=b\n\
-except Exception: pass\n\
-print('impostor received %d bytes' % len(got), flush=True)\n";
+    // Lines joined rather than `\`-continued: a continuation would strip Python's indentation.
+    let script = [
+        "import socket,sys",
+        "s=socket.socket(socket.AF_UNIX)",
+        "s.bind(sys.argv[1]); s.listen(1)",
+        "print('impostor listening', flush=True)",
+        "c,_=s.accept(); c.settimeout(15); got=b''",
+        "try:",
+        "  while True:",
+        "    b=c.recv(65536)",
+        "    if not b: break",
+        "    got+=b",
+        "except Exception: pass",
+        "print('impostor received %d bytes' % len(got), flush=True)",
+    ]
+    .join("\n");
     let fake = Proc::spawn(
         "impostor",
         std::path::Path::new("setpriv"),
@@ -290,7 +294,7 @@ print('impostor received %d bytes' % len(got), flush=True)\n";
             "--clear-groups",
             "/usr/bin/python3",
             "-c",
-            script,
+            &script,
             sock.to_str().unwrap(),
         ],
         &[],
