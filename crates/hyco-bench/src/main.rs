@@ -13,6 +13,7 @@
 
 mod cluster;
 mod http_mode;
+mod http_nginx;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,8 +51,8 @@ struct Args {
     /// Only the cluster figures (two relay nodes on redis-server).
     #[arg(long)]
     cluster_only: bool,
-    /// Run only these parts, comma-separated: direct, hyco, hyco-lib, http, rathole-tls,
-    /// rathole-tcp, cluster (default: all). `direct` always runs, as the baseline.
+    /// Run only these parts, comma-separated: direct, hyco, hyco-lib, http, http-nginx,
+    /// rathole-tls, rathole-tcp, cluster (default: all). `direct` always runs, as the baseline.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Seconds per iperf3 run (overrides the plan).
@@ -588,7 +589,8 @@ async fn main() -> Result<()> {
 
     // 2./3. hyco, and HTTP mode, on one relay and manager
     let mut http = None;
-    if a.wants("hyco") || a.wants("hyco-lib") || a.wants("http") {
+    let mut http_nginx = None;
+    if a.wants("hyco") || a.wants("hyco-lib") || a.wants("http") || a.wants("http-nginx") {
         eprintln!("hyco …");
         let data = scratch.join("relay");
         let (relay, line) = spawn(
@@ -743,6 +745,21 @@ async fn main() -> Result<()> {
                 .await?,
             );
         }
+        if a.wants("http-nginx") {
+            eprintln!("http mode to nginx …");
+            http_nginx = Some(
+                http_nginx::run(http_nginx::Inputs {
+                    hyco: &a.hyco,
+                    scratch: &scratch,
+                    relay_port,
+                    relay_data: &data,
+                    root: &root,
+                    secs: plan.bulk_secs.max(2),
+                })
+                .await
+                .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+            );
+        }
         drop((relay, manager, fwd));
     }
 
@@ -784,6 +801,10 @@ async fn main() -> Result<()> {
         let http = with_http_ratios(http);
         print_http(&http);
         report["http_mode"] = http;
+    }
+    if let Some(h) = http_nginx {
+        http_nginx::print(&h);
+        report["http_nginx"] = h;
     }
     if let Some(c) = cluster {
         print_cluster(&c);

@@ -36,6 +36,12 @@ pub enum Request {
         /// Connection string with EntityPath and a Listen key.
         #[serde(rename = "connectionString")]
         connection_string: String,
+        /// The endpoint speaks HTTP (HTTP mode on).
+        #[serde(default)]
+        http: bool,
+        /// Replaces the user metadata's endpoint (`host:port` or `unix:/path`).
+        #[serde(default)]
+        endpoint: Option<String>,
     },
     /// Stop serving a hybrid connection.
     Remove {
@@ -204,12 +210,19 @@ async fn answer(m: &Manager, req: Request) -> Value {
                 None => err(crate::ManagerError::NotFound(hc)),
             }
         }
-        Request::Add { connection_string } => match ConnectionString::parse(&connection_string) {
+        Request::Add {
+            connection_string,
+            http,
+            endpoint,
+        } => match ConnectionString::parse(&connection_string) {
             // The parser's message names the bad part without echoing the key.
             Err(e) => err(format!("connection string: {e}")),
-            Ok(cs) => match m.add(cs) {
-                Ok(name) => json!({ "added": name }),
-                Err(e) => err(e),
+            Ok(cs) => match endpoint.as_deref().map(str::parse).transpose() {
+                Err(e) => err(format!("endpoint: {e}")),
+                Ok(endpoint) => match m.add(cs, crate::HcOptions { http, endpoint }) {
+                    Ok(name) => json!({ "added": name }),
+                    Err(e) => err(e),
+                },
             },
         },
         Request::Remove { hc } => match m.remove(&hc) {

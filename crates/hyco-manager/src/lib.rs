@@ -10,10 +10,13 @@
 
 pub mod allow;
 pub mod control;
+pub mod endpoint;
+pub mod http_bridge;
 pub mod logs;
 pub mod service;
 pub mod status;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,14 +26,14 @@ use hyco_client::{
 };
 use hyco_io::backoff::Backoff;
 use hyco_io::CancellationToken;
-use hyco_proto::address::HostPort;
 use hyco_proto::ConnectionString;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use allow::EndpointPolicy;
+pub use endpoint::{Endpoint, HcOptions};
+pub use http_bridge::HttpSettings;
 pub use service::{Manager, TestReport};
 pub use status::{HcStatus, StatusBoard};
 
@@ -46,11 +49,17 @@ pub struct ManagerConfig {
     pub dial_timeout: Duration,
     /// Lifetime of the listener tokens minted from the keys (renewed before expiry).
     pub token_lifetime: Duration,
-    /// The endpoints it may dial (`--allow-endpoint`, `allow_endpoints`).
+    /// The endpoints it may dial (`--allow-endpoint`, `allow_endpoints`): tunnels and HTTP
+    /// mode alike, TCP endpoints only (a Unix socket is the operator's own setting).
     pub allow_endpoints: EndpointPolicy,
-    /// Bridges open at once; beyond, senders are rejected with 503 while descriptors remain
-    /// to do so (default: derived from the descriptor limit, [`hyco_io::tunnels`]).
+    /// Bridges (tunnels, and HTTP-mode requests in flight) open at once; beyond, senders are
+    /// rejected with 503 while descriptors remain to do so (default: derived from the
+    /// descriptor limit, [`hyco_io::tunnels`]).
     pub max_tunnels: usize,
+    /// HTTP mode: timeout, body cap, pool size.
+    pub http: HttpSettings,
+    /// The manager's own settings of some hybrid connections, by lower-cased name.
+    pub hc_options: HashMap<String, HcOptions>,
 }
 
 /// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
@@ -70,6 +79,8 @@ impl Default for ManagerConfig {
             token_lifetime: Duration::from_secs(3600),
             allow_endpoints: EndpointPolicy::default(),
             max_tunnels: hyco_io::tunnels::max_tunnels(None),
+            http: HttpSettings::default(),
+            hc_options: HashMap::new(),
         }
     }
 }
@@ -87,6 +98,8 @@ struct FileConfig {
     /// The endpoints the manager may dial ([`allow`]).
     #[serde(default)]
     allow_endpoints: Vec<String>,
+    http_timeout_secs: Option<u64>,
+    http_max_body: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
 }
@@ -95,6 +108,11 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileHc {
     connection_string: String,
+    /// The endpoint speaks HTTP (HTTP mode on).
+    #[serde(default)]
+    http: bool,
+    /// Replaces the user metadata's endpoint (`host:port` or `unix:/path`).
+    endpoint: Option<Endpoint>,
 }
 
 /// Why the manager could not run.
@@ -148,9 +166,20 @@ impl ManagerConfig {
             }
             cfg.dial_timeout = Duration::from_secs(s);
         }
-        for (i, hc) in f.hybrid_connection.iter().enumerate() {
+        if let Some(s) = f.http_timeout_secs {
+            cfg.http.timeout = Duration::from_secs(s.max(1));
+        }
+        cfg.http.max_body = f.http_max_body;
+        for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
                 .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
+            let options = HcOptions {
+                http: hc.http,
+                endpoint: hc.endpoint,
+            };
+            if let (Some(name), true) = (&cs.entity_path, options != HcOptions::default()) {
+                cfg.hc_options.insert(name.to_ascii_lowercase(), options);
+            }
             cfg.connections.push(cs);
         }
         Ok(cfg)
@@ -175,21 +204,40 @@ pub fn start(
     Ok((m.board(), async move { m.wait().await }))
 }
 
-/// Reads the endpoint from the entity's user metadata, and the relay's listener count.
-async fn resolve(cs: &ConnectionString, connector: &Connector) -> Result<(HostPort, u32), String> {
+/// Reads the entity into `st`: the endpoint (the local one when set, else the user
+/// metadata's), whether HTTP is on (locally or in the metadata), the relay's listener count.
+pub(crate) async fn resolve_into(
+    st: &HcStatus,
+    local: &HcOptions,
+    cs: &ConnectionString,
+    connector: &Connector,
+) -> Result<(), String> {
     let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
-    let meta = d
-        .user_metadata
-        .ok_or_else(|| "the hybrid connection has no user metadata with an endpoint".to_owned())?;
-    let hp = hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?;
-    Ok((hp, d.listener_count))
+    st.relay_listeners.store(
+        i64::from(d.listener_count),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let meta = d.user_metadata.unwrap_or_default();
+    let http = local.http || endpoint::http_in_metadata(&meta);
+    st.http.store(http, std::sync::atomic::Ordering::Relaxed);
+    let ep = match &local.endpoint {
+        Some(e) => e.clone(),
+        None if meta.is_empty() => {
+            return Err("the hybrid connection has no user metadata with an endpoint".into())
+        }
+        None => Endpoint::Tcp(
+            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?,
+        ),
+    };
+    set_endpoint(st, ep);
+    Ok(())
 }
 
-fn endpoint_of(st: &HcStatus) -> Option<HostPort> {
+fn endpoint_of(st: &HcStatus) -> Option<Endpoint> {
     st.endpoint.lock().ok().and_then(|g| g.clone())
 }
 
-pub(crate) fn set_endpoint(st: &HcStatus, hp: HostPort) {
+pub(crate) fn set_endpoint(st: &HcStatus, hp: Endpoint) {
     if let Ok(mut g) = st.endpoint.lock() {
         if g.as_ref() != Some(&hp) {
             info!(hc = %st.name, endpoint = %hp, "endpoint resolved");
@@ -207,6 +255,13 @@ pub(crate) struct Dialing {
     pub(crate) gate: Arc<hyco_io::tunnels::TunnelGate>,
 }
 
+/// A hybrid connection's own settings and the manager's HTTP-mode settings.
+#[derive(Clone, Default)]
+pub(crate) struct Local {
+    pub options: HcOptions,
+    pub http: HttpSettings,
+}
+
 pub(crate) async fn supervise(
     cs: ConnectionString,
     connector: Connector,
@@ -214,6 +269,7 @@ pub(crate) async fn supervise(
     dialing: Dialing,
     shutdown: CancellationToken,
     st: Arc<HcStatus>,
+    local: Local,
 ) {
     let hc = st.name.clone();
     // Quick retries first: after a restart of the relay (or of this manager while the relay
@@ -222,12 +278,8 @@ pub(crate) async fn supervise(
         .with_fast_retries(hyco_io::backoff::FAST_RETRIES);
     // The endpoint must be known before listening: a listener that cannot dial would only reject.
     while endpoint_of(&st).is_none() {
-        match resolve(&cs, &connector).await {
-            Ok((hp, n)) => {
-                set_endpoint(&st, hp);
-                st.relay_listeners
-                    .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
-            }
+        match resolve_into(&st, &local.options, &cs, &connector).await {
+            Ok(()) => {}
             Err(e) => {
                 let d = backoff.next_delay().max(Duration::from_millis(100));
                 warn!(hc = %hc, error = %e, retry_in = ?d, "cannot resolve the endpoint");
@@ -241,34 +293,39 @@ pub(crate) async fn supervise(
             }
         }
     }
-    let (listener, mut incoming) =
-        match HybridListener::start(cs.clone(), connector.clone(), opts, shutdown.clone()) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(hc = %hc, error = %e, "cannot start the listener");
-                st.set_listener(ListenerStatus::Disconnected {
-                    reason: e.to_string(),
-                });
-                return;
-            }
-        };
+    let (listener, mut incoming, mut requests) = match HybridListener::start_with_http(
+        cs.clone(),
+        connector.clone(),
+        opts,
+        shutdown.clone(),
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(hc = %hc, error = %e, "cannot start the listener");
+            st.set_listener(ListenerStatus::Disconnected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
     if let Ok(mut g) = st.listener_id.lock() {
         *g = Some(listener.listener_id().to_owned());
     }
     // Mirror the control channel's state, and refresh the endpoint each time it comes (back) up.
     let mut status = listener.status_watch();
-    let (cs2, conn2, st2) = (cs.clone(), connector.clone(), Arc::clone(&st));
+    let (cs2, conn2, st2, local2) = (
+        cs.clone(),
+        connector.clone(),
+        Arc::clone(&st),
+        local.options.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let s = status.borrow_and_update().clone();
             st2.set_listener(s.clone());
             if matches!(s, ListenerStatus::Connected { .. }) {
-                match resolve(&cs2, &conn2).await {
-                    Ok((hp, n)) => {
-                        set_endpoint(&st2, hp);
-                        st2.relay_listeners
-                            .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
-                    }
+                match resolve_into(&st2, &local2, &cs2, &conn2).await {
+                    Ok(()) => {}
                     Err(e) => {
                         warn!(hc = %st2.name, error = %e, "endpoint refresh failed; keeping the previous one")
                     }
@@ -279,9 +336,37 @@ pub(crate) async fn supervise(
             }
         }
     });
+    let unix = match &local.options.endpoint {
+        Some(Endpoint::Unix(p)) => Some(p.clone()),
+        _ => None,
+    };
+    let http = Arc::new(http_bridge::HttpBridge::new(
+        local.http.clone(),
+        dialing.timeout,
+        Arc::clone(&dialing.policy),
+        unix,
+        Arc::clone(&st.endpoint_connections),
+    ));
     loop {
         let inc = tokio::select! {
             i = incoming.recv() => match i { Some(i) => i, None => return },
+            r = requests.recv() => match r {
+                Some(req) => {
+                    let (st, http) = (Arc::clone(&st), Arc::clone(&http));
+                    // A request in flight holds a rendezvous and an endpoint connection: it
+                    // counts against the tunnel limit like a tunnel.
+                    let permit = dialing.gate.try_acquire();
+                    tokio::spawn(async move {
+                        let Some(_permit) = permit else {
+                            http_bridge::at_tunnel_limit(req, &st).await;
+                            return;
+                        };
+                        http_bridge::dispatch(&http, req, &st).await
+                    });
+                    continue;
+                }
+                None => return,
+            },
             _ = shutdown.cancelled() => return,
         };
         let target = endpoint_of(&st);
@@ -303,57 +388,21 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Resolves the endpoint and keeps the addresses the policy permits; `Err` is the reject
-/// (status, reason) and whether the policy refused it.
-async fn permitted_addrs(
-    target: &HostPort,
-    policy: &EndpointPolicy,
-) -> Result<Vec<std::net::SocketAddr>, (u16, String, bool)> {
-    let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| (502, format!("Endpoint {target} unreachable: {e}"), false))?
-        .collect();
-    policy
-        .permitted(&target.host, target.port, &addrs)
-        .map_err(|reason| (403, reason, true))
-}
-
-/// Dials the endpoint (the addresses the policy permits), then accepts (or rejects with 403,
-/// 502 or 504), then pumps.
-async fn bridge(inc: Incoming, target: HostPort, dialing: &Dialing, st: &HcStatus) {
+/// Dials the endpoint (a TCP one at the addresses the policy permits), then accepts (or
+/// rejects with 403, 502 or 504), then pumps.
+async fn bridge(inc: Incoming, target: Endpoint, dialing: &Dialing, st: &HcStatus) {
     let hc = st.name.as_str();
     let started = Instant::now();
     let id = inc.id().to_owned();
     let dial_timeout = dialing.timeout;
-    let dial = tokio::time::timeout(dial_timeout, async {
-        match permitted_addrs(&target, &dialing.policy).await {
-            Ok(addrs) => Ok(TcpStream::connect(&addrs[..]).await),
-            Err(refusal) => Err(refusal),
-        }
-    })
+    let dial = tokio::time::timeout(
+        dial_timeout,
+        endpoint::Dialed::dial(&target, &dialing.policy),
+    )
     .await;
-    let dial = match dial {
-        Ok(Err((status, reason, by_policy))) => {
-            if by_policy {
-                // Said once per change of the endpoint's verdict, not per sender.
-                if st.endpoint_refused(&reason) {
-                    warn!(role = "listener", hc, endpoint = %target, reason = %reason, "endpoint refused by the allow-list; senders are rejected");
-                }
-            } else {
-                warn!(role = "listener", hc, id = %id, reason = %reason, "rejecting");
-                st.rejected(reason.clone());
-            }
-            let _ = inc.reject(status, &reason).await;
-            return;
-        }
-        Ok(Ok(r)) => Ok(r),
-        Err(e) => Err(e),
-    };
     let (status, reason) = match dial {
-        Ok(Ok(s)) => {
+        Ok(Ok(mut conn)) => {
             st.endpoint_allowed();
-            let mut tcp = s;
-            let _ = tcp.set_nodelay(true);
             let mut ws = match inc.accept().await {
                 Ok(ws) => ws,
                 Err(e) => {
@@ -362,7 +411,7 @@ async fn bridge(inc: Incoming, target: HostPort, dialing: &Dialing, st: &HcStatu
                 }
             };
             st.bridge_opened(started.elapsed());
-            let r = hyco_client::pump(&mut tcp, &mut ws).await;
+            let r = conn.pump(&mut ws).await;
             let (up, down, outcome) = match r {
                 Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
                 Err(e) => (0, 0, format!("aborted: {e}")),
@@ -372,7 +421,17 @@ async fn bridge(inc: Incoming, target: HostPort, dialing: &Dialing, st: &HcStatu
                 duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "connection served");
             return;
         }
-        Ok(Err(e)) => (502, format!("Endpoint {target} unreachable: {e}")),
+        Ok(Err(e)) => match endpoint::refusal(&e) {
+            Some(reason) => {
+                // Said once per change of the endpoint's verdict, not per sender.
+                if st.endpoint_refused(reason) {
+                    warn!(role = "listener", hc, endpoint = %target, reason = %reason, "endpoint refused by the allow-list; senders are rejected");
+                }
+                let _ = inc.reject(403, reason).await;
+                return;
+            }
+            None => (502, format!("Endpoint {target} unreachable: {e}")),
+        },
         Err(_) => (
             504,
             format!(

@@ -16,16 +16,24 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::{resolve, supervise, Dialing, ManagerConfig, ManagerError, StatusBoard};
+use crate::{
+    resolve_into, supervise, Dialing, HcOptions, HttpSettings, ManagerConfig, ManagerError,
+    StatusBoard,
+};
 
-/// The connection strings added at run time, in `manager-state.json` (mode 0600: it holds keys).
+/// The connection strings added at run time, in `manager-state.json` (mode 0600: it holds keys),
+/// and the settings given with them, by lower-cased name.
 #[derive(Serialize, Deserialize, Default)]
 struct StateFile {
     connection_strings: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    options: BTreeMap<String, HcOptions>,
 }
 
 struct Entry {
     cs: ConnectionString,
+    /// The manager's own settings of this hybrid connection.
+    options: HcOptions,
     /// Stops this hybrid connection's supervisor.
     stop: CancellationToken,
     /// Added at run time (kept in the state file), rather than from the command line or the
@@ -50,6 +58,7 @@ pub struct Manager {
     /// The tunnel limit.
     gate: Arc<hyco_io::tunnels::TunnelGate>,
     token_lifetime: Duration,
+    http: HttpSettings,
     shutdown: CancellationToken,
     hcs: Mutex<BTreeMap<String, Entry>>,
     state_file: Option<PathBuf>,
@@ -111,21 +120,34 @@ impl Manager {
             dial_timeout: cfg.dial_timeout,
             policy: Arc::new(cfg.allow_endpoints),
             token_lifetime: cfg.token_lifetime,
+            http: cfg.http.clone(),
             shutdown,
             hcs: Mutex::new(BTreeMap::new()),
             state_file,
             tasks: TaskTracker::new(),
         });
         for (i, cs) in cfg.connections.into_iter().enumerate() {
-            m.add_inner(cs, false)
+            let options = cs
+                .entity_path
+                .as_ref()
+                .and_then(|n| cfg.hc_options.get(&n.to_ascii_lowercase()))
+                .cloned()
+                .unwrap_or_default();
+            m.add_inner(cs, options, false)
                 .map_err(|e| ManagerError::Config(format!("connection string #{}: {e}", i + 1)))?;
         }
         if let Some(path) = m.state_file.clone() {
-            for s in load_state(&path)?.connection_strings {
+            let mut state = load_state(&path)?;
+            for s in state.connection_strings {
                 let cs = ConnectionString::parse(&s).map_err(|e| {
                     ManagerError::Config(format!("{}: a connection string: {e}", path.display()))
                 })?;
-                match m.add_inner(cs, true) {
+                let options = cs
+                    .entity_path
+                    .as_ref()
+                    .and_then(|n| state.options.remove(&n.to_ascii_lowercase()))
+                    .unwrap_or_default();
+                match m.add_inner(cs, options, true) {
                     Ok(_) => {}
                     Err(ManagerError::Exists(name)) => {
                         warn!(hc = %name, "in the state file and in the configuration; the configuration's is used")
@@ -159,14 +181,15 @@ impl Manager {
         Arc::clone(&self.board)
     }
 
-    /// Adds a hybrid connection at run time and records it in the state file.
-    pub fn add(&self, cs: ConnectionString) -> Result<String, ManagerError> {
+    /// Adds a hybrid connection at run time, with its settings, and records both in the
+    /// state file.
+    pub fn add(&self, cs: ConnectionString, options: HcOptions) -> Result<String, ManagerError> {
         if self.state_file.is_none() {
             return Err(ManagerError::Config(
                 "this manager runs without a state file; adding at run time is off".into(),
             ));
         }
-        let name = self.add_inner(cs, true)?;
+        let name = self.add_inner(cs, options, true)?;
         if let Err(e) = self.save() {
             self.remove(&name)?;
             return Err(e);
@@ -175,7 +198,12 @@ impl Manager {
         Ok(name)
     }
 
-    fn add_inner(&self, cs: ConnectionString, persisted: bool) -> Result<String, ManagerError> {
+    fn add_inner(
+        &self,
+        cs: ConnectionString,
+        options: HcOptions,
+        persisted: bool,
+    ) -> Result<String, ManagerError> {
         let name = name_of(&cs)?;
         let key = name.to_ascii_lowercase();
         let mut g = lock(&self.hcs);
@@ -183,11 +211,12 @@ impl Manager {
             return Err(ManagerError::Exists(name));
         }
         let stop = self.shutdown.child_token();
-        self.spawn_supervisor(&cs, &name, stop.clone());
+        self.spawn_supervisor(&cs, &options, &name, stop.clone());
         g.insert(
             key,
             Entry {
                 cs,
+                options,
                 stop,
                 persisted,
             },
@@ -195,7 +224,13 @@ impl Manager {
         Ok(name)
     }
 
-    fn spawn_supervisor(&self, cs: &ConnectionString, name: &str, stop: CancellationToken) {
+    fn spawn_supervisor(
+        &self,
+        cs: &ConnectionString,
+        options: &HcOptions,
+        name: &str,
+        stop: CancellationToken,
+    ) {
         let st = self.board.add(name);
         st.set_listener(ListenerStatus::Connecting);
         let opts = ListenerOptions {
@@ -213,6 +248,10 @@ impl Manager {
             },
             stop,
             st,
+            crate::Local {
+                options: options.clone(),
+                http: self.http.clone(),
+            },
         ));
     }
 
@@ -242,7 +281,7 @@ impl Manager {
         let stop = self.shutdown.child_token();
         let n = e.cs.entity_path.clone().unwrap_or_default();
         self.board.remove(&n);
-        self.spawn_supervisor(&e.cs, &n, stop.clone());
+        self.spawn_supervisor(&e.cs, &e.options, &n, stop.clone());
         e.stop = stop;
         info!(hc = %n, event = "HybridConnectionRestarted", "restarted");
         Ok(n)
@@ -258,21 +297,17 @@ impl Manager {
 
     /// Re-reads the entity (endpoint, listener count on the relay) of a hybrid connection.
     pub async fn refresh(&self, name: &str) -> Result<(), ManagerError> {
-        let cs = self.cs_of(name)?;
+        let (cs, options) = self.cs_of(name)?;
         if let Some(st) = self.board.get(name) {
-            if let Ok((hp, n)) = resolve(&cs, &self.connector_for(&cs)).await {
-                crate::set_endpoint(&st, hp);
-                st.relay_listeners
-                    .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
-            }
+            let _ = resolve_into(&st, &options, &cs, &self.connector_for(&cs)).await;
         }
         Ok(())
     }
 
-    fn cs_of(&self, name: &str) -> Result<ConnectionString, ManagerError> {
+    fn cs_of(&self, name: &str) -> Result<(ConnectionString, HcOptions), ManagerError> {
         lock(&self.hcs)
             .get(&name.to_ascii_lowercase())
-            .map(|e| e.cs.clone())
+            .map(|e| (e.cs.clone(), e.options.clone()))
             .ok_or_else(|| ManagerError::NotFound(name.to_owned()))
     }
 
@@ -285,7 +320,7 @@ impl Manager {
         name: &str,
         send: Option<ConnectionString>,
     ) -> Result<TestReport, ManagerError> {
-        let cs = self.cs_of(name)?;
+        let (cs, options) = self.cs_of(name)?;
         let st = self
             .board
             .get(name)
@@ -299,15 +334,20 @@ impl Manager {
             })
         };
         let started = Instant::now();
-        let entity_ok = match resolve(&cs, &self.connector_for(&cs)).await {
-            Ok((hp, n)) => {
-                st.relay_listeners
-                    .store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
+        let entity_ok = match resolve_into(&st, &options, &cs, &self.connector_for(&cs)).await {
+            Ok(()) => {
+                let n = st
+                    .relay_listeners
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let ep = lock(&st.endpoint)
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
                 step(
                     "relay",
                     true,
                     format!(
-                        "entity read in {} ms: endpoint {hp}, {n} listener(s) on the relay",
+                        "entity read in {} ms: endpoint {ep}, {n} listener(s) on the relay",
                         started.elapsed().as_millis()
                     ),
                 );
@@ -393,13 +433,20 @@ impl Manager {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
+        let g = lock(&self.hcs);
         let state = StateFile {
-            connection_strings: lock(&self.hcs)
+            connection_strings: g
                 .values()
                 .filter(|e| e.persisted)
                 .map(|e| e.cs.render())
                 .collect(),
+            options: g
+                .iter()
+                .filter(|(_, e)| e.persisted && e.options != HcOptions::default())
+                .map(|(k, e)| (k.clone(), e.options.clone()))
+                .collect(),
         };
+        drop(g);
         write_private(path, &serde_json::to_vec_pretty(&state).unwrap_or_default())
             .map_err(|e| ManagerError::Config(format!("cannot write {}: {e}", path.display())))
     }

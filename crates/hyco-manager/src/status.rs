@@ -1,12 +1,11 @@
 //! What the manager knows about each of its hybrid connections, for the status page, the JSON
 //! view and `/metrics`.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyco_client::ListenerStatus;
-use hyco_proto::address::HostPort;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,7 +27,11 @@ pub struct HcStatus {
     pub name: String,
     label: Hc,
     /// Where senders are bridged to.
-    pub endpoint: Mutex<Option<HostPort>>,
+    pub endpoint: Mutex<Option<crate::Endpoint>>,
+    /// HTTP-mode requests are forwarded to the endpoint (else answered 501).
+    pub http: AtomicBool,
+    /// HTTP-mode connections to the endpoint open now, idle pooled ones included.
+    pub endpoint_connections: Arc<AtomicI64>,
     /// The control channel's state.
     pub listener: Mutex<ListenerStatus>,
     /// When the state last changed.
@@ -298,6 +301,8 @@ impl StatusBoard {
             name: name.to_owned(),
             label,
             endpoint: Mutex::new(None),
+            http: AtomicBool::new(false),
+            endpoint_connections: Arc::new(AtomicI64::new(0)),
             listener: Mutex::new(ListenerStatus::Connecting),
             since: Mutex::new(SystemTime::now()),
             last_error: Mutex::new(None),
@@ -388,6 +393,8 @@ impl HcStatus {
         json!({
             "name": self.name,
             "endpoint": lock(&self.endpoint).as_ref().map(|e| e.to_string()),
+            "mode": if self.http.load(Ordering::Relaxed) { "http" } else { "tcp" },
+            "endpointConnections": self.endpoint_connections.load(Ordering::Relaxed).max(0),
             "state": state,
             "detail": detail,
             "since": unix(*lock(&self.since)),

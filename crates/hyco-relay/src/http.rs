@@ -176,8 +176,17 @@ pub fn request_target(path: &str, query: &HcQuery) -> String {
 /// The sender's headers for `requestHeaders`: hop-by-hop headers, the relay's credentials and
 /// the listener-choice headers removed; repeated headers joined with ", ".
 fn request_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(String, String)> {
+    // The headers `Connection` names are hop-by-hop too (RFC 9110 §7.6.1).
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
     forwarded_headers(headers, |n| {
         is_hop_header(n)
+            || named.iter().any(|t| t == n)
             || n == "servicebusauthorization"
             || (n == "authorization" && drop_authorization)
             || n == "microsoft-relay-allowedlisteners"
@@ -765,6 +774,8 @@ mod tests {
         ] {
             assert_eq!(t("/hc", Some(&format!("a=1&{q}"))), "/hc?a=1", "{q}");
         }
+        // UTF-8 in the query (hyper accepts it): no slicing inside a character.
+        assert_eq!(t("/hc", Some("abcdeé=1")), "/hc?abcdeé=1");
     }
 
     #[test]
@@ -781,6 +792,8 @@ mod tests {
         h.append("x-multi", HeaderValue::from_static("a"));
         h.append("x-multi", HeaderValue::from_static("b"));
         h.insert("via", HeaderValue::from_static("1.1 proxy"));
+        h.append("connection", HeaderValue::from_static("X-Named-Hop"));
+        h.insert("x-named-hop", HeaderValue::from_static("1"));
         let kept = request_headers(&h, false);
         let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["Host", "Authorization", "X-Multi", "Via"]);

@@ -65,6 +65,10 @@ enum HcCmd {
         /// Let senders connect without a token.
         #[arg(long)]
         no_client_auth: bool,
+        /// The endpoint speaks HTTP: `hyco manager` forwards HTTP-mode requests to it (a
+        /// `hyco-mode` entry in the user metadata, which App Service ignores).
+        #[arg(long)]
+        http: bool,
     },
     /// List hybrid connections.
     List,
@@ -289,17 +293,22 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 name,
                 endpoint,
                 no_client_auth,
+                http,
             } => {
                 hyco_proto::names::validate_hc_name(&name)
                     .map_err(|e| usage(format!("hybrid connection {}: {e}", shown(&name))))?;
                 let hp = parse_endpoint(&endpoint)?;
+                let mut meta = hyco_proto::entity::endpoint_metadata(&hp);
+                if http {
+                    meta = hyco_manager::endpoint::with_http_mode(&meta);
+                }
                 let v = api
                     .call(
                         http::Method::PUT,
                         &hc_path(&name)?,
                         Some(serde_json::json!({
                             "requiresClientAuthorization": !no_client_auth,
-                            "userMetadata": hyco_proto::entity::endpoint_metadata(&hp),
+                            "userMetadata": meta,
                         })),
                     )
                     .await?;

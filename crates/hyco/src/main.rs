@@ -259,7 +259,25 @@ struct ManagerRunArgs {
     #[arg(long = "status-host", value_name = "NAME")]
     status_hosts: Vec<String>,
     #[command(flatten)]
+    http: ManagerHttpArgs,
+    #[command(flatten)]
     relay: RelayClientArgs,
+}
+
+/// HTTP mode of `manager run`.
+#[derive(Args)]
+struct ManagerHttpArgs {
+    /// The endpoints of the `--connection-string` hybrid connections speak HTTP: HTTP-mode
+    /// requests are forwarded to them (see also `manager add --http`).
+    #[arg(long)]
+    http: bool,
+    /// HTTP mode: seconds to wait for the endpoint's response (and for each piece of a body)
+    /// before answering 504. Keep it below the relay's own (60 s).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_timeout: Option<u64>,
+    /// HTTP mode: largest request body passed on; larger ones are answered 413.
+    #[arg(long, value_name = "BYTES")]
+    http_max_body: Option<u64>,
 }
 
 #[derive(Args)]
@@ -400,7 +418,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Errors quote the manager's, the relay's and Redis's answers: escaped, each cause once.
-            eprintln!("error: {}", hyco_proto::escape::Escaped(&cli_env::error_chain(&e)));
+            eprintln!(
+                "error: {}",
+                hyco_proto::escape::Escaped(&cli_env::error_chain(&e))
+            );
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(64)
             } else {
@@ -627,7 +648,19 @@ async fn manager(
     for (i, s) in a.connection_strings.iter().enumerate() {
         let cs = ConnectionString::parse(s)
             .map_err(|e| usage(format!("--connection-string #{}: {e}", i + 1)))?;
+        if let (true, Some(name)) = (a.http.http, &cs.entity_path) {
+            cfg.hc_options
+                .entry(name.to_ascii_lowercase())
+                .or_default()
+                .http = true;
+        }
         cfg.connections.push(cs);
+    }
+    if let Some(t) = a.http.http_timeout {
+        cfg.http.timeout = Duration::from_secs(t);
+    }
+    if a.http.http_max_body.is_some() {
+        cfg.http.max_body = a.http.http_max_body;
     }
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     cfg.client = with_relay_addrs(cfg.client, a.relay.relay_addrs.clone())?;

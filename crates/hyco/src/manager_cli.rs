@@ -97,6 +97,14 @@ pub enum ClientCmd {
         /// Connection string with EntityPath and a Listen key. `-` reads it from stdin, which
         /// keeps it out of the process list and shell history.
         connection_string: String,
+        /// The endpoint speaks HTTP: requests to `https://RELAY/HC/…` are forwarded to it as
+        /// HTTP/1.1 (HTTP mode). Without it they are answered 501; tunnels work either way.
+        #[arg(long)]
+        http: bool,
+        /// Use this endpoint instead of the hybrid connection's user metadata: `HOST:PORT`, or
+        /// `unix:/PATH` for a Unix socket (only ever from here or the configuration file).
+        #[arg(long, value_name = "HOST:PORT|unix:/PATH")]
+        endpoint: Option<String>,
     },
     /// Every hybrid connection with its state.
     List {
@@ -251,7 +259,11 @@ fn header() {
 pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
     let socket = state.socket();
     match cmd {
-        ClientCmd::Add { connection_string } => {
+        ClientCmd::Add {
+            connection_string,
+            http,
+            endpoint,
+        } => {
             let cs = if connection_string == "-" {
                 let mut s = String::new();
                 std::io::stdin()
@@ -267,7 +279,15 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
             if parsed.entity_path.is_none() {
                 return Err(usage("the connection string has no EntityPath"));
             }
-            let v = one(&socket, json!({"cmd": "add", "connectionString": cs})).await?;
+            if let Some(e) = &endpoint {
+                e.parse::<hyco_manager::Endpoint>()
+                    .map_err(|e| usage(format!("--endpoint: {e}")))?;
+            }
+            let v = one(
+                &socket,
+                json!({"cmd": "add", "connectionString": cs, "http": http, "endpoint": endpoint}),
+            )
+            .await?;
             eprintln!("added {}", Escaped(answer(&v, "added")?));
         }
         ClientCmd::List { json } => {
@@ -291,6 +311,7 @@ pub async fn run(cmd: ClientCmd, state: &StateDirArg) -> Result<()> {
                     ("state", "state"),
                     ("detail", "detail"),
                     ("endpoint", "endpoint"),
+                    ("mode", "mode"),
                     ("listener id", "listenerId"),
                     ("listeners on the relay", "relayListeners"),
                     ("open connections", "activeConnections"),

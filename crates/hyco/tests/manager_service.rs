@@ -229,7 +229,7 @@ async fn a_state_folder_open_to_others_is_refused() {
     let (code, _, err) = run(&bin(), &["manager", "run"], &[("HYCO_STATE_DIR", d)], T).await;
     assert_ne!(code, 0, "a 0777 state folder was accepted");
     assert!(
-        err.contains("open to other users") && err.contains(&format!("chmod 700 {d}")),
+        err.contains("can be read by other users") && err.contains(&format!("chmod 700 {d}")),
         "{err}"
     );
     assert!(!dir.join("manager.sock").exists());
