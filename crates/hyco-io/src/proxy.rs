@@ -378,7 +378,9 @@ fn parse_net(s: &str, port: Option<u16>) -> Option<Option<Rule>> {
     Some((bits <= max).then_some(Rule::Net(net, bits, port)))
 }
 
-fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+/// Whether `ip` is inside the network `net`/`bits` (both of one family; `bits` at most 32 or
+/// 128). Used for `NO_PROXY` entries and by the manager's endpoint allow-list.
+pub fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);

@@ -21,6 +21,7 @@
 //! The check runs on the resolved addresses, and only the permitted ones are dialled: a name
 //! that resolves to a metadata address is refused even if it is on the list.
 
+use hyco_io::proxy::in_net;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -70,20 +71,6 @@ fn forbidden_by_default(ip: IpAddr) -> Option<&'static str> {
             .iter()
             .find(|(n, b, _)| in_net(IpAddr::V6(a), IpAddr::V6(*n), *b))
             .map(|x| x.2),
-    }
-}
-
-fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
     }
 }
 
