@@ -281,15 +281,7 @@ async fn every_401_carries_a_www_authenticate_challenge() {
 
 /// Sends a raw request over TLS and returns the response head.
 async fn raw_head(env: &Env, head: &str) -> String {
-    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut s = common::tls(env).await;
     s.write_all(head.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];

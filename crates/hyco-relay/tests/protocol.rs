@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
-use common::{eventually, now, start, Env, T};
+use common::{eventually, now, series, start, status_get, Env, T};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -336,15 +336,7 @@ async fn entity_get_with_a_listen_key_shows_metadata_and_live_listeners() {
 
 /// Sends a raw request head over TLS and returns the status line.
 async fn raw(env: &Env, head: &str) -> String {
-    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut s = common::tls(env).await;
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(T, s.read(&mut buf))
@@ -657,35 +649,6 @@ async fn a_sender_that_stops_reading_is_cut_after_the_write_timeout() {
         .expect("listener never blocked and was never cut");
     assert!(cut, "512 MiB went into a sender that never reads");
     sender.abort();
-}
-
-/// GETs a path from the status server (plain HTTP on loopback) and returns the body.
-async fn status_get(env: &Env, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.status_port))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-/// The value of one series in a Prometheus text exposition (0 when absent).
-fn series(text: &str, name: &str, hc: &str) -> f64 {
-    let prefix = format!("{name}{{hybrid_connection=\"{hc}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
-use common::{eventually, now, start, Env, T};
+use common::{eventually, now, series, start, status_get, Env, T};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -249,35 +249,6 @@ async fn token_expiries_at_the_ends_of_the_range_get_exact_answers_everywhere() 
         .unwrap();
 }
 
-/// GETs a path from the status server (plain HTTP on loopback) and returns the body.
-async fn status_get(env: &Env, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.status_port))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-/// The value of one series in a Prometheus text exposition (0 when absent).
-fn series(text: &str, name: &str, hc: &str) -> f64 {
-    let prefix = format!("{name}{{hybrid_connection=\"{hc}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 async fn listener_count(env: &Env, hc: &str) -> u64 {
     let (s, body) = env
         .admin(http::Method::GET, &format!("/hybridconnections/{hc}"), "")
@@ -351,15 +322,7 @@ async fn panicking_listener_tasks_leave_no_ghost() {
 
 /// A raw request over TLS; the whole response as text (the connection is closed after it).
 async fn raw(env: &Env, head: &[u8]) -> String {
-    let tls = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut s = common::tls(env).await;
     s.write_all(head).await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;

@@ -11,6 +11,7 @@ use hyco_io::ws::{ConnectError, Connected, Connector};
 use hyco_io::CancellationToken;
 use hyco_proto::{ConnectionString, ConnectionStringAuth, SecretKey};
 use hyco_relay::{Relay, RelayConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const T: Duration = Duration::from_secs(10);
 
@@ -194,4 +195,46 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("condition not reached within 5 s");
+}
+
+/// GETs a path from the status server (plain HTTP on loopback) and returns the body.
+pub async fn status_get(env: &Env, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.status_port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of one series in a Prometheus text exposition (0 when absent).
+pub fn series(text: &str, name: &str, hc: &str) -> f64 {
+    let prefix = format!("{name}{{hybrid_connection=\"{hc}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A TLS connection to the relay (trusting its CA, for the name `localhost`), for raw requests.
+pub async fn tls(env: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = hyco_io::tls::client_config(Some(&env.ca)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
 }
