@@ -904,22 +904,6 @@ async fn relay_addr_carries_the_endpoint_name_to_another_address() {
     assert!(e.to_string().contains(&nowhere.to_string()), "{e}");
 }
 
-/// A `GET path` on a plain-HTTP status address with the given `Host`; the whole answer.
-async fn status_get_as(addr: &str, host: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(T, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
-}
-
 /// Issue 14, log forging: the inputs of the report, through a real relay and manager with text
 /// logs. A sender (no token needed here) sends `sb-hc-id` with CR LF, a whole forged log line
 /// and a terminal escape; a listener does the same with a Listen token; a Manage holder puts
@@ -1059,7 +1043,7 @@ async fn outside_text_never_forges_a_log_line_or_reaches_a_terminal_raw() {
         !shown.chars().any(|c| c.is_control() && c != '\n'),
         "{shown:?}"
     );
-    let page = status_get_as(&mstatus, &mstatus, "/api/status").await;
+    let page = common::http_get_as(&mstatus, &mstatus, "/api/status").await;
     assert!(page.contains(r"FAKE LINE\\x1b[31m"), "{page}");
     assert!(
         !page.contains(r"\r\n") && !page.contains(r"\u001b"),
@@ -1120,7 +1104,7 @@ async fn status_pages_answer_only_loopback_and_configured_hosts() {
             format!("STATUS.example:{p}"),
         ] {
             for path in ["/api/status", "/", "/metrics"] {
-                let a = status_get_as(addr, &host, path).await;
+                let a = common::http_get_as(addr, &host, path).await;
                 assert!(a.starts_with("HTTP/1.1 200"), "{host} {path}: {a}");
             }
         }
@@ -1131,7 +1115,7 @@ async fn status_pages_answer_only_loopback_and_configured_hosts() {
             format!("10.1.2.3:{p}"),
         ] {
             for path in ["/api/status", "/", "/metrics", "/api/events"] {
-                let a = status_get_as(addr, &host, path).await;
+                let a = common::http_get_as(addr, &host, path).await;
                 assert!(a.starts_with("HTTP/1.1 421"), "{host} {path}: {a}");
                 assert!(!a.contains("secret-name"), "{host} {path}: {a}");
             }

@@ -246,9 +246,14 @@ pub async fn echo_roundtrip(port: u16, len: usize) -> ([u8; 32], [u8; 32], usize
 
 /// `GET path` from a plain-HTTP status address.
 pub async fn http_get(addr: &str, path: &str) -> String {
+    http_get_as(addr, addr, path).await
+}
+
+/// `GET path` from a plain-HTTP status address with the given `Host`; the whole answer.
+pub async fn http_get_as(addr: &str, host: &str, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
     .unwrap();
