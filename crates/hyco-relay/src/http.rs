@@ -263,7 +263,10 @@ pub async fn handle(
     let hc_name = hc.name.clone();
     let method = req.method().clone();
     let target = request_target(req.uri().path(), &query);
-    let headers = request_headers(req.headers(), authorization_used);
+    let mut headers = request_headers(req.headers(), authorization_used);
+    crate::header_case::Spelling::of(&req)
+        .await
+        .apply(&mut headers);
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
         id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
@@ -474,7 +477,17 @@ pub async fn handle(
         setup_ms = started.elapsed().as_millis() as u64,
         "request answered"
     );
-    response_for_sender(&cmd, body, &method, &host)
+    let mut resp = response_for_sender(&cmd, body, &method, &host)?;
+    // The names as the listener spelled them, in the order `response_for_sender` added them.
+    let names: Vec<&str> = (cmd.response_headers.iter().flatten())
+        .map(|(k, _)| k.as_str())
+        .filter(|k| {
+            let lower = k.to_ascii_lowercase();
+            !is_hop_header(&lower) && lower != "via"
+        })
+        .collect();
+    crate::header_case::respell(&mut resp, &names).await;
+    Ok(resp)
 }
 
 /// The body is moved into exactly one place per attempt; this is the error if that breaks.
@@ -523,6 +536,13 @@ fn response_for_sender(
     let bodyless = *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    // A body without a type: say what RFC 9110 §8.3 lets the recipient assume anyway, because
+    // the JDK's `HttpURLConnection.getContent()` refuses a response with none ("no
+    // content-type"; azure-relay-java HybridConnectionListenerTest.java:373 reads the body so).
+    let untyped_content = !bodyless
+        && !matches!(&body, ResponseBody::Whole(b) if b.is_empty())
+        && !(cmd.response_headers.iter().flatten())
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
     let b: Body = match body {
         _ if bodyless => crate::error::empty(),
         ResponseBody::Whole(bytes) => crate::error::full(bytes),
@@ -558,6 +578,12 @@ fn response_for_sender(
     };
     if let Ok(v) = HeaderValue::from_str(&via) {
         h.insert(header::VIA, v);
+    }
+    if untyped_content {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
     }
     if let Some(reason) = cmd.status_description.as_deref() {
         let reason = address::sanitize_reason(reason);

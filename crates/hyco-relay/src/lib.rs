@@ -18,6 +18,7 @@ pub mod budget;
 pub mod cluster;
 pub mod control;
 pub mod error;
+mod header_case;
 pub mod http;
 pub mod metrics;
 pub mod registry;
@@ -590,6 +591,8 @@ async fn serve_connection(
         .header_read_timeout(limits.handshake_timeout)
         .max_headers(limits.max_headers)
         .max_buf_size(32 * 1024)
+        // Header names reach listeners as the sender spelled them (see `header_case`).
+        .preserve_header_case(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);

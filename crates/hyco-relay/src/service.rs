@@ -400,7 +400,10 @@ async fn connect(
     let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
     let disallowed =
         id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
-    let headers = connect_headers(req.headers(), authorization_used);
+    let mut headers = connect_headers(req.headers(), authorization_used);
+    crate::header_case::Spelling::of(&req)
+        .await
+        .apply(&mut headers);
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
     // A listener that leaves before answering does not cost the sender the whole deadline:
     // the accept is offered to another one (at most three), or the sender learns at once.

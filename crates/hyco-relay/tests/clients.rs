@@ -659,3 +659,105 @@ async fn a_token_signed_for_the_whole_request_url_is_accepted() {
         .unwrap();
     assert_eq!(a.status, 401);
 }
+
+// Header names keep the spelling their sender used, in both directions. Java's listener keeps
+// `requestHeaders` and `connectHeaders` in case-sensitive `HashMap`s (ListenerCommand.java:147-149,
+// :233-235; RelayedHttpListenerRequest.java:24) and its HTTP sender reads the response through
+// `HttpURLConnection.getHeaderFields()`; HybridConnectionListenerTest.java:82 (`customHeadersTest`)
+// sends a name made of every token character and looks it up by that exact spelling on the
+// listener (HTTP request and WebSocket accept) and on the sender (the listener's response header).
+#[tokio::test]
+async fn header_names_reach_the_other_side_as_spelled() {
+    let env = Arc::new(start("header-case", |_| {}).await);
+    let odd = "!#$%&*+-.^_`~*|ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz1234567890";
+    let value = "!#$%&*+-.^_`~*|\"'(){}[]<>=/,:;@\\ABCxyz123";
+    let mut l = env.listen("hc1").await;
+
+    // HTTP mode: the request's names to the listener, the response's names to the sender.
+    let t = env.token(Some("hc1"), now() + 600);
+    let head = format!(
+        "GET /hc1/x HTTP/1.1\r\nHost: localhost\r\nServiceBusAuthorization: {t}\r\n{odd}: {value}\r\nX-MiXeD-case: 1\r\nConnection: close\r\n\r\n"
+    );
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move { raw_head(&e2, &head).await });
+    let r = next_request(&mut l.ws).await;
+    let got = r.request_headers.clone().unwrap_or_default();
+    assert!(got.iter().any(|(k, v)| k == odd && v == value), "{got:?}");
+    assert!(got.iter().any(|(k, _)| k == "X-MiXeD-case"), "{got:?}");
+    let answer = ListenerCommand::Response(ResponseCommand {
+        request_id: r.id.clone(),
+        status_code: 200,
+        status_description: None,
+        response_headers: Some(vec![
+            (odd.to_owned(), "w".to_owned()),
+            ("X-Listener-SPELLING".to_owned(), "1".to_owned()),
+        ]),
+        body: false,
+    })
+    .to_json();
+    l.ws.send_text(&answer).await.unwrap();
+    let resp = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains(&format!("\r\n{odd}: w\r\n")), "{resp}");
+    assert!(resp.contains("\r\nX-Listener-SPELLING: 1\r\n"), "{resp}");
+
+    // WebSocket mode (Java's sender is Jetty's upgrade request, names as the application gave
+    // them): the sender's names in the accept's connectHeaders.
+    let head = format!(
+        "GET /$hc/hc1?sb-hc-action=connect HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nServiceBusAuthorization: {t}\r\n{odd}: {value}\r\nx-lower-case: 2\r\n\r\n"
+    );
+    let e2 = Arc::clone(&env);
+    let sender = tokio::spawn(async move { raw_head(&e2, &head).await });
+    let a = next_accept(&mut l).await;
+    let h = &a.connect_headers;
+    assert!(h.iter().any(|(k, v)| k == odd && v == value), "{h:?}");
+    assert!(h.iter().any(|(k, _)| k == "x-lower-case"), "{h:?}");
+    assert!(h.iter().any(|(k, _)| k == "Sec-WebSocket-Key"), "{h:?}");
+    env.connector.connect(&a.address, &[]).await.unwrap();
+    let resp = tokio::time::timeout(T, sender).await.unwrap().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+}
+
+// A listener's response with content and no Content-Type. Java's listener never sets one
+// (nothing in azure-relay-java's src/main names it), and the JDK's
+// `HttpURLConnection.getContent()`, which HybridConnectionListenerTest.java:373
+// (`parseRequestPathWithSpacesAndQueryTest`) calls, throws "no content-type" without it. The
+// relay states what RFC 9110 §8.3 lets a recipient assume: application/octet-stream. A type the
+// listener gave is kept, and a response without content gets none.
+#[tokio::test]
+async fn content_without_a_type_is_sent_as_octet_stream() {
+    let env = start("untyped", |_| {}).await;
+    let mut l = env.listen("hc1").await;
+    let typed = vec![("Content-Type".to_owned(), "text/plain".to_owned())];
+    for (headers, status, body, expect) in [
+        (
+            None,
+            200,
+            &b"{\"foo\":\"bar\"}"[..],
+            Some("application/octet-stream"),
+        ),
+        (Some(typed), 200, &b"x"[..], Some("text/plain")),
+        (None, 204, &b""[..], None),
+        (None, 200, &b""[..], None),
+    ] {
+        let s = send_http(&env, http::Method::GET, "/hc1/x", vec![], vec![]);
+        let r = next_request(&mut l.ws).await;
+        let answer = ListenerCommand::Response(ResponseCommand {
+            request_id: r.id.clone(),
+            status_code: status,
+            status_description: None,
+            response_headers: headers,
+            body: !body.is_empty(),
+        })
+        .to_json();
+        l.ws.send_text(&answer).await.unwrap();
+        if !body.is_empty() {
+            l.ws.send_binary(body).await.unwrap();
+        }
+        let a = s.await.unwrap().unwrap();
+        assert_eq!(a.status, status);
+        assert_eq!(&a.body[..], body);
+        let got = a.headers.get("content-type").map(|v| v.to_str().unwrap());
+        assert_eq!(got, expect, "status {status}, body {body:?}");
+    }
+}
