@@ -53,7 +53,9 @@ pub struct RelayedRequest {
     pub id: String,
     /// HTTP method.
     pub method: String,
-    /// Path as the sender sent it (entity name included) and query without `sb-hc-*` pairs.
+    /// Path (entity name included) percent-decoded, as Azure delivers it, except escapes of `/`,
+    /// `?`, `#`, `%` and control characters; then the query as sent, without `sb-hc-*` pairs.
+    /// `hyco_proto::address::request_line_path` makes it fit for an HTTP request line again.
     pub target: String,
     /// Headers after the relay's stripping; repeated ones joined with ", ".
     pub headers: Vec<(String, String)>,

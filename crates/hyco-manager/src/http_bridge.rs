@@ -309,6 +309,8 @@ impl HttpBridge {
             Endpoint::Tcp(hp) => format!("{}:{}", hp.host, hp.port),
             Endpoint::Unix(_) => "localhost".to_owned(),
         };
+        // The path comes decoded, as Azure sends it; the request line needs it encoded again.
+        let path = hyco_proto::address::request_line_path(&path);
         let uri: Uri = format!("http://{authority}{path}")
             .parse()
             .map_err(|_| Failure {

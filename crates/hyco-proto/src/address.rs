@@ -465,5 +465,78 @@ impl fmt::Display for HostPort {
     }
 }
 
+/// The path of a request target as Azure hands it to HTTP-mode listeners: percent-escapes
+/// decoded. Microsoft's Java listener percent-encodes the path it receives before parsing it
+/// (azure-relay-java HybridHttpConnection.java:208-222, added as "Hybrid HTTP connection handles
+/// URL requests with spaces", #83), so an escape left in place would reach the application
+/// encoded twice; .NET (`new Uri(base, target)`, HybridHttpConnection.cs:179) takes either form.
+/// Escapes of `/`, `?`, `#` and `%` stay, since decoding them would change where the path ends
+/// or how it splits; so do escapes of control characters, and the whole path stays as sent when
+/// the decoded bytes are not UTF-8. [`request_line_path`] is the inverse for a request line.
+pub fn listener_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return path.into();
+    }
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let escaped = match (c, b.get(i + 1), b.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex_pair(h, l),
+            _ => None,
+        };
+        match escaped {
+            Some(v) if !matches!(v, b'/' | b'?' | b'#' | b'%') && !v.is_ascii_control() => {
+                out.push(v);
+                i += 3;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(s) => s.into(),
+        Err(_) => path.into(),
+    }
+}
+
+fn hex_pair(h: u8, l: u8) -> Option<u8> {
+    let d = |c: u8| (c as char).to_digit(16);
+    Some((d(h)? * 16 + d(l)?) as u8)
+}
+
+/// What an HTTP/1.1 request-target may not carry as is (RFC 9112 §3.2 with RFC 3986's
+/// characters): controls, space and `"<>\^`{|}`; non-ASCII is always encoded.
+const NOT_IN_A_TARGET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// A listener's request target (path as [`listener_path`] gives it, then the query as sent)
+/// made fit for an HTTP/1.1 request line again: in the path, what a target may not carry is
+/// percent-encoded; `%` escapes and the query are kept as they are.
+pub fn request_line_path(target: &str) -> std::borrow::Cow<'_, str> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let encoded: std::borrow::Cow<'_, str> =
+        percent_encoding::utf8_percent_encode(path, NOT_IN_A_TARGET).into();
+    match (encoded, query) {
+        (std::borrow::Cow::Borrowed(_), _) => target.into(),
+        (std::borrow::Cow::Owned(p), None) => p.into(),
+        (std::borrow::Cow::Owned(p), Some(q)) => format!("{p}?{q}").into(),
+    }
+}
+
 #[cfg(test)]
 mod tests;

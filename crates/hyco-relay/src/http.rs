@@ -160,12 +160,13 @@ fn is_hop_header(name: &str) -> bool {
     )
 }
 
-/// The request target the listener sees: the path as sent, and the query without `sb-hc-*`
-/// pairs that carry a value (`?sb-hc-undefined` stays; §2.10). The pairs kept are the parser's
-/// own `app_query`, so a name is dropped exactly when [`HcQuery::parse`] reads it as `sb-hc-*`
-/// (`sb%2Dhc%2Dtoken=` too). Other bytes are kept as sent.
+/// The request target the listener sees: the path decoded as Azure hands it over
+/// ([`address::listener_path`]), and the query without `sb-hc-*` pairs that carry a value
+/// (`?sb-hc-undefined` stays; §2.10). The pairs kept are the parser's own `app_query`, so a name
+/// is dropped exactly when [`HcQuery::parse`] reads it as `sb-hc-*` (`sb%2Dhc%2Dtoken=` too).
+/// The query's other bytes are kept as sent.
 pub fn request_target(path: &str, query: &HcQuery) -> String {
-    let mut out = path.to_owned();
+    let mut out = address::listener_path(path).into_owned();
     if !query.app_query.is_empty() {
         out.push('?');
         out.push_str(&query.app_query);

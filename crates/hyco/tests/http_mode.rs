@@ -231,6 +231,7 @@ impl Nginx {
         )
         .unwrap();
         std::fs::write(www.join("dir/index.html"), "in dir\n").unwrap();
+        std::fs::write(www.join("a b+é.html"), "spaced\n").unwrap();
         std::fs::write(www.join("big.bin"), pattern(16 << 20)).unwrap();
         // A free port: bound, read, released (nginx binds it right after).
         let port = {
@@ -674,6 +675,12 @@ async fn nginx_serves_pages_redirects_and_conditional_requests_through_the_relay
     assert_eq!(a.h("content-type"), "text/html");
     let etag = a.h("etag").to_owned();
     assert!(!etag.is_empty());
+
+    // The relay hands the manager the path decoded (as Azure does); the manager encodes it
+    // again for nginx, so a file whose name needs escapes is still found.
+    let a = c.get("/web/a%20b+%C3%A9.html").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], b"spaced\n");
 
     let a = c.get("/web/big.bin").await;
     assert_eq!(a.status, 200);

@@ -319,3 +319,41 @@ fn host_ports() {
         assert!(e.contains(names), "{bad}: {e}");
     }
 }
+
+#[test]
+fn listener_paths_are_decoded_but_keep_their_structure() {
+    for (sent, listener) in [
+        (
+            "/hc/extra%20Path/extra%20%20Path2",
+            "/hc/extra Path/extra  Path2",
+        ),
+        ("/hc/caf%C3%A9/%e2%82%ac", "/hc/café/€"),
+        ("/hc/a%2Fb%3Fc%23d%25e", "/hc/a%2Fb%3Fc%23d%25e"),
+        ("/hc/%00%0a%7F", "/hc/%00%0a%7F"),
+        ("/hc/%zz%4", "/hc/%zz%4"),
+        ("/hc/plain", "/hc/plain"),
+        // Not UTF-8 once decoded: kept as sent, whole.
+        ("/hc/%20%FF", "/hc/%20%FF"),
+        ("/hc/%2B+", "/hc/++"),
+    ] {
+        assert_eq!(listener_path(sent), listener, "{sent}");
+    }
+}
+
+#[test]
+fn request_line_paths_undo_the_listener_decoding() {
+    for sent in [
+        "/hc/extra%20Path/extra%20%20Path2",
+        "/hc/caf%C3%A9",
+        "/hc/a%2Fb%3Fc%23d%25e",
+        "/hc/%22%3C%3E%5C%5E%60%7B%7C%7D",
+        "/hc/plain",
+    ] {
+        assert_eq!(request_line_path(&listener_path(sent)), sent, "{sent}");
+    }
+    // The query goes as it came; only the path is encoded.
+    assert_eq!(
+        request_line_path("/hc/a b?x=a%20b&y=;"),
+        "/hc/a%20b?x=a%20b&y=;"
+    );
+}
