@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod rendezvous;
+pub mod select;
 pub mod service;
 pub mod status;
 pub mod store;
