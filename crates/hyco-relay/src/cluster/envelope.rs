@@ -171,3 +171,6 @@ impl ReplayWindow {
         true
     }
 }
+
+#[cfg(test)]
+mod tests;
