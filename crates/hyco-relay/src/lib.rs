@@ -412,7 +412,7 @@ impl Relay {
                     store::Store::open_redis(&url, &prefix, secret.as_deref())
                 })
                 .await
-                .map_err(|e| store::StoreError::Db(e.to_string()))??;
+                .map_err(|e| store::StoreError::Db(e.into()))??;
                 let (c, tx) = cluster::Cluster::connect(cc.clone()).await?;
                 (store, Some((c, tx)))
             }
@@ -472,7 +472,7 @@ impl Relay {
             .ok_or_else(|| store::StoreError::NotFound("the namespace root rule".into()))?;
         let root_connection_string =
             admin::connection_string(&shared, &root.name, &root.primary_key, None)
-                .map_err(|e| store::StoreError::Db(e.to_string()))?;
+                .map_err(|e| store::StoreError::Db(e.into()))?;
         write_file(
             &dir.join("root.connection-string"),
             format!("{root_connection_string}\n").as_bytes(),
