@@ -698,7 +698,10 @@ fn record(ns: &Namespace, change: Change) -> Result<(String, Option<Vec<u8>>), S
             let rec = NamespaceRecord {
                 rules: ns.rules.clone(),
             };
-            (NS_KEY.to_owned(), Some(serde_json::to_vec(&rec).map_err(db)?))
+            (
+                NS_KEY.to_owned(),
+                Some(serde_json::to_vec(&rec).map_err(db)?),
+            )
         }
         Change::Hc(key) => {
             let bytes = ns.hcs.get(&key).map(serde_json::to_vec).transpose();
@@ -788,10 +791,9 @@ mod tests {
     /// says the same as before: `store: ` and that error.
     #[test]
     fn a_database_error_keeps_its_source() {
-        let dir = Folder(std::env::temp_dir().join(format!(
-            "hyco-store-db-error-{}",
-            std::process::id()
-        )));
+        let dir = Folder(
+            std::env::temp_dir().join(format!("hyco-store-db-error-{}", std::process::id())),
+        );
         // The database file cannot be created: a folder stands where it goes.
         std::fs::create_dir_all(dir.0.join("hyco.redb")).unwrap();
         let Err(e) = Store::open(&dir.0) else {

@@ -37,7 +37,9 @@ fn a_sealed_message_opens_with_what_was_sealed() {
     // The wire form other node versions read: lowercase hex HMAC-SHA256, a dot, the JSON.
     let (tag, json) = wire.split_once('.').unwrap();
     assert_eq!(tag.len(), 64);
-    assert!(tag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    assert!(tag
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     assert!(json.starts_with(&format!(r#"{{"id":"{id}","from":"n1","sentAtMs":{NOW},"#)));
 }
 
@@ -82,8 +84,16 @@ fn truncated_input_is_refused() {
     let wire = sealed_at(NOW).into_bytes();
     for n in 0..wire.len() {
         let e = envelopes();
-        assert_eq!(e.open(&wire[..n], NOW).err(), Some(Refused::Mac), "first {n}");
-        assert_eq!(e.open(&wire[n + 1..], NOW).err(), Some(Refused::Mac), "from {n}");
+        assert_eq!(
+            e.open(&wire[..n], NOW).err(),
+            Some(Refused::Mac),
+            "first {n}"
+        );
+        assert_eq!(
+            e.open(&wire[n + 1..], NOW).err(),
+            Some(Refused::Mac),
+            "from {n}"
+        );
     }
 }
 
@@ -179,7 +189,9 @@ fn hostile_timestamps_do_not_panic() {
     // And one at the start: nothing older than zero.
     let early = Envelopes::new(KEY, "n1").unwrap();
     assert!(early.open(sealed_at(0).as_bytes(), 0).is_ok());
-    assert!(early.open(sealed_at(MAX_MESSAGE_AGE_MS).as_bytes(), 0).is_ok());
+    assert!(early
+        .open(sealed_at(MAX_MESSAGE_AGE_MS).as_bytes(), 0)
+        .is_ok());
 }
 
 #[test]
@@ -189,12 +201,18 @@ fn a_signed_message_of_another_shape_is_refused() {
         "{}".to_owned(),
         "not json".to_owned(),
         format!(r#"{{"id":"x","from":"n1","sentAtMs":{NOW},"body":{{"kind":"unknown"}}}}"#),
-        format!(r#"{{"id":"x","from":"n1","sentAtMs":-1,"body":{{"kind":"configChanged","version":1}}}}"#),
+        format!(
+            r#"{{"id":"x","from":"n1","sentAtMs":-1,"body":{{"kind":"configChanged","version":1}}}}"#
+        ),
     ] {
         let mut mac = HmacSha256::new_from_slice(KEY).unwrap();
         mac.update(json.as_bytes());
         let wire = format!("{}.{json}", hex::encode(mac.finalize().into_bytes()));
-        assert_eq!(e.open(wire.as_bytes(), NOW).err(), Some(Refused::Shape), "{json}");
+        assert_eq!(
+            e.open(wire.as_bytes(), NOW).err(),
+            Some(Refused::Shape),
+            "{json}"
+        );
     }
 }
 
@@ -206,7 +224,11 @@ fn the_replay_window_forgets_what_its_age_refuses() {
     }
     assert_eq!(w.seen.len(), 100);
     // Past every message's age: the next admission forgets them all.
-    assert!(w.admit("late", NOW + 100 + MAX_MESSAGE_AGE_MS, NOW + 100 + MAX_MESSAGE_AGE_MS));
+    assert!(w.admit(
+        "late",
+        NOW + 100 + MAX_MESSAGE_AGE_MS,
+        NOW + 100 + MAX_MESSAGE_AGE_MS
+    ));
     assert_eq!(w.seen.len(), 1);
     assert_eq!(w.order.len(), 1);
 }
