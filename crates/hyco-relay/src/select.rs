@@ -1,7 +1,7 @@
 //! Listener selection: which listener a sender (or an HTTP request) is offered to.
 //!
 //! A sender is joined to one listener chosen at random among the eligible ones (protocol.md
-//! §5.1) of this node and, in a cluster, of every live node ([`crate::cluster`] reads the
+//! §5.1) of this node and, in a cluster, of every live node (the cluster module reads the
 //! directory). The same code serves a single relay, where every target is local.
 
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! In Redis the records are the fields of the hash `cfg` (`namespace`, `hc/{key}`, the same JSON
 //! as the embedded store). A write holds the lock `cfg:lock` and watches `cfg:ver`, so writes from
 //! several nodes never interleave; other nodes reload when `cfg:ver` moves
-//! ([`crate::cluster`]).
+//! (the `cluster` module).
 //!
 //! With a cluster secret the configuration is signed: the field `sig` of `cfg` holds a manifest
 //! (`cfg:ver` and the SHA-256 of every other field) with an HMAC-SHA256 under a key derived

@@ -201,9 +201,8 @@ fn a_signed_message_of_another_shape_is_refused() {
         "{}".to_owned(),
         "not json".to_owned(),
         format!(r#"{{"id":"x","from":"n1","sentAtMs":{NOW},"body":{{"kind":"unknown"}}}}"#),
-        format!(
-            r#"{{"id":"x","from":"n1","sentAtMs":-1,"body":{{"kind":"configChanged","version":1}}}}"#
-        ),
+        r#"{"id":"x","from":"n1","sentAtMs":-1,"body":{"kind":"configChanged","version":1}}"#
+            .to_owned(),
     ] {
         let mut mac = HmacSha256::new_from_slice(KEY).unwrap();
         mac.update(json.as_bytes());
