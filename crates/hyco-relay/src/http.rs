@@ -295,7 +295,7 @@ pub async fn handle(
         None => None,
     };
 
-    let mut tried = crate::cluster::Tried::default();
+    let mut tried = crate::select::Tried::default();
     let id = address::new_connection_id(rand::random());
     let table = &shared.http;
     let _guard = SlotGuard {
@@ -304,7 +304,7 @@ pub async fn handle(
     };
     let (listener, listener_id, rx) = loop {
         let Some(choice) =
-            crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
+            crate::select::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
             if tried.is_empty()
                 && crate::service::none_qualify(shared, &hc_key, allowed.as_deref(), &disallowed)
@@ -349,7 +349,7 @@ pub async fn handle(
             return Err(RelayError::HeadersTooLarge);
         }
         let (tx, rx) = oneshot::channel();
-        let remote = matches!(choice, crate::cluster::Target::Remote(_));
+        let remote = matches!(choice, crate::select::Target::Remote(_));
         // Another node's listener gets the address-only form: it opens the rendezvous here,
         // so neither the request nor the response crosses between nodes.
         let (msg, pending) = match &inline_body {
@@ -384,8 +384,8 @@ pub async fn handle(
                 hc_key: hc_key.clone(),
                 rv,
                 listener: match &choice {
-                    crate::cluster::Target::Local(l) => l.conn_id,
-                    crate::cluster::Target::Remote(_) => REMOTE_LISTENER,
+                    crate::select::Target::Local(l) => l.conn_id,
+                    crate::select::Target::Remote(_) => REMOTE_LISTENER,
                 },
                 pending,
                 claimed: false,
@@ -393,14 +393,14 @@ pub async fn handle(
             },
         );
         let sent = match choice {
-            crate::cluster::Target::Local(listener) => match listener.tx.try_send(msg) {
+            crate::select::Target::Local(listener) => match listener.tx.try_send(msg) {
                 Ok(()) => {
                     let lid = listener.listener_id.clone();
                     Ok((Some(listener), lid))
                 }
                 Err(e) => Err(e.to_string()),
             },
-            crate::cluster::Target::Remote(r) => {
+            crate::select::Target::Remote(r) => {
                 let delivered = match (&shared.cluster, msg) {
                     (Some(c), ControlMsg::Command(json)) => c.deliver(&hc_key, &r, json).await,
                     _ => false,

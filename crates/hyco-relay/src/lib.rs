@@ -23,6 +23,7 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod rendezvous;
+pub mod select;
 pub mod service;
 pub mod status;
 pub mod store;
@@ -412,7 +413,7 @@ impl Relay {
                     store::Store::open_redis(&url, &prefix, secret.as_deref())
                 })
                 .await
-                .map_err(|e| store::StoreError::Db(e.to_string()))??;
+                .map_err(|e| store::StoreError::Db(e.into()))??;
                 let (c, tx) = cluster::Cluster::connect(cc.clone()).await?;
                 (store, Some((c, tx)))
             }
@@ -472,7 +473,7 @@ impl Relay {
             .ok_or_else(|| store::StoreError::NotFound("the namespace root rule".into()))?;
         let root_connection_string =
             admin::connection_string(&shared, &root.name, &root.primary_key, None)
-                .map_err(|e| store::StoreError::Db(e.to_string()))?;
+                .map_err(|e| store::StoreError::Db(e.into()))?;
         write_file(
             &dir.join("root.connection-string"),
             format!("{root_connection_string}\n").as_bytes(),

@@ -29,6 +29,27 @@ pub enum ControlMsg {
     Close(u16, &'static str),
 }
 
+/// A change of the local listener set, for the directory writer.
+#[derive(Debug)]
+pub enum DirOp {
+    /// A listener registered here.
+    Up {
+        /// Registry key of its hybrid connection.
+        hc: String,
+        /// Relay-internal id.
+        conn_id: u64,
+        /// Its `sb-hc-id`.
+        listener_id: String,
+    },
+    /// It left.
+    Down {
+        /// Registry key of its hybrid connection.
+        hc: String,
+        /// Relay-internal id.
+        conn_id: u64,
+    },
+}
+
 /// One connected listener.
 #[derive(Debug)]
 pub struct ListenerEntry {
@@ -81,12 +102,12 @@ pub struct Registry {
     by_hc: Mutex<HashMap<String, Vec<Arc<ListenerEntry>>>>,
     next_id: AtomicU64,
     /// In a cluster: every registration and removal, for the shared directory.
-    directory: Option<mpsc::UnboundedSender<crate::cluster::DirOp>>,
+    directory: Option<mpsc::UnboundedSender<DirOp>>,
 }
 
 impl Registry {
     /// A registry that reports its changes to a cluster directory.
-    pub fn with_directory(tx: mpsc::UnboundedSender<crate::cluster::DirOp>) -> Registry {
+    pub fn with_directory(tx: mpsc::UnboundedSender<DirOp>) -> Registry {
         Registry {
             directory: Some(tx),
             ..Registry::default()
@@ -120,7 +141,7 @@ impl Registry {
         }
         let conn_id = entry.conn_id;
         if let Some(d) = &self.directory {
-            let _ = d.send(crate::cluster::DirOp::Up {
+            let _ = d.send(DirOp::Up {
                 hc: hc.to_owned(),
                 conn_id: entry.conn_id,
                 listener_id: entry.listener_id.clone(),
@@ -142,7 +163,7 @@ impl Registry {
             list.retain(|e| e.conn_id != conn_id);
             if list.len() < before {
                 if let Some(d) = &self.directory {
-                    let _ = d.send(crate::cluster::DirOp::Down {
+                    let _ = d.send(DirOp::Down {
                         hc: hc.to_owned(),
                         conn_id,
                     });
@@ -233,7 +254,7 @@ impl Registry {
         let gone = self.lock().remove(hc).unwrap_or_default();
         for e in gone {
             if let Some(d) = &self.directory {
-                let _ = d.send(crate::cluster::DirOp::Down {
+                let _ = d.send(DirOp::Down {
                     hc: hc.to_owned(),
                     conn_id: e.conn_id,
                 });

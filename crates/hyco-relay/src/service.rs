@@ -407,10 +407,10 @@ async fn connect(
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
     // A listener that leaves before answering does not cost the sender the whole deadline:
     // the accept is offered to another one (at most three), or the sender learns at once.
-    let mut tried = crate::cluster::Tried::default();
+    let mut tried = crate::select::Tried::default();
     let (listener_id, conn_id, outcome) = loop {
         let Some(target) =
-            crate::cluster::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
+            crate::select::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
         else {
             return Err(if !tried.is_empty() {
                 RelayError::ListenerGone
@@ -473,7 +473,7 @@ async fn connect(
                 })
             })?;
         let (listener, listener_id) = match target {
-            crate::cluster::Target::Local(listener) => {
+            crate::select::Target::Local(listener) => {
                 if listener
                     .tx
                     .try_send(ControlMsg::Command(cmd.to_json()))
@@ -484,7 +484,7 @@ async fn connect(
                 let id = listener.listener_id.clone();
                 (Some(listener), id)
             }
-            crate::cluster::Target::Remote(r) => {
+            crate::select::Target::Remote(r) => {
                 let Some(c) = &shared.cluster else { continue };
                 if !c.deliver(&hc_key, &r, cmd.to_json()).await {
                     info!(hc = %hc_name, node = %r.node, listener_id = %r.listener_id, "listener's node did not take the accept; offering to another");
@@ -606,7 +606,7 @@ pub(crate) async fn none_qualify(
     disallowed: &[String],
 ) -> bool {
     (allowed.is_some() || !disallowed.is_empty())
-        && crate::cluster::pick(shared, hc_key, None, &[], &Default::default())
+        && crate::select::pick(shared, hc_key, None, &[], &Default::default())
             .await
             .is_some()
 }

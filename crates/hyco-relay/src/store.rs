@@ -9,7 +9,7 @@
 //! In Redis the records are the fields of the hash `cfg` (`namespace`, `hc/{key}`, the same JSON
 //! as the embedded store). A write holds the lock `cfg:lock` and watches `cfg:ver`, so writes from
 //! several nodes never interleave; other nodes reload when `cfg:ver` moves
-//! ([`crate::cluster`]).
+//! (the `cluster` module).
 //!
 //! With a cluster secret the configuration is signed: the field `sig` of `cfg` holds a manifest
 //! (`cfg:ver` and the SHA-256 of every other field) with an HMAC-SHA256 under a key derived
@@ -191,9 +191,10 @@ struct NamespaceRecord {
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened or written.
+    /// The database could not be opened, read or written; the source is the database's (or
+    /// the file system's) own error.
     #[error("store: {0}")]
-    Db(String),
+    Db(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A record did not decode.
     #[error("store record {key}: {msg}")]
     Corrupt {
@@ -224,8 +225,8 @@ pub enum StoreError {
     },
 }
 
-fn db<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Db(e.to_string())
+fn db<E: Into<Box<dyn std::error::Error + Send + Sync>>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -342,7 +343,7 @@ impl Store {
     /// Opens the configuration kept in Redis under `prefix` (blocking). With `secret` (the
     /// cluster secret) records are signed and only verified ones are read.
     pub fn open_redis(url: &str, prefix: &str, secret: Option<&[u8]>) -> Result<Store, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Db(e.to_string()))?;
+        let client = redis::Client::open(url).map_err(db)?;
         let rs = RedisStore {
             client,
             prefix: prefix.to_owned(),
@@ -407,7 +408,7 @@ impl Store {
         }
         let local = Store::open(dir)?;
         let ns = local.snapshot();
-        let client = redis::Client::open(url).map_err(|e| StoreError::Db(e.to_string()))?;
+        let client = redis::Client::open(url).map_err(db)?;
         let mut c = client
             .get_connection_with_timeout(REDIS_TIMEOUT)
             .map_err(unavailable)?;
@@ -488,25 +489,12 @@ impl Store {
         {
             let mut t = txn.open_table(STATE).map_err(db)?;
             for c in changes {
-                match c {
-                    Change::Namespace => {
-                        let rec = NamespaceRecord {
-                            rules: ns.rules.clone(),
-                        };
-                        let bytes = serde_json::to_vec(&rec).map_err(db)?;
-                        t.insert(NS_KEY, bytes.as_slice()).map_err(db)?;
+                match record(&ns, c)? {
+                    (k, Some(bytes)) => {
+                        t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
                     }
-                    Change::Hc(key) => {
-                        let k = format!("{HC_PREFIX}{key}");
-                        match ns.hcs.get(&key) {
-                            Some(hc) => {
-                                let bytes = serde_json::to_vec(hc).map_err(db)?;
-                                t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
-                            }
-                            None => {
-                                t.remove(k.as_str()).map_err(db)?;
-                            }
-                        }
+                    (k, None) => {
+                        t.remove(k.as_str()).map_err(db)?;
                     }
                 }
             }
@@ -526,28 +514,7 @@ impl Store {
         rs.with_conn(|c| {
             let lock = rs.key("cfg:lock");
             let token = format!("{:032x}", rand::random::<u128>());
-            // Up to 5 s: a writer on another node holds it for one read-modify-write.
-            let mut attempts = 0;
-            loop {
-                let got: Option<String> = redis::cmd("SET")
-                    .arg(&lock)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(5000)
-                    .query(c)
-                    .map_err(unavailable)?;
-                if got.is_some() {
-                    break;
-                }
-                attempts += 1;
-                if attempts > 250 {
-                    return Err(StoreError::Unavailable(
-                        "another node holds the configuration lock".into(),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            take_lock(c, &lock, &token)?;
             let r = (|| {
                 let ver_key = rs.key("cfg:ver");
                 redis::cmd("WATCH")
@@ -573,28 +540,14 @@ impl Store {
                 let mut p = redis::pipe();
                 p.atomic();
                 for ch in changes {
-                    match ch {
-                        Change::Namespace => {
-                            let rec = NamespaceRecord {
-                                rules: ns.rules.clone(),
-                            };
-                            let bytes = serde_json::to_vec(&rec).map_err(db)?;
-                            p.hset(&cfg, NS_KEY, &bytes).ignore();
-                            records.insert(NS_KEY.to_owned(), bytes);
+                    match record(&ns, ch)? {
+                        (k, Some(bytes)) => {
+                            p.hset(&cfg, &k, &bytes).ignore();
+                            records.insert(k, bytes);
                         }
-                        Change::Hc(key) => {
-                            let field = format!("{HC_PREFIX}{key}");
-                            match ns.hcs.get(&key) {
-                                Some(hc) => {
-                                    let bytes = serde_json::to_vec(hc).map_err(db)?;
-                                    p.hset(&cfg, &field, &bytes).ignore();
-                                    records.insert(field, bytes);
-                                }
-                                None => {
-                                    p.hdel(&cfg, &field).ignore();
-                                    records.remove(&field);
-                                }
-                            }
+                        (k, None) => {
+                            p.hdel(&cfg, &k).ignore();
+                            records.remove(&k);
                         }
                     }
                 }
@@ -616,12 +569,11 @@ impl Store {
                 self.publish(ns, ver);
                 Ok(out)
             })();
-            let _ = redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-            )
-            .key(&lock)
-            .arg(&token)
-            .invoke::<i64>(c);
+            // Released only if still ours: after 5 s it may be another writer's.
+            let _ = redis::Script::new(RELEASE_LOCK)
+                .key(&lock)
+                .arg(&token)
+                .invoke::<i64>(c);
             r
         })
     }
@@ -739,6 +691,51 @@ enum Change {
     Hc(String),
 }
 
+/// The record a change writes: its key and its new bytes, or `None` where it is removed.
+fn record(ns: &Namespace, change: Change) -> Result<(String, Option<Vec<u8>>), StoreError> {
+    Ok(match change {
+        Change::Namespace => {
+            let rec = NamespaceRecord {
+                rules: ns.rules.clone(),
+            };
+            (
+                NS_KEY.to_owned(),
+                Some(serde_json::to_vec(&rec).map_err(db)?),
+            )
+        }
+        Change::Hc(key) => {
+            let bytes = ns.hcs.get(&key).map(serde_json::to_vec).transpose();
+            (format!("{HC_PREFIX}{key}"), bytes.map_err(db)?)
+        }
+    })
+}
+
+/// Takes the configuration lock `lock` (for 5 s at most) as `token`, waiting up to 5 s: a
+/// writer on another node holds it for one read-modify-write.
+fn take_lock(c: &mut redis::Connection, lock: &str, token: &str) -> Result<(), StoreError> {
+    for _ in 0..=250 {
+        let got: Option<String> = redis::cmd("SET")
+            .arg(lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(5000)
+            .query(c)
+            .map_err(unavailable)?;
+        if got.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(StoreError::Unavailable(
+        "another node holds the configuration lock".into(),
+    ))
+}
+
+/// Deletes the lock `KEYS[1]` if it still holds the token `ARGV[1]`.
+const RELEASE_LOCK: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
 fn load(db: &Database) -> Result<Namespace, StoreError> {
     {
         // Make sure the table exists so read transactions can open it.
@@ -773,4 +770,40 @@ fn decode<'a>(records: impl Iterator<Item = (&'a str, &'a [u8])>) -> Result<Name
         }
     }
     Ok(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Removes the test's folder however the test ends.
+    struct Folder(std::path::PathBuf);
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A database error keeps the error under it as its source (it was only its text), and
+    /// says the same as before: `store: ` and that error.
+    #[test]
+    fn a_database_error_keeps_its_source() {
+        let dir = Folder(
+            std::env::temp_dir().join(format!("hyco-store-db-error-{}", std::process::id())),
+        );
+        // The database file cannot be created: a folder stands where it goes.
+        std::fs::create_dir_all(dir.0.join("hyco.redb")).unwrap();
+        let Err(e) = Store::open(&dir.0) else {
+            panic!("a store opened over a folder");
+        };
+        assert!(matches!(e, StoreError::Db(_)), "{e:?}");
+        let io = e
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io error is the source");
+        assert_eq!(e.to_string(), format!("store: {io}"));
+    }
 }
