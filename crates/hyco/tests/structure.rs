@@ -40,18 +40,10 @@ const PENDING: Pending = Pending {
         "crates/hyco-relay/src/store.rs",
         // issue-18c (hyco-io).
         "crates/hyco-io/src/splice.rs",
-        // issue-18a, this branch: the request pipeline, step by step.
-        "crates/hyco-relay/src/admin.rs",
-        "crates/hyco-relay/src/control.rs",
-        "crates/hyco-relay/src/http.rs",
-        "crates/hyco-relay/src/service.rs",
-        "crates/hyco-relay/src/lib.rs",
     ],
     cycle_modules: &[
         // issue-18b: cluster ↔ registry (`DirOp`, listener selection).
         ("crates/hyco-relay", "cluster"),
-        // issue-18a: service → {admin, control, http} → service, status ↔ service.
-        ("crates/hyco-relay", "service"),
     ],
 };
 
