@@ -30,12 +30,8 @@ pub(crate) struct Want<'a> {
 /// namespace's host names, and the host the client addressed, lower-case, its port stripped
 /// the way the audience's is (an IPv6 literal keeps its brackets, as in `sb://[::1]/hc`).
 pub(crate) fn hosts(hostnames: &[String], host: &str) -> Vec<String> {
-    let addressed = match host.find(']') {
-        Some(end) if host.starts_with('[') => &host[..=end],
-        _ => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
     let mut hosts = hostnames.to_vec();
-    hosts.push(addressed.to_ascii_lowercase());
+    hosts.push(hyco_proto::sas::host_without_port(host).to_ascii_lowercase());
     hosts
 }
 
