@@ -81,8 +81,7 @@ async fn pipeline(
     req: Request<Incoming>,
     xml: &mut bool,
 ) -> Result<Response<Body>, RelayError> {
-    let ask = Ask::parse(shared, &req)?;
-    *xml = matches!(ask, Ask::Entity { .. });
+    let ask = Ask::parse(shared, &req, xml)?;
     let grant = authorize(shared, peer, &req, &ask)?;
     dispatch(shared, peer, req, ask, grant).await
 }
@@ -130,8 +129,9 @@ struct Socket {
 }
 
 impl Ask {
-    /// Reads the request; refusals here are about its form.
-    fn parse(shared: &Shared, req: &Request<Incoming>) -> Result<Ask, RelayError> {
+    /// Reads the request; refusals here are about its form. `xml` is set as soon as it is
+    /// known to be an entity read (from then on, refusals are Azure's XML).
+    fn parse(shared: &Shared, req: &Request<Incoming>, xml: &mut bool) -> Result<Ask, RelayError> {
         let path = req.uri().path();
         if path.starts_with("/$hyco/") {
             return crate::admin::Call::parse(req, shared.store.snapshot()).map(Ask::Admin);
@@ -153,6 +153,7 @@ impl Ask {
         let entity_get = req.method() == http::Method::GET
             && form_urlencoded::parse(raw_query.as_bytes()).any(|(k, _)| k == "api-version");
         if entity_get {
+            *xml = true;
             let query = parse_query(Some(raw_query))?;
             let entity = Entity::exact(shared.store.snapshot(), &segments);
             return Ok(Ask::Entity { entity, query });
