@@ -10,6 +10,7 @@
 //! * [`tls`]: rustls configs and the generated development PKI.
 //! * [`backoff`]: jittered reconnect delays.
 //! * [`proxy`]: outbound HTTP proxies (`CONNECT` tunnels, `NO_PROXY` rules).
+//! * [`prefixed`]: a stream with bytes read past a handshake put back in front.
 //! * [`private`]: folders and files that hold keys (0700 / 0600, refused when exposed).
 //! * [`status`]: the loopback status server (metrics, JSON, live page).
 //! * [`tunnels`]: the tunnel limit that keeps a descriptor reserve.
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod bufpool;
 pub mod copy;
 pub mod listener;
+pub mod prefixed;
 pub mod private;
 pub mod proxy;
 pub mod splice;

@@ -94,8 +94,9 @@ pub fn resource_uri(host: &str, entity: Option<&str>) -> String {
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`; a bare IPv6 literal (several colons) is left
-/// alone, as is anything whose "port" is not all digits.
-pub(crate) fn host_without_port(host: &str) -> &str {
+/// alone, as is anything whose "port" is not all digits. The relay compares a request's Host
+/// with an audience's host through this too, so both lose a port the same way.
+pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
         return match host.find(']') {
             Some(i) => &host[..=i],

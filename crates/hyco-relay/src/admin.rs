@@ -32,9 +32,10 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use crate::auth::{Grant, Want};
 use crate::error::{Body, RelayError};
-use crate::store::{HybridConnection, Rule, StoreError};
-use crate::{unix_now, Shared};
+use crate::store::{HybridConnection, Namespace, Rule, StoreError};
+use crate::Shared;
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -165,12 +166,12 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
 }
 
 /// A fresh key: base64 of 256 random bits, like Azure's.
-pub fn new_key() -> String {
+pub(crate) fn new_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
 }
 
 /// Renders a connection string for a rule.
-pub fn connection_string(
+pub(crate) fn connection_string(
     shared: &Shared,
     rule: &str,
     key: &str,
@@ -196,63 +197,73 @@ fn now_rfc3339() -> String {
     rfc3339(std::time::SystemTime::now())
 }
 
-/// Handles `/$hyco/v1/…`.
-pub async fn handle(
-    shared: &Arc<Shared>,
-    peer: std::net::SocketAddr,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, RelayError> {
-    let path = req.uri().path().to_owned();
-    let rest = path
-        .strip_prefix("/$hyco/v1/")
-        .ok_or_else(|| RelayError::NotFound("Not found.".into()))?;
-    // Each segment is percent-decoded once: names are segments, never paths (issue 15 §3).
-    let decoded: Vec<String> = rest
-        .split('/')
-        .filter(|p| !p.is_empty())
-        .map(hyco_proto::names::decode_segment)
-        .collect::<Result<_, _>>()
-        .map_err(|e| RelayError::BadRequest(format!("Bad path: {e}.")))?;
-    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    let method = req.method().clone();
-    let ns = shared.store.snapshot();
-    // Per-entity calls accept an entity-scoped Manage rule too.
-    let entity = match parts.as_slice() {
-        ["hybridconnections", name, ..] => Some(*name),
-        _ => None,
-    };
-    let hc = entity.and_then(|n| ns.hcs.get(&hyco_proto::address::entity_key(n)));
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let mut hosts = shared.cfg.hostnames.clone();
-    hosts.push(
-        host.rsplit_once(':')
-            .map_or(host.as_str(), |(h, _)| h)
-            .to_ascii_lowercase(),
-    );
-    let token = crate::auth::find_token(None, req.headers(), true);
-    crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
-        let token = token?;
-        crate::auth::authorize(&ns, &hosts, None, token, Need::Manage, unix_now(), 0).or_else(|e| {
-            match entity {
-                Some(name) => crate::auth::authorize(
-                    &ns,
-                    &hosts,
-                    Some((name, hc)),
-                    token,
-                    Need::Manage,
-                    unix_now(),
-                    0,
-                ),
-                None => Err(e),
-            }
+/// An admin call, parsed: its method and its path's segments, each percent-decoded once
+/// (names are segments, never paths: issue 15 §3).
+pub(crate) struct Call {
+    method: Method,
+    parts: Vec<String>,
+    ns: Arc<Namespace>,
+}
+
+impl Call {
+    /// Reads `/$hyco/v1/…` against the store as it is now (`ns`); 404 outside it, 400 for a
+    /// segment that does not decode.
+    pub(crate) fn parse<B>(req: &Request<B>, ns: Arc<Namespace>) -> Result<Call, RelayError> {
+        let rest = req
+            .uri()
+            .path()
+            .strip_prefix("/$hyco/v1/")
+            .ok_or_else(|| RelayError::NotFound("Not found.".into()))?;
+        let parts: Vec<String> = rest
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .map(hyco_proto::names::decode_segment)
+            .collect::<Result<_, _>>()
+            .map_err(|e| RelayError::BadRequest(format!("Bad path: {e}.")))?;
+        Ok(Call {
+            method: req.method().clone(),
+            parts,
+            ns,
         })
-    })?;
-    if let Some(name) = entity {
+    }
+
+    /// The hybrid connection a per-entity call names.
+    fn entity(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [first, name, ..] if first == "hybridconnections" => Some(name.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The rights it needs: Manage on the namespace, or (per-entity calls) on the entity.
+    /// `check` is the pipeline's one authorization, given the store as it is now.
+    pub(crate) fn authorize(
+        &self,
+        check: impl FnOnce(&Namespace, &[Want<'_>]) -> Result<Grant, RelayError>,
+    ) -> Result<Grant, RelayError> {
+        let ns = &self.ns;
+        let mut wants = vec![Want {
+            on: None,
+            need: Need::Manage,
+        }];
+        if let Some(name) = self.entity() {
+            let hc = ns.hcs.get(&hyco_proto::address::entity_key(name));
+            wants.push(Want {
+                on: Some((name, hc)),
+                need: Need::Manage,
+            });
+        }
+        check(ns, &wants)
+    }
+}
+
+/// Handles an authorized `/$hyco/v1/…` call.
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    call: Call,
+) -> Result<Response<Body>, RelayError> {
+    if let Some(name) = call.entity() {
         hyco_proto::names::check_hc_ref(name).map_err(|e| {
             RelayError::BadRequest(format!(
                 "Invalid hybrid connection name '{}': {e}.",
@@ -260,113 +271,28 @@ pub async fn handle(
             ))
         })?;
     }
-    match (method, parts.as_slice()) {
+    let ns = &call.ns;
+    let parts: Vec<&str> = call.parts.iter().map(String::as_str).collect();
+    match (call.method.clone(), parts.as_slice()) {
         (Method::GET, ["hybridconnections"]) => {
             let list: Vec<HcView> = ns.hcs.iter().map(|(k, hc)| view(shared, k, hc)).collect();
             json(StatusCode::OK, &serde_json::json!({ "value": list }))
         }
         (Method::GET, ["hybridconnections", name]) => {
-            let (key, hc) = existing(&ns, name)?;
+            let (key, hc) = existing(ns, name)?;
             json(StatusCode::OK, &view(shared, &key, hc))
         }
-        (Method::PUT, ["hybridconnections", name]) => {
-            hyco_proto::names::validate_hc_name(name).map_err(|e| {
-                RelayError::BadRequest(format!(
-                    "Invalid hybrid connection name '{}': {e}.",
-                    shown(name)
-                ))
-            })?;
-            let body: HcCreate = read_json(req).await?;
-            check_metadata(body.user_metadata.as_deref())?;
-            let now = now_rfc3339();
-            let hc = HybridConnection {
-                name: (*name).to_owned(),
-                requires_client_authorization: body.requires_client_authorization.unwrap_or(true),
-                user_metadata: body.user_metadata,
-                created_at: now.clone(),
-                updated_at: now,
-                rules: Vec::new(),
-            };
-            let created = write(shared, move |s| s.create_hc(hc)).await?;
-            info!(event = "HybridConnectionCreated", hc = %created.name, "admin");
-            let key = hyco_proto::address::entity_key(name);
-            json(StatusCode::CREATED, &view(shared, &key, &created))
-        }
-        (Method::PATCH, ["hybridconnections", name]) => {
-            let body: HcUpdate = read_json(req).await?;
-            if let Some(Some(m)) = &body.user_metadata {
-                check_metadata(Some(m))?;
-            }
-            let n = (*name).to_owned();
-            let updated = write(shared, move |s| {
-                s.update_hc(
-                    &n,
-                    body.requires_client_authorization,
-                    body.user_metadata,
-                    now_rfc3339(),
-                )
-            })
-            .await?;
-            info!(event = "HybridConnectionUpdated", hc = %updated.name, "admin");
-            let key = hyco_proto::address::entity_key(name);
-            json(StatusCode::OK, &view(shared, &key, &updated))
-        }
-        (Method::DELETE, ["hybridconnections", name]) => {
-            let n = (*name).to_owned();
-            let deleted = write(shared, move |s| s.delete_hc(&n)).await?;
-            // Its listeners leave the registry now, each asked to close with 1001; their control
-            // channels also see the change (`control.rs`), here and on other nodes.
-            shared.registry.evict(
-                &hyco_proto::address::entity_key(&deleted.name),
-                1001,
-                "The hybrid connection was deleted.",
-            );
-            info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
-            no_content()
-        }
+        (Method::PUT, ["hybridconnections", name]) => create_hc(shared, req, name).await,
+        (Method::PATCH, ["hybridconnections", name]) => update_hc(shared, req, name).await,
+        (Method::DELETE, ["hybridconnections", name]) => delete_hc(shared, name).await,
         (Method::GET, ["hybridconnections", name, "listeners"]) => {
-            let (key, _) = existing(&ns, name)?;
-            let list: Vec<ListenerView> = shared
-                .registry
-                .list(&key)
-                .iter()
-                .map(|e| ListenerView {
-                    id: e.listener_id.clone(),
-                    remote_address: e.remote.to_string(),
-                    since: rfc3339(e.since),
-                    last_seen: rfc3339(
-                        std::time::UNIX_EPOCH
-                            + std::time::Duration::from_secs(
-                                e.last_seen.load(std::sync::atomic::Ordering::Relaxed),
-                            ),
-                    ),
-                })
-                .collect();
-            json(StatusCode::OK, &serde_json::json!({ "value": list }))
+            listeners(shared, &existing(ns, name)?.0)
         }
         (Method::GET, ["hybridconnections", name, "connections"]) => {
-            let (key, _) = existing(&ns, name)?;
-            let mut list: Vec<ConnectionView> = crate::service::lock(&shared.tunnels)
-                .values()
-                .filter(|t| t.hc_key == key)
-                .map(|t| ConnectionView {
-                    id: t.id.clone(),
-                    sender_address: t.peer.to_string(),
-                    since: rfc3339(t.since),
-                    bytes_sender_to_listener: t
-                        .counters
-                        .a_to_b
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    bytes_listener_to_sender: t
-                        .counters
-                        .b_to_a
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                })
-                .collect();
-            list.sort_by(|a, b| a.since.cmp(&b.since));
-            json(StatusCode::OK, &serde_json::json!({ "value": list }))
+            connections(shared, &existing(ns, name)?.0)
         }
         (m, ["hybridconnections", name, "authorizationrules", rest @ ..]) => {
+            let hc = ns.hcs.get(&hyco_proto::address::entity_key(name));
             let entity = hc.map(|h| h.name.clone()).ok_or_else(|| {
                 RelayError::NotFound(format!("Hybrid connection '{name}' does not exist."))
             })?;
@@ -382,6 +308,113 @@ pub async fn handle(
     }
 }
 
+/// `PUT …/hybridconnections/{hc}`.
+async fn create_hc(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    name: &str,
+) -> Result<Response<Body>, RelayError> {
+    hyco_proto::names::validate_hc_name(name).map_err(|e| {
+        RelayError::BadRequest(format!(
+            "Invalid hybrid connection name '{}': {e}.",
+            shown(name)
+        ))
+    })?;
+    let body: HcCreate = read_json(req).await?;
+    check_metadata(body.user_metadata.as_deref())?;
+    let now = now_rfc3339();
+    let hc = HybridConnection {
+        name: name.to_owned(),
+        requires_client_authorization: body.requires_client_authorization.unwrap_or(true),
+        user_metadata: body.user_metadata,
+        created_at: now.clone(),
+        updated_at: now,
+        rules: Vec::new(),
+    };
+    let created = write(shared, move |s| s.create_hc(hc)).await?;
+    info!(event = "HybridConnectionCreated", hc = %created.name, "admin");
+    let key = hyco_proto::address::entity_key(name);
+    json(StatusCode::CREATED, &view(shared, &key, &created))
+}
+
+/// `PATCH …/hybridconnections/{hc}`.
+async fn update_hc(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    name: &str,
+) -> Result<Response<Body>, RelayError> {
+    let body: HcUpdate = read_json(req).await?;
+    if let Some(Some(m)) = &body.user_metadata {
+        check_metadata(Some(m))?;
+    }
+    let n = name.to_owned();
+    let updated = write(shared, move |s| {
+        s.update_hc(
+            &n,
+            body.requires_client_authorization,
+            body.user_metadata,
+            now_rfc3339(),
+        )
+    })
+    .await?;
+    info!(event = "HybridConnectionUpdated", hc = %updated.name, "admin");
+    let key = hyco_proto::address::entity_key(name);
+    json(StatusCode::OK, &view(shared, &key, &updated))
+}
+
+/// `DELETE …/hybridconnections/{hc}`.
+async fn delete_hc(shared: &Arc<Shared>, name: &str) -> Result<Response<Body>, RelayError> {
+    let n = name.to_owned();
+    let deleted = write(shared, move |s| s.delete_hc(&n)).await?;
+    // Its listeners leave the registry now, each asked to close with 1001; their control
+    // channels also see the change (`control.rs`), here and on other nodes.
+    shared.registry.evict(
+        &hyco_proto::address::entity_key(&deleted.name),
+        1001,
+        "The hybrid connection was deleted.",
+    );
+    info!(event = "HybridConnectionDeleted", hc = %deleted.name, "admin");
+    no_content()
+}
+
+/// `GET …/hybridconnections/{hc}/listeners`.
+fn listeners(shared: &Shared, key: &str) -> Result<Response<Body>, RelayError> {
+    let list: Vec<ListenerView> = shared
+        .registry
+        .list(key)
+        .iter()
+        .map(|e| ListenerView {
+            id: e.listener_id.clone(),
+            remote_address: e.remote.to_string(),
+            since: rfc3339(e.since),
+            last_seen: rfc3339(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(
+                        e.last_seen.load(std::sync::atomic::Ordering::Relaxed),
+                    ),
+            ),
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "value": list }))
+}
+
+/// `GET …/hybridconnections/{hc}/connections`.
+fn connections(shared: &Shared, key: &str) -> Result<Response<Body>, RelayError> {
+    let mut list: Vec<ConnectionView> = crate::lock(&shared.tunnels)
+        .values()
+        .filter(|t| t.hc_key == key)
+        .map(|t| ConnectionView {
+            id: t.id.clone(),
+            sender_address: t.peer.to_string(),
+            since: rfc3339(t.since),
+            bytes_sender_to_listener: t.counters.a_to_b.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_listener_to_sender: t.counters.b_to_a.load(std::sync::atomic::Ordering::Relaxed),
+        })
+        .collect();
+    list.sort_by(|a, b| a.since.cmp(&b.since));
+    json(StatusCode::OK, &serde_json::json!({ "value": list }))
+}
+
 /// Rules of one scope: `entity` is `None` for the namespace.
 async fn rules(
     shared: &Arc<Shared>,
@@ -390,7 +423,6 @@ async fn rules(
     entity: Option<&str>,
     rest: &[&str],
 ) -> Result<Response<Body>, RelayError> {
-    let scope = entity.map(str::to_owned);
     let ns = shared.store.snapshot();
     let current: &[Rule] = match entity {
         None => &ns.rules,
@@ -419,53 +451,11 @@ async fn rules(
             if !current.iter().any(|r| r.name == fresh.name) {
                 same_name_elsewhere(&ns, entity, name)?;
             }
-            let (rule, created) = write(shared, move |s| {
-                s.with_rules(scope.as_deref(), |rules| {
-                    if let Some(r) = rules.iter_mut().find(|r| r.name == fresh.name) {
-                        // An update changes rights and keeps the keys.
-                        r.rights = fresh.rights;
-                        return Ok((r.clone(), false));
-                    }
-                    if rules.len() >= MAX_RULES_PER_SCOPE {
-                        return Err(StoreError::Refused(format!(
-                            "A scope holds at most {MAX_RULES_PER_SCOPE} rules."
-                        )));
-                    }
-                    rules.push(fresh.clone());
-                    Ok((fresh, true))
-                })
-            })
-            .await?;
-            info!(event = if created { "AuthorizationRuleCreated" } else { "AuthorizationRuleUpdated" }, rule = %rule.name, hc = entity.unwrap_or("-"), "admin");
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            json(status, &keys_view(shared, &rule, entity)?)
+            put_rule(shared, entity, fresh).await
         }
         (Method::DELETE, Some(name), None, 1) => {
             find(name)?;
-            let n = (*name).to_owned();
-            write(shared, move |s| {
-                s.with_rules(scope.as_deref(), |rules| {
-                    let remaining_managers = rules
-                        .iter()
-                        .filter(|r| r.name != n && r.rights.manage)
-                        .count();
-                    if scope.is_none() && remaining_managers == 0 {
-                        return Err(StoreError::Refused(
-                            "This is the last namespace rule with Manage; deleting it would lock everyone out."
-                                .into(),
-                        ));
-                    }
-                    rules.retain(|r| r.name != n);
-                    Ok(())
-                })
-            })
-            .await?;
-            info!(event = "AuthorizationRuleDeleted", rule = %name, hc = entity.unwrap_or("-"), "admin");
-            no_content()
+            delete_rule(shared, entity, name).await
         }
         (Method::POST, Some(name), Some("listkeys"), 2) => {
             json(StatusCode::OK, &keys_view(shared, find(name)?, entity)?)
@@ -473,40 +463,115 @@ async fn rules(
         (Method::POST, Some(name), Some("regeneratekeys"), 2) => {
             find(name)?;
             let body: Regenerate = read_json(req).await?;
-            let primary = match body.key_type.as_deref() {
-                Some(k) if k.eq_ignore_ascii_case("PrimaryKey") => true,
-                Some(k) if k.eq_ignore_ascii_case("SecondaryKey") => false,
-                _ => {
-                    return Err(RelayError::BadRequest(
-                        "keyType must be \"PrimaryKey\" or \"SecondaryKey\".".into(),
-                    ))
-                }
-            };
-            let n = (*name).to_owned();
-            let key = new_key();
-            let rule = write(shared, move |s| {
-                s.with_rules(scope.as_deref(), |rules| {
-                    let r = rules
-                        .iter_mut()
-                        .find(|r| r.name == n)
-                        .ok_or_else(|| StoreError::NotFound(format!("authorization rule '{n}'")))?;
-                    if primary {
-                        r.primary_key = key;
-                    } else {
-                        r.secondary_key = key;
-                    }
-                    Ok(r.clone())
-                })
-            })
-            .await?;
-            info!(event = "AuthorizationRuleKeyRegenerated", rule = %rule.name, hc = entity.unwrap_or("-"), key = if primary { "primary" } else { "secondary" }, "admin");
-            json(StatusCode::OK, &keys_view(shared, &rule, entity)?)
+            regenerate_key(shared, entity, name, body).await
         }
         (_, _, None, 0 | 1) | (_, _, Some("listkeys" | "regeneratekeys"), 2) => {
             Err(RelayError::MethodNotAllowed)
         }
         _ => Err(RelayError::NotFound("No such management operation.".into())),
     }
+}
+
+/// `PUT …/authorizationrules/{rule}`: creates the rule (201), or changes its rights and keeps
+/// its keys (200).
+async fn put_rule(
+    shared: &Arc<Shared>,
+    entity: Option<&str>,
+    fresh: Rule,
+) -> Result<Response<Body>, RelayError> {
+    let scope = entity.map(str::to_owned);
+    let (rule, created) = write(shared, move |s| {
+        s.with_rules(scope.as_deref(), |rules| {
+            if let Some(r) = rules.iter_mut().find(|r| r.name == fresh.name) {
+                // An update changes rights and keeps the keys.
+                r.rights = fresh.rights;
+                return Ok((r.clone(), false));
+            }
+            if rules.len() >= MAX_RULES_PER_SCOPE {
+                return Err(StoreError::Refused(format!(
+                    "A scope holds at most {MAX_RULES_PER_SCOPE} rules."
+                )));
+            }
+            rules.push(fresh.clone());
+            Ok((fresh, true))
+        })
+    })
+    .await?;
+    info!(event = if created { "AuthorizationRuleCreated" } else { "AuthorizationRuleUpdated" }, rule = %rule.name, hc = entity.unwrap_or("-"), "admin");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json(status, &keys_view(shared, &rule, entity)?)
+}
+
+/// `DELETE …/authorizationrules/{rule}` (not the last namespace rule with Manage).
+async fn delete_rule(
+    shared: &Arc<Shared>,
+    entity: Option<&str>,
+    name: &str,
+) -> Result<Response<Body>, RelayError> {
+    let scope = entity.map(str::to_owned);
+    let n = name.to_owned();
+    write(shared, move |s| {
+        s.with_rules(scope.as_deref(), |rules| {
+            let remaining_managers = rules
+                .iter()
+                .filter(|r| r.name != n && r.rights.manage)
+                .count();
+            if scope.is_none() && remaining_managers == 0 {
+                return Err(StoreError::Refused(
+                    "This is the last namespace rule with Manage; deleting it would lock everyone out."
+                        .into(),
+                ));
+            }
+            rules.retain(|r| r.name != n);
+            Ok(())
+        })
+    })
+    .await?;
+    info!(event = "AuthorizationRuleDeleted", rule = %name, hc = entity.unwrap_or("-"), "admin");
+    no_content()
+}
+
+/// `POST …/authorizationrules/{rule}/regeneratekeys`: a new primary or secondary key; tokens
+/// signed with the other keep working.
+async fn regenerate_key(
+    shared: &Arc<Shared>,
+    entity: Option<&str>,
+    name: &str,
+    body: Regenerate,
+) -> Result<Response<Body>, RelayError> {
+    let primary = match body.key_type.as_deref() {
+        Some(k) if k.eq_ignore_ascii_case("PrimaryKey") => true,
+        Some(k) if k.eq_ignore_ascii_case("SecondaryKey") => false,
+        _ => {
+            return Err(RelayError::BadRequest(
+                "keyType must be \"PrimaryKey\" or \"SecondaryKey\".".into(),
+            ))
+        }
+    };
+    let scope = entity.map(str::to_owned);
+    let n = name.to_owned();
+    let key = new_key();
+    let rule = write(shared, move |s| {
+        s.with_rules(scope.as_deref(), |rules| {
+            let r = rules
+                .iter_mut()
+                .find(|r| r.name == n)
+                .ok_or_else(|| StoreError::NotFound(format!("authorization rule '{n}'")))?;
+            if primary {
+                r.primary_key = key;
+            } else {
+                r.secondary_key = key;
+            }
+            Ok(r.clone())
+        })
+    })
+    .await?;
+    info!(event = "AuthorizationRuleKeyRegenerated", rule = %rule.name, hc = entity.unwrap_or("-"), key = if primary { "primary" } else { "secondary" }, "admin");
+    json(StatusCode::OK, &keys_view(shared, &rule, entity)?)
 }
 
 /// Rules per scope, as Azure allows (protocol.md §5.7).

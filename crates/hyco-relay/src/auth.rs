@@ -14,34 +14,64 @@ use crate::store::{HybridConnection, Namespace, Rule};
 
 /// What a verified token proved.
 #[derive(Debug, Clone)]
-pub struct Grant {
-    /// The rule that signed it.
-    pub key_name: String,
+pub(crate) struct Grant {
     /// Its expiry (seconds since the epoch).
-    pub expiry: u64,
+    pub(crate) expiry: u64,
 }
 
-/// Runs an authorization for a request from `ip` through the failure throttle: refused with
-/// 429 while `ip` is throttled (before any token is looked at), and a 401 counts against it.
-pub fn guarded<T>(
+/// One right a request asks for: on the namespace itself (`on: None`, the admin API) or on an
+/// entity (the path the token's audience must cover, and the hybrid connection when it exists).
+pub(crate) struct Want<'a> {
+    pub(crate) on: Option<(&'a str, Option<&'a HybridConnection>)>,
+    pub(crate) need: Need,
+}
+
+/// The names a token's audience host may be for a request that came with `host`: the
+/// namespace's host names, and the host the client addressed, lower-case, its port stripped
+/// the way the audience's is (an IPv6 literal keeps its brackets, as in `sb://[::1]/hc`).
+pub(crate) fn hosts(hostnames: &[String], host: &str) -> Vec<String> {
+    let mut hosts = hostnames.to_vec();
+    hosts.push(hyco_proto::sas::host_without_port(host).to_ascii_lowercase());
+    hosts
+}
+
+/// The one place that decides a request's rights. Refused with 429 while `ip` is throttled
+/// (before any token is looked at); then the token is verified against each of `wants` in
+/// turn: the first that grants wins, else the last refusal stands, and a 401 counts against
+/// `ip`'s throttle.
+pub(crate) fn check(
     throttle: &crate::throttle::AuthThrottle,
     ip: std::net::IpAddr,
-    f: impl FnOnce() -> Result<T, RelayError>,
-) -> Result<T, RelayError> {
+    ns: &Namespace,
+    hosts: &[String],
+    token: Result<Option<&str>, NotText>,
+    wants: &[Want<'_>],
+) -> Result<Grant, RelayError> {
     throttle
         .check(ip)
         .map_err(|wait| RelayError::TooManyFailures(wait.as_secs()))?;
-    let r = f();
-    if matches!(r, Err(RelayError::Unauthorized(_))) {
+    let verdict = token.map_err(RelayError::from).and_then(|token| {
+        let mut last = Err(RelayError::Unauthorized(
+            "A SharedAccessSignature token is required.",
+        ));
+        for want in wants {
+            last = authorize(ns, hosts, want.on, token, want.need, crate::unix_now());
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
+    });
+    if matches!(verdict, Err(RelayError::Unauthorized(_))) {
         throttle.failed(ip);
     }
-    r
+    verdict
 }
 
 /// A credential header that is not text (bytes outside visible ASCII): no token can be in
 /// it, and the refusal says so rather than that no token came (issue 15 §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotText(pub &'static str);
+pub(crate) struct NotText(pub(crate) &'static str);
 
 impl From<NotText> for RelayError {
     fn from(e: NotText) -> RelayError {
@@ -50,10 +80,9 @@ impl From<NotText> for RelayError {
 }
 
 /// Where the credential came from (query first, then headers: protocol.md §3.3, attacks A2).
-pub fn find_token<'a>(
+pub(crate) fn find_token<'a>(
     query_token: Option<&'a str>,
     headers: &'a http::HeaderMap,
-    allow_authorization: bool,
 ) -> Result<Option<&'a str>, NotText> {
     if let Some(t) = query_token {
         return Ok(Some(t));
@@ -63,27 +92,25 @@ pub fn find_token<'a>(
             NotText("The ServiceBusAuthorization header is not valid text; a SharedAccessSignature token is printable ASCII.")
         });
     }
-    if allow_authorization {
-        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-            return v.to_str().map(Some).map_err(|_| {
-                NotText("The Authorization header is not valid text; a SharedAccessSignature token is printable ASCII.")
-            });
-        }
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        return v.to_str().map(Some).map_err(|_| {
+            NotText("The Authorization header is not valid text; a SharedAccessSignature token is printable ASCII.")
+        });
     }
     Ok(None)
 }
 
-/// Verifies `token` for `need` on `entity` (None: the namespace itself, e.g. the admin API).
+/// Verifies `token` for `need` on `entity` (None: the namespace itself, e.g. the admin API),
+/// as of `now` (0: expiry not checked).
 ///
 /// `hosts` are the names the namespace answers to; the audience host must be one of them.
-pub fn authorize(
+pub(crate) fn authorize(
     ns: &Namespace,
     hosts: &[String],
     entity: Option<(&str, Option<&HybridConnection>)>,
     token: Option<&str>,
     need: Need,
     now: u64,
-    grace: u64,
 ) -> Result<Grant, RelayError> {
     let token = token.ok_or(RelayError::Unauthorized(
         "A SharedAccessSignature token is required.",
@@ -108,7 +135,7 @@ pub fn authorize(
     let rule = rule.ok_or(RelayError::Unauthorized(
         "The token has an invalid signature.",
     ))?;
-    if parsed.is_expired(now, grace) {
+    if parsed.is_expired(now, 0) {
         return Err(RelayError::Unauthorized("The token is expired."));
     }
     let audience = parsed.audience().map_err(|_| {
@@ -134,7 +161,6 @@ pub fn authorize(
         }));
     }
     Ok(Grant {
-        key_name: rule.name.clone(),
         expiry: parsed.expiry(),
     })
 }

@@ -14,7 +14,7 @@ const PAGE: u64 = 4096;
 const REFRESH_MS: u64 = 100;
 
 /// The budget and a cached reading of the resident size.
-pub struct MemoryBudget {
+pub(crate) struct MemoryBudget {
     limit: Option<u64>,
     rss: AtomicU64,
     /// Milliseconds since `epoch` of the last reading, plus one (0: never read).
@@ -24,7 +24,7 @@ pub struct MemoryBudget {
 
 impl MemoryBudget {
     /// A budget of `limit` bytes of resident memory (`None`: no budget).
-    pub fn new(limit: Option<u64>) -> Self {
+    pub(crate) fn new(limit: Option<u64>) -> Self {
         MemoryBudget {
             limit,
             rss: AtomicU64::new(0),
@@ -34,7 +34,7 @@ impl MemoryBudget {
     }
 
     /// The resident size now (cached for 100 ms); 0 when it cannot be read.
-    pub fn resident(&self) -> u64 {
+    pub(crate) fn resident(&self) -> u64 {
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         let last = self.read_at.load(Ordering::Relaxed);
         if last == 0 || now.saturating_sub(last) >= REFRESH_MS {
@@ -49,7 +49,7 @@ impl MemoryBudget {
     }
 
     /// Whether a new connection may start.
-    pub fn allows_new(&self) -> bool {
+    pub(crate) fn allows_new(&self) -> bool {
         match self.limit {
             None => true,
             Some(limit) => self.resident() < limit,

@@ -18,23 +18,55 @@ use crate::registry::{ControlMsg, ListenerEntry, Registration};
 use crate::{unix_now, Shared};
 
 /// Everything the control task needs besides the socket.
-pub struct ControlChannel {
+pub(crate) struct ControlChannel {
     /// Relay state.
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// Registry key of the hybrid connection.
-    pub hc_key: String,
+    pub(crate) hc_key: String,
     /// Its name as addressed.
-    pub hc_name: String,
+    pub(crate) hc_name: String,
     /// This listener's registry entry.
-    pub entry: Arc<ListenerEntry>,
+    pub(crate) entry: Arc<ListenerEntry>,
     /// Its place in the registry, given back when the channel is dropped.
-    pub registration: Registration,
+    pub(crate) registration: Registration,
     /// Expiry of the token that opened (or last renewed) the channel.
-    pub expiry: u64,
+    pub(crate) expiry: u64,
     /// That token, kept to re-check it when keys change. Never logged.
-    pub token: String,
+    pub(crate) token: String,
     /// Queue of commands for this listener.
-    pub rx: mpsc::Receiver<ControlMsg>,
+    pub(crate) rx: mpsc::Receiver<ControlMsg>,
+}
+
+/// What the ping timer knows of the listener: frames it had received at the last check, and
+/// when that count last moved.
+struct Liveness {
+    seen: u64,
+    last_progress: Instant,
+}
+
+/// A command queued for the listener; `Some(why)` when the channel ends.
+async fn on_queued<S>(ws: &mut WsStream<S>, cmd: Option<ControlMsg>) -> Option<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match cmd {
+        Some(ControlMsg::Command(json)) => ws
+            .send_text(&json)
+            .await
+            .err()
+            .map(|e| format!("write failed: {e}")),
+        // The body follows its request with nothing between (§4.1).
+        Some(ControlMsg::Request { json, body }) => ws
+            .send_text_then_binary(&json, body.as_deref())
+            .await
+            .err()
+            .map(|e| format!("write failed: {e}")),
+        Some(ControlMsg::Close(code, reason)) => {
+            let _ = ws.send_close(code, reason).await;
+            Some(reason.to_string())
+        }
+        None => Some("registry dropped".into()),
+    }
 }
 
 /// The `requestId` of a `response` command that does not parse as one.
@@ -65,7 +97,7 @@ fn deadline_for(expiry: u64, grace: Duration) -> Instant {
 
 impl ControlChannel {
     /// Runs the channel until it closes, then unregisters the listener.
-    pub async fn run<S>(mut self, io: S, prefix: &[u8])
+    pub(crate) async fn run<S>(mut self, io: S, prefix: &[u8])
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -94,119 +126,7 @@ impl ControlChannel {
             &address,
             None,
         );
-        let limits = self.shared.cfg.limits;
-        let mut expiry_at = deadline_for(self.expiry, limits.token_grace);
-        let mut ping = tokio::time::interval(limits.ping_interval);
-        ping.reset();
-        let mut seen = ws.frames_received();
-        let mut last_progress = Instant::now();
-        let shutdown = self.shared.shutdown.clone();
-        let mut keys_changed = self.shared.keys_changed.subscribe();
-        // A `response` with `body: true` waits here for the binary message that must follow.
-        let mut awaiting_body: Option<ResponseCommand> = None;
-        let why = loop {
-            tokio::select! {
-                msg = ws.recv() => match msg {
-                    Ok(Message::Text(t)) => {
-                        if let Some(r) = awaiting_body.take() {
-                            debug!(hc = %self.hc_name, "a response's body did not follow it; the request fails");
-                            self.shared.http.abandon(self.entry.conn_id, &r.request_id);
-                        }
-                        match ListenerCommand::parse(&t) {
-                            Ok(ListenerCommand::Response(r)) => {
-                                if r.body {
-                                    awaiting_body = Some(r);
-                                } else {
-                                    self.deliver(r, bytes::Bytes::new());
-                                }
-                                continue;
-                            }
-                            Err(_) => {
-                                // A response we cannot read (statusCode "abc", -1…) fails its
-                                // request at once (502) instead of leaving it to time out.
-                                if let Some(id) = unreadable_response_id(&t) {
-                                    debug!(hc = %self.hc_name, request_id = %id, "unreadable response; the request fails");
-                                    self.shared.http.abandon(self.entry.conn_id, &id);
-                                    continue;
-                                }
-                            }
-                            Ok(_) => {}
-                        }
-                        if let Some(code_reason) = self.on_text(&t, &mut expiry_at) {
-                            let _ = ws.send_close(code_reason.0, code_reason.1).await;
-                            break code_reason.1.to_string();
-                        }
-                    }
-                    Ok(Message::Binary(b)) => match awaiting_body.take() {
-                        Some(r) => self.deliver(r, bytes::Bytes::from(b)),
-                        None => debug!("binary message on control channel ignored"),
-                    },
-                    Ok(Message::Close(c)) => {
-                        let _ = ws.send_close(1000, "").await;
-                        break format!("listener closed: {c:?}");
-                    }
-                    Err(WsError::Protocol(e)) => {
-                        let _ = ws.flush_pending().await;
-                        break format!("protocol error: {e}");
-                    }
-                    Err(e) => break format!("{e}"),
-                },
-                cmd = self.rx.recv() => match cmd {
-                    Some(ControlMsg::Command(json)) => {
-                        if let Err(e) = ws.send_text(&json).await {
-                            break format!("write failed: {e}");
-                        }
-                    }
-                    Some(ControlMsg::Request { json, body }) => {
-                        // The body follows its request with nothing between (§4.1).
-                        if let Err(e) = ws.send_text_then_binary(&json, body.as_deref()).await {
-                            break format!("write failed: {e}");
-                        }
-                    }
-                    Some(ControlMsg::Close(code, reason)) => {
-                        let _ = ws.send_close(code, reason).await;
-                        break reason.to_string();
-                    }
-                    None => break "registry dropped".into(),
-                },
-                Ok(()) = keys_changed.changed() => {
-                    if !self.shared.store.snapshot().hcs.contains_key(&self.hc_key) {
-                        // Deleted (here, or on another node of a cluster): say so, rather than
-                        // that the token stopped verifying.
-                        let _ = ws.send_close(1001, "The hybrid connection was deleted.").await;
-                        break "hybrid connection deleted".into();
-                    }
-                    if let Err(e) = self.check_token(&self.token, 0) {
-                        info!(event = "ListenerTokenRevoked", hc = %self.hc_name, listener_id = %self.entry.listener_id, reason = %e, "closing: its token no longer verifies");
-                        let _ = ws.send_close(1008, "The token's key was regenerated or removed.").await;
-                        break "token key revoked".into();
-                    }
-                }
-                _ = sleep_until(expiry_at) => {
-                    let _ = ws.send_close(1008, "The token has expired.").await;
-                    break "token expired".into();
-                }
-                _ = ping.tick() => {
-                    let now_seen = ws.frames_received();
-                    if now_seen != seen {
-                        seen = now_seen;
-                        last_progress = Instant::now();
-                        self.entry
-                            .last_seen
-                            .store(crate::unix_now(), std::sync::atomic::Ordering::Relaxed);
-                    } else if last_progress.elapsed() >= limits.dead_after {
-                        break "no answer to pings".into();
-                    }
-                    if let Err(e) = ws.send_ping(b"").await {
-                        break format!("ping failed: {e}");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    let _ = ws.send_close(1001, "The relay is shutting down.").await;
-                    break "relay shutting down".into();
-                }
-            }
-        };
+        let why = self.serve(&mut ws).await;
         // Out of the rotation before the closing handshake; the registration and the gauge
         // would go on their own if this task ended any other way.
         drop(self.registration);
@@ -235,6 +155,150 @@ impl ControlChannel {
         );
     }
 
+    /// The channel's life: messages from the listener, commands for it, key changes, token
+    /// expiry, pings and shutdown, until one of them ends it; returns why.
+    async fn serve<S>(&mut self, ws: &mut WsStream<S>) -> String
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let limits = self.shared.cfg.limits;
+        let mut expiry_at = deadline_for(self.expiry, limits.token_grace);
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.reset();
+        let mut alive = Liveness {
+            seen: ws.frames_received(),
+            last_progress: Instant::now(),
+        };
+        let shutdown = self.shared.shutdown.clone();
+        let mut keys_changed = self.shared.keys_changed.subscribe();
+        // A `response` with `body: true` waits here for the binary message that must follow.
+        let mut awaiting_body: Option<ResponseCommand> = None;
+        loop {
+            let end = tokio::select! {
+                msg = ws.recv() => self.on_message(ws, msg, &mut awaiting_body, &mut expiry_at).await,
+                cmd = self.rx.recv() => on_queued(ws, cmd).await,
+                Ok(()) = keys_changed.changed() => self.on_keys_changed(ws).await,
+                _ = sleep_until(expiry_at) => {
+                    let _ = ws.send_close(1008, "The token has expired.").await;
+                    Some("token expired".into())
+                }
+                _ = ping.tick() => self.on_ping(ws, &mut alive).await,
+                _ = shutdown.cancelled() => {
+                    let _ = ws.send_close(1001, "The relay is shutting down.").await;
+                    Some("relay shutting down".into())
+                }
+            };
+            if let Some(why) = end {
+                return why;
+            }
+        }
+    }
+
+    /// A message from the listener; `Some(why)` when the channel ends.
+    async fn on_message<S>(
+        &mut self,
+        ws: &mut WsStream<S>,
+        msg: Result<Message, WsError>,
+        awaiting_body: &mut Option<ResponseCommand>,
+        expiry_at: &mut Instant,
+    ) -> Option<String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match msg {
+            Ok(Message::Text(t)) => {
+                if let Some(r) = awaiting_body.take() {
+                    debug!(hc = %self.hc_name, "a response's body did not follow it; the request fails");
+                    self.shared.http.abandon(self.entry.conn_id, &r.request_id);
+                }
+                match ListenerCommand::parse(&t) {
+                    Ok(ListenerCommand::Response(r)) => {
+                        if r.body {
+                            *awaiting_body = Some(r);
+                        } else {
+                            self.deliver(r, bytes::Bytes::new());
+                        }
+                        return None;
+                    }
+                    Err(_) => {
+                        // A response we cannot read (statusCode "abc", -1…) fails its request
+                        // at once (502) instead of leaving it to time out.
+                        if let Some(id) = unreadable_response_id(&t) {
+                            debug!(hc = %self.hc_name, request_id = %id, "unreadable response; the request fails");
+                            self.shared.http.abandon(self.entry.conn_id, &id);
+                            return None;
+                        }
+                    }
+                    Ok(_) => {}
+                }
+                let (code, reason) = self.on_text(&t, expiry_at)?;
+                let _ = ws.send_close(code, reason).await;
+                Some(reason.to_string())
+            }
+            Ok(Message::Binary(b)) => {
+                match awaiting_body.take() {
+                    Some(r) => self.deliver(r, bytes::Bytes::from(b)),
+                    None => debug!("binary message on control channel ignored"),
+                }
+                None
+            }
+            Ok(Message::Close(c)) => {
+                let _ = ws.send_close(1000, "").await;
+                Some(format!("listener closed: {c:?}"))
+            }
+            Err(WsError::Protocol(e)) => {
+                let _ = ws.flush_pending().await;
+                Some(format!("protocol error: {e}"))
+            }
+            Err(e) => Some(format!("{e}")),
+        }
+    }
+
+    /// Rules or keys changed: a deleted hybrid connection or a token that no longer verifies
+    /// ends the channel.
+    async fn on_keys_changed<S>(&self, ws: &mut WsStream<S>) -> Option<String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        if !self.shared.store.snapshot().hcs.contains_key(&self.hc_key) {
+            // Deleted (here, or on another node of a cluster): say so, rather than that the
+            // token stopped verifying.
+            let _ = ws
+                .send_close(1001, "The hybrid connection was deleted.")
+                .await;
+            return Some("hybrid connection deleted".into());
+        }
+        if let Err(e) = self.check_token(&self.token, 0) {
+            info!(event = "ListenerTokenRevoked", hc = %self.hc_name, listener_id = %self.entry.listener_id, reason = %e, "closing: its token no longer verifies");
+            let _ = ws
+                .send_close(1008, "The token's key was regenerated or removed.")
+                .await;
+            return Some("token key revoked".into());
+        }
+        None
+    }
+
+    /// A ping period passed: drops a listener silent for `dead_after`, else pings it.
+    async fn on_ping<S>(&self, ws: &mut WsStream<S>, alive: &mut Liveness) -> Option<String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let now_seen = ws.frames_received();
+        if now_seen != alive.seen {
+            alive.seen = now_seen;
+            alive.last_progress = Instant::now();
+            self.entry
+                .last_seen
+                .store(crate::unix_now(), std::sync::atomic::Ordering::Relaxed);
+        } else if alive.last_progress.elapsed() >= self.shared.cfg.limits.dead_after {
+            return Some("no answer to pings".into());
+        }
+        if let Err(e) = ws.send_ping(b"").await {
+            return Some(format!("ping failed: {e}"));
+        }
+        None
+    }
+
     /// Verifies a token for Listen on this channel's hybrid connection, with the keys as they
     /// are now, as of `now` (0: expiry not checked; the grace timer handles it).
     fn check_token(
@@ -244,8 +308,7 @@ impl ControlChannel {
     ) -> Result<crate::auth::Grant, crate::error::RelayError> {
         let ns = self.shared.store.snapshot();
         let hc = ns.hcs.get(&self.hc_key);
-        let mut hosts = self.shared.cfg.hostnames.clone();
-        hosts.push(crate::service::strip_port(&self.entry.host).to_ascii_lowercase());
+        let hosts = crate::auth::hosts(&self.shared.cfg.hostnames, &self.entry.host);
         crate::auth::authorize(
             &ns,
             &hosts,
@@ -253,7 +316,6 @@ impl ControlChannel {
             Some(token),
             Need::Listen,
             now,
-            0,
         )
     }
 

@@ -10,23 +10,23 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
 /// The body type the relay answers with: whole (errors, admin, entity) or streamed (HTTP mode).
-pub type Body = BoxBody<Bytes, std::io::Error>;
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// A body held whole.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// No body.
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     full(Bytes::new())
 }
 
 /// A refusal, tagged with who caused it.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     /// Malformed request (bad path, bad upgrade, bad query).
     #[error("{0}")]
     BadRequest(String),
@@ -80,9 +80,6 @@ pub enum RelayError {
     /// A known management path with a method it does not take.
     #[error("This operation does not take that HTTP method.")]
     MethodNotAllowed,
-    /// A feature this relay does not offer.
-    #[error("{0}")]
-    NotImplemented(&'static str),
     /// Overload or shutdown.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -117,7 +114,6 @@ impl RelayError {
                 "HeadersTooLarge",
             ),
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
-            RelayError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
             RelayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             RelayError::TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
@@ -129,12 +125,12 @@ impl RelayError {
     }
 
     /// The HTTP status this refusal is answered with.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.status_and_code().0
     }
 
     /// Whether the peer (rather than the relay) is at fault: decides the log level.
-    pub fn is_peer_fault(&self) -> bool {
+    pub(crate) fn is_peer_fault(&self) -> bool {
         !matches!(
             self,
             RelayError::Internal(_) | RelayError::Unavailable(_) | RelayError::StoreUnavailable(_)
@@ -142,7 +138,7 @@ impl RelayError {
     }
 
     /// The HTTP answer for this refusal.
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
         let resp = error_response(status, code, &message);
@@ -151,7 +147,7 @@ impl RelayError {
 
     /// The answer for this refusal on a management (`api-version`) path: the same status,
     /// reason and headers, with Azure's XML error body, which .NET's management client reads.
-    pub fn into_xml_response(self) -> Response<Body> {
+    pub(crate) fn into_xml_response(self) -> Response<Body> {
         let (status, _) = self.status_and_code();
         let message = self.to_string();
         let mut resp = error_response(status, "", &message);
@@ -192,7 +188,7 @@ impl RelayError {
 }
 
 /// An error answer: status, reason phrase = message, JSON body.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let reason = hyco_proto::address::sanitize_reason(message);
     let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
     let mut resp = Response::new(full(body));

@@ -26,27 +26,29 @@ use http_body_util::{BodyExt, Limited};
 use hyco_io::ws::{Part, Role, WsConfig, WsStream};
 use hyco_proto::address::{self, HcQuery};
 use hyco_proto::control::{ListenerCommand, RemoteEndpoint, RequestCommand, ResponseCommand};
-use hyco_proto::rights::Need;
 use hyper::body::{Body as _, Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::select::Target;
+use crate::dispatch::{NotOffered, Offers, Taken, NO_LISTENER_QUALIFIES};
 use crate::error::{Body, RelayError};
-use crate::registry::{id_list, ControlMsg};
-use crate::service::{forwarded_headers, host_of, resolve, strip_port, Prefixed};
-use crate::{unix_now, ServerTls, Shared};
+use crate::registry::ControlMsg;
+use crate::request::{forwarded_headers, host_of, strip_port};
+use crate::{ServerTls, Shared};
+use hyco_io::prefixed::Prefixed;
 
 /// Largest body sent inline on the control channel (protocol.md §4.7: 64 kB).
-pub const INLINE_BODY_MAX: u64 = 64 * 1024;
+pub(crate) const INLINE_BODY_MAX: u64 = 64 * 1024;
 /// Largest `request`/`response` JSON (the .NET listener's command buffer).
 const MAX_COMMAND: usize = 64 * 1024;
 /// Pieces of a streamed body are read and forwarded at most this large.
 const PIECE: usize = 64 * 1024;
 
 /// How a response starts, as the sender's handler receives it.
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// The whole response (control channel, or a rendezvous with a short body).
     Whole(ResponseCommand, Bytes),
     /// Headers now; body pieces follow on the channel, an `Err` aborts it.
@@ -86,7 +88,7 @@ struct Slot {
 
 /// Requests waiting for responses, by request id.
 #[derive(Default)]
-pub struct HttpTable {
+pub(crate) struct HttpTable {
     slots: Mutex<HashMap<String, Slot>>,
 }
 
@@ -97,7 +99,7 @@ impl HttpTable {
 
     /// Delivers a response that came on listener `listener`'s control channel. `false` when
     /// no request of that listener waits under this id.
-    pub fn deliver_from_control(&self, listener: u64, id: &str, d: Delivery) -> bool {
+    pub(crate) fn deliver_from_control(&self, listener: u64, id: &str, d: Delivery) -> bool {
         let tx = {
             let mut g = self.lock();
             match g.get_mut(id) {
@@ -109,7 +111,7 @@ impl HttpTable {
     }
 
     /// Fails a request of listener `listener`: its sender gets 502.
-    pub fn abandon(&self, listener: u64, id: &str) {
+    pub(crate) fn abandon(&self, listener: u64, id: &str) {
         let mut g = self.lock();
         if let Some(s) = g.get_mut(id).filter(|s| s.listener == listener) {
             s.tx = None;
@@ -118,16 +120,6 @@ impl HttpTable {
 
     fn take_tx(&self, id: &str) -> Option<oneshot::Sender<Delivery>> {
         self.lock().get_mut(id).and_then(|s| s.tx.take())
-    }
-
-    /// Number of requests waiting.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -165,7 +157,7 @@ fn is_hop_header(name: &str) -> bool {
 /// (`?sb-hc-undefined` stays; §2.10). The pairs kept are the parser's own `app_query`, so a name
 /// is dropped exactly when [`HcQuery::parse`] reads it as `sb-hc-*` (`sb%2Dhc%2Dtoken=` too).
 /// The query's other bytes are kept as sent.
-pub fn request_target(path: &str, query: &HcQuery) -> String {
+pub(crate) fn request_target(path: &str, query: &HcQuery) -> String {
     let mut out = address::listener_path(path).into_owned();
     if !query.app_query.is_empty() {
         out.push('?');
@@ -195,290 +187,132 @@ fn request_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(
     })
 }
 
-/// Serves one HTTP-mode request: authorize, pick a listener, send, wait, answer.
-pub async fn handle(
-    shared: &Arc<Shared>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-    segments: &[&str],
-) -> Result<Response<Body>, RelayError> {
-    let started = Instant::now();
+/// An authorized HTTP-mode request to an existing hybrid connection.
+pub(crate) struct Route {
+    /// Registry key of the hybrid connection.
+    pub(crate) hc_key: String,
+    /// Its name as created.
+    pub(crate) hc_name: String,
+    /// The `sb-hc-*` parameters and the application's query.
+    pub(crate) query: HcQuery,
+    /// Whether `Authorization` carried the token the relay checked (then it is not forwarded).
+    pub(crate) authorization_used: bool,
+}
+
+/// Refuses what HTTP mode does not relay: `CONNECT`, and WebSocket upgrades (they go to
+/// `/$hc/…`).
+pub(crate) fn check_method<B>(req: &Request<B>) -> Result<(), RelayError> {
     if req.method() == Method::CONNECT {
         return Err(RelayError::BadRequest(
             "CONNECT is not relayed in HTTP mode.".into(),
         ));
     }
-    if hyco_io::ws::handshake::is_upgrade(&req) {
+    if hyco_io::ws::handshake::is_upgrade(req) {
         return Err(RelayError::BadRequest(
             "WebSocket connections go to /$hc/{hybrid connection}.".into(),
         ));
     }
-    let ns = shared.store.snapshot();
-    let raw_query = req.uri().query();
-    let query = HcQuery::parse(raw_query.unwrap_or(""))
-        .map_err(|e| RelayError::BadRequest(format!("Bad query: {e}")))?;
-    let resolved = resolve(&ns, segments);
-    let entity_name = resolved
-        .as_ref()
-        .map(|(_, hc, _)| hc.name.clone())
-        .unwrap_or_else(|| segments.join("/"));
+    Ok(())
+}
+
+/// The request as listeners get it, whichever listener that is.
+struct Outgoing {
+    /// Its id (the key of its [`HttpTable`] slot).
+    id: String,
+    method: Method,
+    target: String,
+    headers: Vec<(String, String)>,
+    peer: SocketAddr,
+    /// The body, read already when small (known length up to [`INLINE_BODY_MAX`]).
+    inline_body: Option<Bytes>,
+}
+
+/// Serves one HTTP-mode request: send it to a listener, wait, answer.
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    route: Route,
+) -> Result<Response<Body>, RelayError> {
+    let started = Instant::now();
     let host = host_of(&req);
-    let needs_auth = resolved
-        .as_ref()
-        .is_none_or(|(_, hc, _)| hc.requires_client_authorization);
-    // §2.7: the query token and ServiceBusAuthorization are always removed; Authorization is
-    // the credential (and removed) only when auth is required and neither of those came.
-    let relay_credential =
-        query.token.is_some() || req.headers().contains_key("servicebusauthorization");
-    let authorization_used = needs_auth && !relay_credential;
-    if needs_auth {
-        // A token may be signed for the whole URL, path after the entity included (Java's
-        // client signs the request's URL).
-        let audience_path = match &resolved {
-            Some((_, hc, rest)) => format!("{}{rest}", hc.name),
-            None => entity_name.clone(),
-        };
-        let mut hosts = shared.cfg.hostnames.clone();
-        hosts.push(strip_port(&host).to_ascii_lowercase());
-        let token = crate::auth::find_token(query.token.as_deref(), req.headers(), true);
-        if let Err(e) = crate::auth::guarded(&shared.auth_throttle, peer.ip(), || {
-            crate::auth::authorize(
-                &ns,
-                &hosts,
-                Some((&audience_path, resolved.as_ref().map(|(_, hc, _)| *hc))),
-                token?,
-                Need::Send,
-                unix_now(),
-                0,
-            )
-        }) {
-            info!(event = "AuthorizationFailed", peer = %peer, hc = %entity_name, action = "request", reason = %e, "refused");
-            return Err(e);
-        }
-    }
-    let Some((hc_key, hc, _)) = resolved else {
-        return Err(RelayError::NotFound(format!(
-            "Endpoint does not exist. No hybrid connection '{entity_name}' in this namespace."
-        )));
-    };
-    let hc_name = hc.name.clone();
-    let method = req.method().clone();
-    let target = request_target(req.uri().path(), &query);
-    let mut headers = request_headers(req.headers(), authorization_used);
-    crate::header_case::Spelling::of(&req)
-        .await
-        .apply(&mut headers);
-    let allowed = id_list(req.headers().get("microsoft-relay-allowedlisteners"));
-    let disallowed =
-        id_list(req.headers().get("microsoft-relay-disallowedlisteners")).unwrap_or_default();
+    let limits = shared.cfg.limits;
+    let mut offers = Offers::new(shared, &route.hc_key, req.headers());
     let inline_len = req
         .body()
         .size_hint()
         .exact()
         .filter(|n| *n <= INLINE_BODY_MAX);
-    let limits = shared.cfg.limits;
-    let mut body = Some(req.into_body());
+    let spelling = crate::header_case::Spelling::of(&req).await;
+    let (parts, body) = req.into_parts();
+    let mut out = Outgoing {
+        id: address::new_connection_id(rand::random()),
+        method: parts.method.clone(),
+        target: request_target(parts.uri.path(), &route.query),
+        headers: request_headers(&parts.headers, route.authorization_used),
+        peer,
+        inline_body: None,
+    };
+    spelling.apply(&mut out.headers);
+    let mut body = Some(body);
     // A small body is read before a listener is chosen, so no listener waits on a slow sender.
-    let inline_body = match inline_len {
+    out.inline_body = match inline_len {
         Some(0) => Some(Bytes::new()),
         Some(_) => {
-            let b = body.take().ok_or_else(body_taken)?;
-            let read = tokio::time::timeout(
-                limits.http_timeout,
-                Limited::new(b, INLINE_BODY_MAX as usize).collect(),
-            )
-            .await
-            .map_err(|_| RelayError::BadRequest("The request body did not arrive in time.".into()))?
-            .map_err(|_| RelayError::BadRequest("The request body could not be read.".into()))?;
-            Some(read.to_bytes())
+            Some(read_small_body(body.take().ok_or_else(body_taken)?, limits.http_timeout).await?)
         }
         None => None,
     };
-
-    let mut tried = crate::select::Tried::default();
-    let id = address::new_connection_id(rand::random());
     let table = &shared.http;
     let _guard = SlotGuard {
         table,
-        id: id.clone(),
+        id: out.id.clone(),
     };
-    let (listener, listener_id, rx) = loop {
-        let Some(choice) =
-            crate::select::pick(shared, &hc_key, allowed.as_deref(), &disallowed, &tried).await
-        else {
-            if tried.is_empty()
-                && crate::service::none_qualify(shared, &hc_key, allowed.as_deref(), &disallowed)
-                    .await
-            {
-                return Err(RelayError::NotFound(
-                    crate::service::NO_LISTENER_QUALIFIES.into(),
-                ));
-            }
-            return Err(RelayError::NoListener(hc_name));
-        };
-        if tried.len() >= 3 {
-            return Err(RelayError::ListenerGone);
-        }
-        tried.add(&choice);
-        let rv = address::new_connection_id(rand::random());
-        let address = format!(
-            "wss://{}/$hc/{}?sb-hc-action=request&sb-hc-id={id}&sb-hc-rv={rv}",
-            choice.rendezvous_host(shared),
-            hc_name
-        );
-        let full = |body: bool| {
-            ListenerCommand::Request(RequestCommand {
-                address: address.clone(),
-                id: id.clone(),
-                request_target: Some(target.clone()),
-                method: Some(method.as_str().to_owned()),
-                remote_endpoint: Some(RemoteEndpoint {
-                    address: peer.ip().to_string(),
-                    port: peer.port(),
-                }),
-                request_headers: Some(headers.clone()),
-                body: Some(body),
-            })
-            .to_json()
-        };
-        let full_json = full(inline_body.as_ref().is_none_or(|b| !b.is_empty()));
-        // On a rendezvous a body is always announced and sent, an empty one as an empty final
-        // frame: Java's listener reads one there whatever `body` says.
-        let rendezvous_json = full(true);
-        if rendezvous_json.len() > MAX_COMMAND {
-            return Err(RelayError::HeadersTooLarge);
-        }
-        let (tx, rx) = oneshot::channel();
-        let remote = matches!(choice, crate::select::Target::Remote(_));
-        // Another node's listener gets the address-only form: it opens the rendezvous here,
-        // so neither the request nor the response crosses between nodes.
-        let (msg, pending) = match &inline_body {
-            Some(b) if !remote => (
-                ControlMsg::Request {
-                    json: full_json,
-                    body: (!b.is_empty()).then(|| b.clone()),
-                },
-                None,
-            ),
-            _ => {
-                let short = ListenerCommand::Request(RequestCommand {
-                    address,
-                    id: id.clone(),
-                    request_target: None,
-                    method: None,
-                    remote_endpoint: None,
-                    request_headers: None,
-                    body: None,
-                })
-                .to_json();
-                let b = match &inline_body {
-                    Some(b) => RequestBody::Read(b.clone()),
-                    None => RequestBody::Streaming(body.take().ok_or_else(body_taken)?),
-                };
-                (ControlMsg::Command(short), Some((rendezvous_json, b)))
-            }
-        };
-        table.lock().insert(
-            id.clone(),
-            Slot {
-                hc_key: hc_key.clone(),
-                rv,
-                listener: match &choice {
-                    crate::select::Target::Local(l) => l.conn_id,
-                    crate::select::Target::Remote(_) => REMOTE_LISTENER,
-                },
-                pending,
-                claimed: false,
-                tx: Some(tx),
-            },
-        );
-        let sent = match choice {
-            crate::select::Target::Local(listener) => match listener.tx.try_send(msg) {
-                Ok(()) => {
-                    let lid = listener.listener_id.clone();
-                    Ok((Some(listener), lid))
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            crate::select::Target::Remote(r) => {
-                let delivered = match (&shared.cluster, msg) {
-                    (Some(c), ControlMsg::Command(json)) => c.deliver(&hc_key, &r, json).await,
-                    _ => false,
-                };
-                if delivered {
-                    Ok((None, r.listener_id))
-                } else {
-                    Err(format!("node {} did not take the request", r.node))
-                }
-            }
-        };
-        match sent {
-            Ok((l, lid)) => break (l, lid, rx),
-            Err(e) => {
-                // Full or gone: take the body back and offer the request to another listener.
-                if let Some(s) = table.lock().remove(&id) {
-                    if let Some((_, RequestBody::Streaming(b))) = s.pending {
-                        body = Some(b);
-                    }
-                }
-                debug!(hc = %hc_name, error = %e, "listener unavailable; trying another");
+    let build = |body: &mut Option<Incoming>, choice: &Target| {
+        request_message(shared, &route, &out, body, choice)
+    };
+    // Full or gone: take the body back and offer the request to another listener.
+    let undo = |body: &mut Option<Incoming>, _| {
+        if let Some(s) = table.lock().remove(&out.id) {
+            if let Some((_, RequestBody::Streaming(b))) = s.pending {
+                *body = Some(b);
             }
         }
     };
-
-    // Wait for the response to start. A listener that leaves before opening the rendezvous
-    // will not answer; one that opened it may still answer there.
-    let deadline = Instant::now() + limits.http_timeout;
-    tokio::pin!(rx);
-    let timeout = || {
-        info!(hc = %hc_name, id = %id, "listener did not answer in time");
-        RelayError::HttpTimeout(limits.http_timeout.as_secs())
-    };
-    let closed = async {
-        match &listener {
-            Some(l) => l.tx.closed().await,
-            // Another node's listener: its leaving shows as the deadline.
-            None => std::future::pending().await,
-        }
-    };
-    let waited = tokio::select! {
-        r = tokio::time::timeout_at(deadline, &mut rx) => r,
-        _ = closed => {
-            let claimed = table.lock().get(&id).is_some_and(|s| s.claimed);
-            if !claimed {
-                info!(hc = %hc_name, id = %id, "listener left before answering");
-                return Err(RelayError::ListenerGone);
-            }
-            // The rendezvous goes on; wait for it alone.
-            tokio::time::timeout_at(deadline, &mut rx).await
-        }
-    };
-    let delivery = match waited {
-        Ok(Ok(d)) => d,
-        // The wait was abandoned: an unreadable response, or a failed rendezvous.
-        Ok(Err(_)) => {
-            return Err(RelayError::BadGateway(
-                "The listener failed to answer the request.".into(),
-            ))
-        }
-        Err(_) => return Err(timeout()),
-    };
+    let (taken, rx) = offers
+        .offer(&mut body, build, undo)
+        .await
+        .map_err(|e| match e {
+            NotOffered::NoneQualifies => RelayError::NotFound(NO_LISTENER_QUALIFIES.into()),
+            NotOffered::NoneLeft { .. } => RelayError::NoListener(route.hc_name.clone()),
+            NotOffered::Exhausted => RelayError::ListenerGone,
+            NotOffered::Refused(e) => e,
+        })?;
+    let delivery = wait_response(
+        table,
+        &route.hc_name,
+        &out.id,
+        &taken,
+        rx,
+        limits.http_timeout,
+    )
+    .await?;
     let (cmd, body) = match delivery {
         Delivery::Whole(cmd, bytes) => (cmd, ResponseBody::Whole(bytes)),
         Delivery::Streamed(cmd, rx) => (cmd, ResponseBody::Streamed(rx)),
     };
     info!(
         event = "HttpRequestRelayed",
-        hc = %hc_name,
-        id = %id,
-        listener_id = %listener_id,
+        hc = %route.hc_name,
+        id = %out.id,
+        listener_id = %taken.listener_id,
         peer = %peer,
-        method = %method,
+        method = %out.method,
         status = cmd.status_code,
         setup_ms = started.elapsed().as_millis() as u64,
         "request answered"
     );
-    let mut resp = response_for_sender(&cmd, body, &method, &host)?;
+    let mut resp = response_for_sender(&cmd, body, &out.method, &host)?;
     // The names as the listener spelled them, in the order `response_for_sender` added them.
     let names: Vec<&str> = (cmd.response_headers.iter().flatten())
         .map(|(k, _)| k.as_str())
@@ -489,6 +323,140 @@ pub async fn handle(
         .collect();
     crate::header_case::respell(&mut resp, &names).await;
     Ok(resp)
+}
+
+/// Reads a body of known length (at most [`INLINE_BODY_MAX`]) within `timeout`.
+async fn read_small_body(body: Incoming, timeout: Duration) -> Result<Bytes, RelayError> {
+    let read = tokio::time::timeout(
+        timeout,
+        Limited::new(body, INLINE_BODY_MAX as usize).collect(),
+    )
+    .await
+    .map_err(|_| RelayError::BadRequest("The request body did not arrive in time.".into()))?
+    .map_err(|_| RelayError::BadRequest("The request body could not be read.".into()))?;
+    Ok(read.to_bytes())
+}
+
+/// The `request` for one listener, its slot waiting in the table under the request's id with
+/// a fresh rendezvous capability. Small requests to a listener here travel whole on its
+/// control channel; others are announced address-only, with the full request and the body
+/// kept for the rendezvous (taken from `body` when it streams).
+fn request_message(
+    shared: &Shared,
+    route: &Route,
+    out: &Outgoing,
+    body: &mut Option<Incoming>,
+    choice: &Target,
+) -> Result<(ControlMsg, oneshot::Receiver<Delivery>), RelayError> {
+    let rv = address::new_connection_id(rand::random());
+    let address = format!(
+        "wss://{}/$hc/{}?sb-hc-action=request&sb-hc-id={}&sb-hc-rv={rv}",
+        choice.rendezvous_host(shared),
+        route.hc_name,
+        out.id
+    );
+    let full = |with_body: bool| {
+        ListenerCommand::Request(RequestCommand {
+            address: address.clone(),
+            id: out.id.clone(),
+            request_target: Some(out.target.clone()),
+            method: Some(out.method.as_str().to_owned()),
+            remote_endpoint: Some(RemoteEndpoint {
+                address: out.peer.ip().to_string(),
+                port: out.peer.port(),
+            }),
+            request_headers: Some(out.headers.clone()),
+            body: Some(with_body),
+        })
+        .to_json()
+    };
+    // On a rendezvous a body is always announced and sent, an empty one as an empty final
+    // frame: Java's listener reads one there whatever `body` says.
+    let rendezvous_json = full(true);
+    if rendezvous_json.len() > MAX_COMMAND {
+        return Err(RelayError::HeadersTooLarge);
+    }
+    let (tx, rx) = oneshot::channel();
+    let (listener, remote) = match choice {
+        Target::Local(l) => (l.conn_id, false),
+        Target::Remote(_) => (REMOTE_LISTENER, true),
+    };
+    // Another node's listener gets the address-only form: it opens the rendezvous here,
+    // so neither the request nor the response crosses between nodes.
+    let (msg, pending) = match &out.inline_body {
+        Some(b) if !remote => (
+            ControlMsg::Request {
+                json: full(!b.is_empty()),
+                body: (!b.is_empty()).then(|| b.clone()),
+            },
+            None,
+        ),
+        _ => {
+            let short = ListenerCommand::Request(RequestCommand {
+                address,
+                id: out.id.clone(),
+                request_target: None,
+                method: None,
+                remote_endpoint: None,
+                request_headers: None,
+                body: None,
+            })
+            .to_json();
+            let b = match &out.inline_body {
+                Some(b) => RequestBody::Read(b.clone()),
+                None => RequestBody::Streaming(body.take().ok_or_else(body_taken)?),
+            };
+            (ControlMsg::Command(short), Some((rendezvous_json, b)))
+        }
+    };
+    shared.http.lock().insert(
+        out.id.clone(),
+        Slot {
+            hc_key: route.hc_key.clone(),
+            rv,
+            listener,
+            pending,
+            claimed: false,
+            tx: Some(tx),
+        },
+    );
+    Ok((msg, rx))
+}
+
+/// Waits for the response to start. A listener that leaves before opening the rendezvous
+/// will not answer; one that opened it may still answer there.
+async fn wait_response(
+    table: &HttpTable,
+    hc_name: &str,
+    id: &str,
+    taken: &Taken,
+    mut rx: oneshot::Receiver<Delivery>,
+    timeout: Duration,
+) -> Result<Delivery, RelayError> {
+    let deadline = Instant::now() + timeout;
+    let waited = tokio::select! {
+        r = tokio::time::timeout_at(deadline, &mut rx) => r,
+        _ = taken.closed() => {
+            let claimed = table.lock().get(id).is_some_and(|s| s.claimed);
+            if !claimed {
+                info!(hc = %hc_name, id = %id, "listener left before answering");
+                return Err(RelayError::ListenerGone);
+            }
+            // The rendezvous goes on; wait for it alone.
+            tokio::time::timeout_at(deadline, &mut rx).await
+        }
+    };
+    match waited {
+        Ok(Ok(d)) => Ok(d),
+        // The wait was abandoned: an unreadable response, or a failed rendezvous.
+        Ok(Err(_)) => Err(RelayError::BadGateway(
+            "The listener failed to answer the request.".into(),
+        )),
+        Err(_) => {
+            info!(hc = %hc_name, id = %id, "listener did not answer in time");
+            Err(RelayError::HttpTimeout(timeout.as_secs()))
+        }
+    }
 }
 
 /// The body is moved into exactly one place per attempt; this is the error if that breaks.
@@ -599,17 +567,14 @@ fn response_for_sender(
 
 /// `sb-hc-action=request`: the listener opens the rendezvous of a request. Checks the
 /// capability, answers 101 and runs the exchange in a task.
-pub fn rendezvous(
+pub(crate) fn rendezvous(
     shared: &Arc<Shared>,
-    segments: &[&str],
+    (rv, hc_key): (String, String),
     query: &HcQuery,
     req: &mut Request<Incoming>,
     accept_key: &str,
 ) -> Result<Response<Body>, RelayError> {
-    let rv = crate::service::rendezvous_capability(query)?;
     let id = query.id.clone().ok_or(RelayError::RendezvousInvalid)?;
-    let ns = shared.store.snapshot();
-    let (hc_key, _, _) = resolve(&ns, segments).ok_or(RelayError::RendezvousInvalid)?;
     let pending = {
         let mut g = shared.http.lock();
         let slot = g
@@ -659,6 +624,39 @@ pub fn rendezvous(
     ))
 }
 
+/// Why a request rendezvous failed (logged; the sender gets 502 or a cut body).
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("sending the request: {0}")]
+    SendRequest(#[source] std::io::Error),
+    #[error("sending the body: {0}")]
+    SendBody(#[source] std::io::Error),
+    #[error("reading the sender's body: {0}")]
+    SenderBody(#[source] hyper::Error),
+    #[error("the sender's body stalled")]
+    SenderStalled,
+    #[error("expected a response, got {0}")]
+    NotAResponse(String),
+    #[error("reading the response: {0}")]
+    ReadResponse(#[source] hyco_io::ws::WsError),
+    #[error("no response in time")]
+    NoResponse,
+    #[error("expected the response to this request")]
+    OtherCommand,
+    #[error("bad response: {0}")]
+    BadResponse(#[source] hyco_proto::control::ControlError),
+    #[error("the request was answered already or abandoned")]
+    Answered,
+    #[error("the sender went away")]
+    SenderGone,
+    #[error("listener closed mid-body")]
+    ClosedMidBody,
+    #[error("reading the response body: {0}")]
+    ReadBody(#[source] hyco_io::ws::WsError),
+    #[error("response body stalled")]
+    BodyStalled,
+}
+
 /// On a request rendezvous: sends the request (address-only form), then reads the response and
 /// hands it to the waiting sender.
 async fn exchange<S>(
@@ -666,7 +664,7 @@ async fn exchange<S>(
     ws: &mut WsStream<S>,
     id: &str,
     pending: Option<(String, RequestBody)>,
-) -> Result<(), String>
+) -> Result<(), ExchangeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -674,43 +672,40 @@ where
     if let Some((json, body)) = pending {
         ws.send_text(&json)
             .await
-            .map_err(|e| format!("sending the request: {e}"))?;
+            .map_err(ExchangeError::SendRequest)?;
         match body {
             RequestBody::Streaming(b) => stream_request_body(ws, b, idle).await?,
             RequestBody::Read(b) => ws
                 .send_part(false, true, true, &b)
                 .await
-                .map_err(|e| format!("sending the body: {e}"))?,
+                .map_err(ExchangeError::SendBody)?,
         }
     }
     let text = match tokio::time::timeout(idle, ws.recv()).await {
         Ok(Ok(hyco_io::ws::Message::Text(t))) => t,
-        Ok(Ok(other)) => return Err(format!("expected a response, got {other:?}")),
-        Ok(Err(e)) => return Err(format!("reading the response: {e}")),
-        Err(_) => return Err("no response in time".into()),
+        Ok(Ok(other)) => return Err(ExchangeError::NotAResponse(format!("{other:?}"))),
+        Ok(Err(e)) => return Err(ExchangeError::ReadResponse(e)),
+        Err(_) => return Err(ExchangeError::NoResponse),
     };
     let cmd = match ListenerCommand::parse(&text) {
         Ok(ListenerCommand::Response(r)) if r.request_id == id => r,
-        Ok(_) => return Err("expected the response to this request".into()),
-        Err(e) => return Err(format!("bad response: {e}")),
+        Ok(_) => return Err(ExchangeError::OtherCommand),
+        Err(e) => return Err(ExchangeError::BadResponse(e)),
     };
-    let tx = shared
-        .http
-        .take_tx(id)
-        .ok_or("the request was answered already or abandoned")?;
+    let tx = shared.http.take_tx(id).ok_or(ExchangeError::Answered)?;
     if !cmd.body {
         let _ = tx.send(Delivery::Whole(cmd, Bytes::new()));
         return Ok(());
     }
     let (btx, brx) = mpsc::channel(8);
     if tx.send(Delivery::Streamed(cmd, brx)).is_err() {
-        return Err("the sender went away".into());
+        return Err(ExchangeError::SenderGone);
     }
     loop {
         match tokio::time::timeout(idle, ws.recv_part(PIECE)).await {
             Ok(Ok(Part::Data { data, fin, .. })) => {
                 if !data.is_empty() && btx.send(Ok(Bytes::from(data))).await.is_err() {
-                    return Err("the sender went away".into());
+                    return Err(ExchangeError::SenderGone);
                 }
                 if fin {
                     return Ok(());
@@ -724,17 +719,17 @@ where
                 let _ = btx
                     .send(Err(std::io::Error::other("listener closed mid-body")))
                     .await;
-                return Err("listener closed mid-body".into());
+                return Err(ExchangeError::ClosedMidBody);
             }
             Ok(Err(e)) => {
                 let _ = btx.send(Err(std::io::Error::other(e.to_string()))).await;
-                return Err(format!("reading the response body: {e}"));
+                return Err(ExchangeError::ReadBody(e));
             }
             Err(_) => {
                 let _ = btx
                     .send(Err(std::io::Error::other("response body stalled")))
                     .await;
-                return Err("response body stalled".into());
+                return Err(ExchangeError::BodyStalled);
             }
         }
     }
@@ -746,7 +741,7 @@ async fn stream_request_body<S>(
     ws: &mut WsStream<S>,
     mut body: Incoming,
     idle: Duration,
-) -> Result<(), String>
+) -> Result<(), ExchangeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -755,8 +750,8 @@ where
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Ok(Some(Ok(f))) => f,
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(format!("reading the sender's body: {e}")),
-            Err(_) => return Err("the sender's body stalled".into()),
+            Ok(Some(Err(e))) => return Err(ExchangeError::SenderBody(e)),
+            Err(_) => return Err(ExchangeError::SenderStalled),
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers are not relayed
@@ -766,12 +761,12 @@ where
         }
         ws.send_part(false, first, false, &data)
             .await
-            .map_err(|e| format!("sending the body: {e}"))?;
+            .map_err(ExchangeError::SendBody)?;
         first = false;
     }
     ws.send_part(false, first, true, &[])
         .await
-        .map_err(|e| format!("sending the body: {e}"))
+        .map_err(ExchangeError::SendBody)
 }
 
 #[cfg(test)]

@@ -2,32 +2,46 @@
 //!
 //! # Layout
 //! * [`Relay::prepare`] loads or creates the data folder (TLS material, store, root rule);
-//!   [`Relay::run`] serves a bound listener until shutdown.
-//! * [`service`]: routes each request (listen / connect / accept / entity GET / admin).
-//! * [`auth`]: token checks. [`store`]: the embedded store. [`registry`]: connected listeners.
-//!   [`rendezvous`]: senders waiting for a listener. [`control`]: a listener's control channel.
-//! * [`admin`]: the management API. [`error`]: the one mapping from refusals to answers.
+//!   [`Relay::run`] accepts connections (TLS, the first request head, per-address handshake
+//!   slots) and serves them until shutdown.
+//! * `service`: the request pipeline. Every request is parsed (what it asks for), authorized
+//!   once (`auth::check`), then dispatched to one handler: `listen` (a listener's control
+//!   channel, run by `control`), `connect` (a sender, spliced to its listener), `accept` (a
+//!   listener answering a sender), `http` (HTTP mode and its request rendezvous), `entity`
+//!   (the entity description) or `admin` (the management API).
+//! * `dispatch`: the one loop that offers a sender to listeners, here or on another node.
+//! * `request` and `auth`: leaves every stage reads (a request's entity, host and headers; the
+//!   token checks). `error`: the one mapping from refusals to answers.
+//! * State: `registry` (connected listeners), `rendezvous` (senders waiting for a listener),
+//!   [`store`] (rules and hybrid connections), [`cluster`] (the Redis directory and inbox),
+//!   `metrics`, `status` (the live view), `throttle` and `budget` (limits).
 //!
 //! The data path is `hyco_io::splice`: frames go from one socket to the other, unmasked in place.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod auth;
-pub mod budget;
+mod accept;
+mod admin;
+mod auth;
+mod budget;
 pub mod cluster;
-pub mod control;
-pub mod error;
+mod connect;
+mod control;
+mod dispatch;
+mod entity;
+mod error;
 mod header_case;
-pub mod http;
-pub mod metrics;
-pub mod registry;
-pub mod rendezvous;
-pub mod select;
-pub mod service;
-pub mod status;
+mod http;
+mod listen;
+mod metrics;
+mod registry;
+mod rendezvous;
+mod request;
+mod select;
+mod service;
+mod status;
 pub mod store;
-pub mod throttle;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,13 +55,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-pub use error::RelayError;
-
 /// The relay's side of a TLS connection.
-pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+pub(crate) type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Name of the rule created on first start.
-pub const ROOT_RULE: &str = "RootManageSharedAccessKey";
+pub(crate) const ROOT_RULE: &str = "RootManageSharedAccessKey";
 
 /// Limits and deadlines (attacks.md "default limits").
 #[derive(Debug, Clone, Copy)]
@@ -164,38 +176,38 @@ impl RelayConfig {
 /// State shared by every connection task.
 pub struct Shared {
     /// Configuration.
-    pub cfg: RelayConfig,
+    pub(crate) cfg: RelayConfig,
     /// The store.
-    pub store: store::Store,
+    pub(crate) store: store::Store,
     /// This node's cluster membership, when clustered.
-    pub cluster: Option<Arc<cluster::Cluster>>,
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     /// Connected listeners.
-    pub registry: Arc<registry::Registry>,
+    pub(crate) registry: Arc<registry::Registry>,
     /// Senders waiting for listeners.
-    pub rendezvous: Arc<rendezvous::Rendezvous>,
+    pub(crate) rendezvous: Arc<rendezvous::Rendezvous>,
     /// HTTP-mode requests waiting for their responses.
-    pub http: http::HttpTable,
+    pub(crate) http: http::HttpTable,
     /// Fires when the relay stops accepting: control channels close with 1001.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Fires when the drain grace is over: remaining tunnels are cut.
-    pub drain: CancellationToken,
+    pub(crate) drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// Prometheus metrics.
-    pub metrics: metrics::Metrics,
+    pub(crate) metrics: metrics::Metrics,
     /// Listener up/down events (JSON) for `/api/listener-events`.
-    pub events: tokio::sync::broadcast::Sender<String>,
+    pub(crate) events: tokio::sync::broadcast::Sender<String>,
     /// Bumped after every change to rules or keys: control channels re-check their token
     /// (attacks A10: a regenerated or deleted key closes the listeners that used it).
-    pub keys_changed: tokio::sync::watch::Sender<u64>,
+    pub(crate) keys_changed: tokio::sync::watch::Sender<u64>,
     /// Failed authorizations per source address.
-    pub auth_throttle: throttle::AuthThrottle,
+    pub(crate) auth_throttle: throttle::AuthThrottle,
     /// The memory budget for new connections.
-    pub memory: budget::MemoryBudget,
+    pub(crate) memory: budget::MemoryBudget,
     /// The tunnel limit (a descriptor reserve).
-    pub tunnel_gate: Arc<hyco_io::tunnels::TunnelGate>,
+    pub(crate) tunnel_gate: Arc<hyco_io::tunnels::TunnelGate>,
     /// Open tunnels, for live views.
-    pub tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
+    pub(crate) tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per source (address, or IPv6 prefix) still in their handshake (attacks C9).
     handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpGate>>,
 }
@@ -210,7 +222,7 @@ pub(crate) struct TunnelEntry {
 impl TunnelEntry {
     /// Lists `tunnel` under `id` until the entry is dropped.
     pub(crate) fn insert(shared: &Arc<Shared>, id: u64, tunnel: Arc<Tunnel>) -> TunnelEntry {
-        service::lock(&shared.tunnels).insert(id, tunnel);
+        lock(&shared.tunnels).insert(id, tunnel);
         TunnelEntry {
             shared: Arc::clone(shared),
             id,
@@ -220,23 +232,23 @@ impl TunnelEntry {
 
 impl Drop for TunnelEntry {
     fn drop(&mut self) {
-        service::lock(&self.shared.tunnels).remove(&self.id);
+        lock(&self.shared.tunnels).remove(&self.id);
     }
 }
 
 /// An open tunnel, as live views see it.
 #[derive(Debug)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     /// Registry key of its hybrid connection.
-    pub hc_key: String,
+    pub(crate) hc_key: String,
     /// Connection id.
-    pub id: String,
+    pub(crate) id: String,
     /// The sender's address.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// When it opened.
-    pub since: SystemTime,
+    pub(crate) since: SystemTime,
     /// Bytes so far: `a_to_b` is sender to listener.
-    pub counters: hyco_io::splice::Counters,
+    pub(crate) counters: hyco_io::splice::Counters,
 }
 
 /// Per-IP handshake gate: at most `max_handshakes_per_ip` connections from one address are in
@@ -312,8 +324,14 @@ impl HandshakeSlot {
     }
 }
 
+/// Locks a std mutex, recovering from poisoning (the data stays consistent: every critical
+/// section here is a single insert or remove).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Seconds since the epoch.
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -373,6 +391,58 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), StartError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// The server's TLS configuration: the given files, or a certificate generated in the data
+/// folder (with its CA, whose file is returned) on first start.
+fn tls_material(
+    cfg: &RelayConfig,
+) -> Result<(Arc<rustls::ServerConfig>, Option<PathBuf>), StartError> {
+    if let Some((cert, key)) = &cfg.tls_files {
+        return Ok((hyco_io::tls::server_config_from_files(cert, key)?, None));
+    }
+    let dir = &cfg.data_dir;
+    let cert = dir.join("server.pem");
+    let key = dir.join("server-key.pem");
+    if !cert.exists() || !key.exists() {
+        let mut names = cfg.hostnames.clone();
+        for n in ["localhost", "127.0.0.1"] {
+            if !names.iter().any(|x| x == n) {
+                names.push(n.into());
+            }
+        }
+        let pki = hyco_io::tls::generate_pki(&names)?;
+        write_file(&dir.join("ca.pem"), pki.ca_cert_pem.as_bytes())?;
+        write_file(&dir.join("ca-key.pem"), pki.ca_key_pem.as_bytes())?;
+        write_file(&key, pki.key_pem.as_bytes())?;
+        write_file(&cert, pki.cert_pem.as_bytes())?;
+        info!(ca = %dir.join("ca.pem").display(), "generated a CA and a server certificate");
+    }
+    Ok((
+        hyco_io::tls::server_config_from_files(&cert, &key)?,
+        Some(dir.join("ca.pem")),
+    ))
+}
+
+/// A joined cluster and the queue its directory task reads.
+type Joined = (
+    Arc<cluster::Cluster>,
+    tokio::sync::mpsc::UnboundedSender<registry::DirOp>,
+);
+
+/// The store: redb in the data folder, or the cluster's Redis (joining the cluster).
+async fn open_store(cfg: &RelayConfig) -> Result<(store::Store, Option<Joined>), StartError> {
+    let Some(cc) = &cfg.cluster else {
+        return Ok((store::Store::open(&cfg.data_dir)?, None));
+    };
+    let (url, prefix, secret) = (cc.url.clone(), cc.prefix(), cc.secret.clone());
+    let store = tokio::task::spawn_blocking(move || {
+        store::Store::open_redis(&url, &prefix, secret.as_deref())
+    })
+    .await
+    .map_err(|e| store::StoreError::Db(e.into()))??;
+    let joined = cluster::Cluster::connect(cc.clone()).await?;
+    Ok((store, Some(joined)))
+}
+
 impl Relay {
     /// Loads or creates everything in the data folder (and joins the cluster, when
     /// configured). Binds nothing.
@@ -380,44 +450,8 @@ impl Relay {
         let dir = cfg.data_dir.clone();
         // 0700, every file in it 0600; refused when group or others can read it.
         hyco_io::private::ensure_dir(&dir)?;
-        let (tls_cfg, ca_file) = match &cfg.tls_files {
-            Some((cert, key)) => (hyco_io::tls::server_config_from_files(cert, key)?, None),
-            None => {
-                let cert = dir.join("server.pem");
-                let key = dir.join("server-key.pem");
-                if !cert.exists() || !key.exists() {
-                    let mut names = cfg.hostnames.clone();
-                    for n in ["localhost", "127.0.0.1"] {
-                        if !names.iter().any(|x| x == n) {
-                            names.push(n.into());
-                        }
-                    }
-                    let pki = hyco_io::tls::generate_pki(&names)?;
-                    write_file(&dir.join("ca.pem"), pki.ca_cert_pem.as_bytes())?;
-                    write_file(&dir.join("ca-key.pem"), pki.ca_key_pem.as_bytes())?;
-                    write_file(&key, pki.key_pem.as_bytes())?;
-                    write_file(&cert, pki.cert_pem.as_bytes())?;
-                    info!(ca = %dir.join("ca.pem").display(), "generated a CA and a server certificate");
-                }
-                (
-                    hyco_io::tls::server_config_from_files(&cert, &key)?,
-                    Some(dir.join("ca.pem")),
-                )
-            }
-        };
-        let (store, cluster) = match &cfg.cluster {
-            None => (store::Store::open(&dir)?, None),
-            Some(cc) => {
-                let (url, prefix, secret) = (cc.url.clone(), cc.prefix(), cc.secret.clone());
-                let store = tokio::task::spawn_blocking(move || {
-                    store::Store::open_redis(&url, &prefix, secret.as_deref())
-                })
-                .await
-                .map_err(|e| store::StoreError::Db(e.into()))??;
-                let (c, tx) = cluster::Cluster::connect(cc.clone()).await?;
-                (store, Some((c, tx)))
-            }
-        };
+        let (tls_cfg, ca_file) = tls_material(&cfg)?;
+        let (store, cluster) = open_store(&cfg).await?;
         let root = store::Rule {
             name: ROOT_RULE.into(),
             rights: Rights {

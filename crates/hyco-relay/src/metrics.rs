@@ -15,14 +15,14 @@ use prometheus_client::registry::Registry;
 
 /// The one label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Hc {
+pub(crate) struct Hc {
     /// Lower-cased hybrid connection name, or `-`.
-    pub hybrid_connection: String,
+    pub(crate) hybrid_connection: String,
 }
 
 impl Hc {
     /// Label for a hybrid connection key (or `-`).
-    pub fn new(key: Option<&str>) -> Hc {
+    pub(crate) fn new(key: Option<&str>) -> Hc {
         Hc {
             hybrid_connection: key.unwrap_or("-").to_owned(),
         }
@@ -34,11 +34,11 @@ type Gauges = Family<Hc, Gauge<i64, std::sync::atomic::AtomicI64>>;
 
 /// One unit of a gauge (a listener connected, a tunnel open), taken back when dropped: the
 /// gauge says what is, however the task that held it ended.
-pub struct GaugeUnit(Gauge<i64, std::sync::atomic::AtomicI64>);
+pub(crate) struct GaugeUnit(Gauge<i64, std::sync::atomic::AtomicI64>);
 
 impl GaugeUnit {
     /// Adds one to `family`'s series for `label` until the unit is dropped.
-    pub fn hold(family: &Gauges, label: &Hc) -> GaugeUnit {
+    pub(crate) fn hold(family: &Gauges, label: &Hc) -> GaugeUnit {
         let g = family.get_or_create(label).clone();
         g.inc();
         GaugeUnit(g)
@@ -52,32 +52,32 @@ impl Drop for GaugeUnit {
 }
 
 /// The relay's metrics.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Listener control channels opened.
-    pub listener_success: Counters,
+    pub(crate) listener_success: Counters,
     /// Listener control channels refused for the client's fault (4xx).
-    pub listener_client_error: Counters,
+    pub(crate) listener_client_error: Counters,
     /// Listener control channels refused for the relay's fault (5xx).
-    pub listener_server_error: Counters,
+    pub(crate) listener_server_error: Counters,
     /// Sender connections that became tunnels.
-    pub sender_success: Counters,
+    pub(crate) sender_success: Counters,
     /// Sender connections refused with 4xx (auth, no listener, listener reject 4xx).
-    pub sender_client_error: Counters,
+    pub(crate) sender_client_error: Counters,
     /// Sender connections refused with 5xx (timeout, listener gone, endpoint down).
-    pub sender_server_error: Counters,
+    pub(crate) sender_server_error: Counters,
     /// Listeners connected now.
-    pub active_listeners: Gauges,
+    pub(crate) active_listeners: Gauges,
     /// Tunnels open now.
-    pub active_connections: Gauges,
+    pub(crate) active_connections: Gauges,
     /// Listener control channels that ended.
-    pub listener_disconnects: Counters,
+    pub(crate) listener_disconnects: Counters,
     /// Tunnels that ended.
-    pub sender_disconnects: Counters,
+    pub(crate) sender_disconnects: Counters,
     /// Payload bytes through tunnels, both directions, counted as tunnels close.
-    pub bytes_transferred: Counters,
+    pub(crate) bytes_transferred: Counters,
     /// Time from a sender's upgrade request to its tunnel being open.
-    pub connect_latency: Family<Hc, Histogram>,
+    pub(crate) connect_latency: Family<Hc, Histogram>,
     /// Large I/O buffers held now (read from [`hyco_io::bufpool::held`] when encoding).
     buffers_held: Gauge,
 }
@@ -186,18 +186,18 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Adds the cluster counters (`hyco_cluster_*`).
-    pub fn register_cluster(&mut self, stats: &crate::cluster::ClusterStats) {
+    pub(crate) fn register_cluster(&mut self, stats: &crate::cluster::ClusterStats) {
         stats.register(&mut self.registry);
     }
 
     /// Adds the tunnel limit's series (`hyco_tunnels_refused_total`, `hyco_tunnel_limit`,
     /// `hyco_tunnel_limit_reached`).
-    pub fn register_tunnel_gate(&mut self, gate: &hyco_io::tunnels::TunnelGate) {
+    pub(crate) fn register_tunnel_gate(&mut self, gate: &hyco_io::tunnels::TunnelGate) {
         gate.register(&mut self.registry);
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         self.buffers_held
             .set(i64::try_from(hyco_io::bufpool::held()).unwrap_or(i64::MAX));
         let mut out = String::new();
@@ -206,7 +206,7 @@ impl Metrics {
     }
 
     /// Counts a listen or connect answer by its status class.
-    pub fn record_upgrade(&self, listen: bool, hc: &Hc, status: u16) {
+    pub(crate) fn record_upgrade(&self, listen: bool, hc: &Hc, status: u16) {
         let family = match (listen, status) {
             (true, 101) => &self.listener_success,
             (true, 400..=499) => &self.listener_client_error,

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
 
 /// A message for a listener's control channel task.
@@ -81,13 +80,6 @@ pub struct Registration {
     registry: Arc<Registry>,
     hc: String,
     conn_id: u64,
-}
-
-impl Registration {
-    /// The registry key of the hybrid connection.
-    pub fn hc(&self) -> &str {
-        &self.hc
-    }
 }
 
 impl Drop for Registration {
@@ -205,19 +197,6 @@ impl Registry {
     /// Number of listeners of a hybrid connection.
     pub fn count(&self, hc: &str) -> usize {
         self.lock().get(hc).map_or(0, Vec::len)
-    }
-
-    /// Picks one eligible listener at random, skipping the `tried` ones.
-    pub fn pick(
-        &self,
-        hc: &str,
-        allowed: Option<&[String]>,
-        disallowed: &[String],
-        tried: &[u64],
-    ) -> Option<Arc<ListenerEntry>> {
-        self.eligible(hc, allowed, disallowed, tried)
-            .choose(&mut rand::thread_rng())
-            .cloned()
     }
 
     /// The listeners a sender may be joined to, the `tried` ones left out.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// What the listener did with the accept.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// It dialled the address: here is its upgrade and chosen sub-protocol.
     Accepted {
         /// Resolves to the listener's connection once its 101 is written.
@@ -54,12 +54,12 @@ impl Inner {
 
 /// The table of pending rendezvous.
 #[derive(Default)]
-pub struct Rendezvous {
+pub(crate) struct Rendezvous {
     inner: Mutex<Inner>,
 }
 
 /// Removes its entry when dropped.
-pub struct PendingGuard {
+pub(crate) struct PendingGuard {
     table: Arc<Rendezvous>,
     id: String,
 }
@@ -72,14 +72,14 @@ impl Drop for PendingGuard {
 
 /// Why a rendezvous was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub enum TakeError {
+pub(crate) enum TakeError {
     /// Unknown, used or expired id (or one for another hybrid connection).
     Invalid,
 }
 
 /// Too many senders are already waiting.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Busy {
+pub(crate) enum Busy {
     /// Relay-wide cap.
     Relay,
     /// This hybrid connection's cap.
@@ -92,7 +92,7 @@ impl Rendezvous {
     }
 
     /// Adds a pending entry for `hc` under the capability `id`, unless a cap is reached.
-    pub fn insert(
+    pub(crate) fn insert(
         self: &Arc<Self>,
         id: String,
         hc: String,
@@ -123,7 +123,7 @@ impl Rendezvous {
 
     /// Completes the entry `id` with `outcome`, once. An id for another hybrid connection leaves
     /// the entry untouched for the right listener (attacks B4).
-    pub fn complete(&self, id: &str, hc: &str, outcome: Outcome) -> Result<(), TakeError> {
+    pub(crate) fn complete(&self, id: &str, hc: &str, outcome: Outcome) -> Result<(), TakeError> {
         let pending = {
             let mut g = self.lock();
             match g.by_id.get(id) {
@@ -135,15 +135,5 @@ impl Rendezvous {
             Some(p) => p.tx.send(outcome).map_err(|_| TakeError::Invalid),
             None => Err(TakeError::Invalid),
         }
-    }
-
-    /// Number of pending entries.
-    pub fn len(&self) -> usize {
-        self.lock().by_id.len()
-    }
-
-    /// Whether nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

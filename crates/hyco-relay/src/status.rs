@@ -15,7 +15,7 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 /// Publishes a listener event (`NewListenerRegistered`, `ListenerUnregistered`).
-pub fn listener_event(
+pub(crate) fn listener_event(
     shared: &Shared,
     event: &str,
     hc: &str,
@@ -36,12 +36,9 @@ pub fn listener_event(
 }
 
 /// The snapshot: every hybrid connection with its endpoint, listeners, open tunnels and bytes.
-pub fn snapshot(shared: &Shared) -> String {
+pub(crate) fn snapshot(shared: &Shared) -> String {
     let ns = shared.store.snapshot();
-    let tunnels: Vec<_> = crate::service::lock(&shared.tunnels)
-        .values()
-        .cloned()
-        .collect();
+    let tunnels: Vec<_> = crate::lock(&shared.tunnels).values().cloned().collect();
     let mut hcs = Vec::new();
     for (key, hc) in &ns.hcs {
         let label = Hc::new(Some(key));

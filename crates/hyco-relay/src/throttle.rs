@@ -20,7 +20,7 @@ const MAX_TRACKED: usize = 100_000;
 /// The key per-address limits count `ip` under: an IPv4 address (IPv4-mapped IPv6 included)
 /// as itself, an IPv6 address by its first `v6_prefix` bits (the rest zeroed). Whoever holds
 /// a /64 has 2^64 addresses; keyed by the whole address, each would have its own budget.
-pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+pub(crate) fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(a) => IpAddr::V4(a),
         IpAddr::V6(a) => {
@@ -37,7 +37,7 @@ struct Bucket {
 }
 
 /// The throttle. Cheap to consult: one lock, one map lookup.
-pub struct AuthThrottle {
+pub(crate) struct AuthThrottle {
     burst: f64,
     per_sec: f64,
     v6_prefix: u8,
@@ -46,7 +46,7 @@ pub struct AuthThrottle {
 
 impl AuthThrottle {
     /// `burst` failures at once, then `per_sec` per second. `burst == 0` turns it off.
-    pub fn new(burst: u32, per_sec: f64) -> Self {
+    pub(crate) fn new(burst: u32, per_sec: f64) -> Self {
         AuthThrottle {
             burst: f64::from(burst),
             per_sec: per_sec.max(0.001),
@@ -56,7 +56,7 @@ impl AuthThrottle {
     }
 
     /// Counts IPv6 sources by their first `bits` bits (default 64; [`source_key`]).
-    pub fn with_ipv6_prefix(mut self, bits: u8) -> Self {
+    pub(crate) fn with_ipv6_prefix(mut self, bits: u8) -> Self {
         self.v6_prefix = bits.min(128);
         self
     }
@@ -72,7 +72,7 @@ impl AuthThrottle {
     }
 
     /// `Err(retry_after)` when `ip` has used up its failures.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         if self.burst == 0.0 {
             return Ok(());
         }
@@ -95,7 +95,7 @@ impl AuthThrottle {
     }
 
     /// Records one failed authorization from `ip`.
-    pub fn failed(&self, ip: IpAddr) {
+    pub(crate) fn failed(&self, ip: IpAddr) {
         if self.burst == 0.0 {
             return;
         }
@@ -121,7 +121,8 @@ impl AuthThrottle {
     }
 
     /// Addresses tracked now.
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.lock().len()
     }
 }

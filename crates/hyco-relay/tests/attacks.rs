@@ -707,3 +707,60 @@ async fn e6_over_the_memory_budget_new_connections_get_503() {
     let (s, _) = env.admin(http::Method::GET, "/hybridconnections", "").await;
     assert_eq!(s, 200, "the admin API is not cut off");
 }
+
+/// A request addressed to an IPv6 literal (`Host: [::1]:port`) is checked against audiences
+/// for `[::1]` the same way for every kind of request: the Host loses its port as the
+/// audience's host does (`hyco_proto::sas::host_without_port`), brackets kept. Before the one
+/// authorization (issue 18), listen, connect, HTTP mode and the entity read stripped the
+/// brackets too and refused such a token (401), while the admin API took it.
+#[tokio::test]
+async fn an_ipv6_literal_host_is_one_audience_for_every_kind_of_request() {
+    let env = start("v6host", |_| {}).await;
+    let sign = |host: &str, entity: Option<&str>| {
+        hyco_proto::sas::sign(
+            &hyco_proto::sas::resource_uri(host, entity),
+            &env.key_name,
+            &env.key,
+            now() + 600,
+        )
+        .as_str()
+        .to_owned()
+    };
+    let host = format!("[::1]:{}", env.port);
+    let upgrade = |target: &str, token: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             ServiceBusAuthorization: {token}\r\n\r\n"
+        )
+    };
+    let get = |target: &str, token: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\n\r\n")
+    };
+    let listen = "/$hc/hc1?sb-hc-action=listen&sb-hc-id=v6";
+    let entity = "/hc1?api-version=2017-04";
+    let admin = "/$hyco/v1/hybridconnections";
+    let hc1 = sign("[::1]", Some("hc1"));
+    let root = sign("[::1]", None);
+    assert!(status_of(&env, upgrade(listen, &hc1).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 101"));
+    assert!(status_of(&env, get(entity, &hc1).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(status_of(&env, get(admin, &root).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // Another literal is another host.
+    let other = sign("[::2]", Some("hc1"));
+    assert!(status_of(&env, upgrade(listen, &other).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 401"));
+    assert!(status_of(&env, get(entity, &other).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 401"));
+    let other_root = sign("[::2]", None);
+    assert!(status_of(&env, get(admin, &other_root).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 401"));
+}

@@ -511,6 +511,12 @@ async fn entity_read_errors_come_as_azures_xml() {
             Some(root.replace("sig=", "sig=AA")),
             401,
         ),
+        // A query the relay cannot read (a repeated `sb-hc-token`) is refused in XML too.
+        (
+            "/hc1?api-version=2017-04&sb-hc-token=a&sb-hc-token=b".to_owned(),
+            Some(root.clone()),
+            400,
+        ),
     ] {
         let a = get(path.clone(), token).await;
         assert_eq!(a.status, status, "{path}");
