@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod delay;
 mod http_mode;
 mod http_nginx;
 
