@@ -60,6 +60,7 @@ pub struct LinkStats {
 
 impl LinkStats {
     /// The most bytes one direction of one connection held at once.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn held_high_water(&self) -> usize {
         self.held_high.load(Ordering::Relaxed)
     }
