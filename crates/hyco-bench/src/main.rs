@@ -14,6 +14,7 @@
 mod chart;
 mod cluster;
 mod delay;
+mod floor;
 mod http_mode;
 mod http_nginx;
 mod pgbench;

@@ -60,6 +60,9 @@ pub struct WanArgs {
     /// Seconds per pgbench run (default 10; 4 with --quick); 0 skips pgbench.
     #[arg(long)]
     pub pgbench_secs: Option<u64>,
+    /// Seconds per iperf3 run of the bulk floor (default 5; 2 with --quick); 0 skips it.
+    #[arg(long)]
+    pub floor_secs: Option<u64>,
 }
 
 /// Connections per burst.
@@ -75,6 +78,7 @@ struct Plan {
     sequential: usize,
     bursts: usize,
     pg_secs: u64,
+    floor_secs: u64,
 }
 
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -282,7 +286,7 @@ async fn wait_echo(port: u16) -> Result<()> {
 
 /// A relay with its CA and the Listen and Send rules' connection strings.
 struct Relay {
-    _proc: Proc,
+    proc: Proc,
     port: u16,
     ca: PathBuf,
     listen: String,
@@ -307,7 +311,7 @@ impl Relay {
             .to_owned();
         let (listen, send) = provision(hyco, &ca.to_string_lossy(), &root, hcs, ("l", "s")).await?;
         Ok(Relay {
-            _proc: proc,
+            proc,
             port,
             ca,
             listen,
@@ -417,6 +421,7 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         sequential: w.wan_sequential.unwrap_or(if a.quick { 30 } else { 100 }),
         bursts: w.wan_bursts.unwrap_or(if a.quick { 8 } else { 25 }),
         pg_secs: w.pgbench_secs.unwrap_or(if a.quick { 4 } else { 10 }),
+        floor_secs: w.floor_secs.unwrap_or(if a.quick { 2 } else { 5 }),
     };
     let machine_before = machine();
     let link = LinkConfig::with_delay(plan.delay);
@@ -428,6 +433,22 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         None
     };
     let pg_addr: SocketAddr = ([127, 0, 0, 1], pg.as_ref().map_or(9, |p| p.port)).into();
+    let iperf_port = free_port().await?;
+    let _iperf = if plan.floor_secs > 0 {
+        Some(
+            Command::new(&a.iperf3)
+                .args(["-s", "-p", &iperf_port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("iperf3 -s")?,
+        )
+    } else {
+        None
+    };
+    let iperf_addr: SocketAddr = ([127, 0, 0, 1], iperf_port).into();
+    let mut floor = Value::Null;
     let mut wan = serde_json::Map::new();
     let mut pgb = serde_json::Map::new();
 
@@ -454,7 +475,7 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         let relay = Relay::start(
             &a.hyco,
             &scratch.join("wan-relay"),
-            &[("echo", echo), ("pg", pg_addr)],
+            &[("echo", echo), ("pg", pg_addr), ("iperf", iperf_addr)],
         )
         .await?;
         let relay_addr: SocketAddr = ([127, 0, 0, 1], relay.port).into();
@@ -503,6 +524,19 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
                 .await?;
             let (_fwd, port) = relay.forward(&a.hyco, "pg", relay.port).await?;
             pgb.insert("hyco".into(), pgbench_pair(pg, port, plan.pg_secs).await);
+        }
+        if plan.floor_secs > 0 && a.wants("hyco") {
+            eprintln!("wan: bulk floor …");
+            let manager = relay
+                .manager(&a.hyco, &scratch.join("iperf-manager"), "iperf", relay.port)
+                .await?;
+            let (fwd, port) = relay.forward(&a.hyco, "iperf", relay.port).await?;
+            let pids = [
+                ("relay", relay.proc.pid().unwrap_or(0)),
+                ("manager", manager.pid().unwrap_or(0)),
+                ("forward", fwd.pid().unwrap_or(0)),
+            ];
+            floor = bulk_floor(&a.iperf3, iperf_addr, port, &pids, plan.floor_secs).await?;
         }
     }
 
@@ -557,6 +591,7 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         "machine_after": machine(),
         "ttfb": wan,
         "pgbench": pgb,
+        "bulk_floor": floor,
     });
     std::fs::create_dir_all(&a.out)?;
     let json_path = a.out.join("wan.json");
@@ -570,6 +605,67 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         svg_path.display()
     );
     Ok(())
+}
+
+/// hyco's CPU per GB with iperf3 through `hyco_port` (1 and 8 streams), the floor's parts,
+/// and the ratio (see `floor.rs`).
+async fn bulk_floor(
+    iperf3: &Path,
+    iperf: SocketAddr,
+    hyco_port: u16,
+    pids: &[(&'static str, u32)],
+    secs: u64,
+) -> Result<Value> {
+    let seal = tokio::task::spawn_blocking(|| crate::floor::seal_rate(2.0)).await??;
+    // Four AEAD passes per byte, in CPU ms per GB.
+    let aead_ms = 4.0 * 1e9 / seal * 1e3;
+    let (first, _relays) = crate::floor::plain_relays(iperf, 3).await?;
+    let me = [("plain-relays", std::process::id())];
+    let mut out = serde_json::Map::new();
+    out.insert("seal_gb_per_s".into(), json!((seal / 1e7).round() / 100.0));
+    out.insert("aead_ms_per_gb".into(), json!(aead_ms.round()));
+    for streams in [1u32, 8] {
+        let (rbps, relays) = iperf_cpu(iperf3, first.port(), streams, secs, &me).await;
+        let (hbps, hyco) = iperf_cpu(iperf3, hyco_port, streams, secs, pids).await;
+        let floor = relays["total"].as_f64().map(|r| r + aead_ms);
+        let ratio = hyco["total"]
+            .as_f64()
+            .zip(floor)
+            .map(|(h, f)| (h / f * 100.0).round() / 100.0);
+        out.insert(
+            format!("streams_{streams}"),
+            json!({
+                "plain_relays_gbps": rbps / 1e9,
+                "plain_relays_ms_per_gb": relays["total"],
+                "floor_ms_per_gb": floor.map(f64::round),
+                "hyco_gbps": hbps / 1e9,
+                "hyco_ms_per_gb": hyco,
+                "hyco_over_floor": ratio,
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+/// iperf3 through `port` with the CPU per GB of `pids` (as the loopback figures), after a
+/// moment for the iperf3 server to finish its previous test; an error is kept.
+async fn iperf_cpu(
+    iperf3: &Path,
+    port: u16,
+    streams: u32,
+    secs: u64,
+    pids: &[(&'static str, u32)],
+) -> (f64, Value) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (bps, cpu) = crate::iperf_with_cpu(iperf3, port, streams, secs, pids).await;
+    if cpu.is_null() {
+        let why = crate::iperf(iperf3, port, streams, 1)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"));
+        return (bps, json!({ "error": why }));
+    }
+    (bps, cpu)
 }
 
 /// pgbench `-C` and held, through `port`.
@@ -723,6 +819,29 @@ fn print(r: &Value) {
                     println!("  {c}: {e}");
                 }
             }
+        }
+    }
+    let fl = &r["bulk_floor"];
+    if fl.is_object() {
+        println!(
+            "\nBulk CPU per GB (loopback, iperf3): hyco against the floor (3 plain TCP relays + 4 AEAD passes at {} GB/s sealed)",
+            f(&fl["seal_gb_per_s"])
+        );
+        println!(
+            "{:<10} {:>12} {:>12} {:>12} {:>12} {:>8}",
+            "streams", "relays ms/GB", "AEAD ms/GB", "floor ms/GB", "hyco ms/GB", "ratio"
+        );
+        for n in [1, 8] {
+            let v = &fl[format!("streams_{n}")];
+            println!(
+                "{:<10} {:>12} {:>12} {:>12} {:>12} {:>8}",
+                n,
+                f(&v["plain_relays_ms_per_gb"]),
+                f(&fl["aead_ms_per_gb"]),
+                f(&v["floor_ms_per_gb"]),
+                f(&v["hyco_ms_per_gb"]["total"]),
+                f(&v["hyco_over_floor"]),
+            );
         }
     }
     let m = &r["machine_before"];

@@ -1,0 +1,128 @@
+//! The floor of bulk CPU per byte (issue 16, "Bulk"): what the path's design costs at least,
+//! measured in the same run as hyco's figure, so that hyco's CPU per GB is a ratio to it.
+//!
+//! hyco's bulk path is app → forwarder → relay → manager → service: four loopback hops through
+//! three relaying processes, and four AEAD passes (the forwarder seals, the relay opens and
+//! seals, the manager opens). The floor is
+//!
+//! - the three relaying hops as plain TCP relays (256 KiB buffers, in this process): the CPU
+//!   they spend per GB, measured with iperf3 through them; plus
+//! - four AEAD passes per byte at the rate this machine seals 16 KiB TLS 1.3 records with
+//!   rustls's ring provider and AES-256-GCM (its first choice, which hyco's agents and relay
+//!   negotiate); opening is taken to cost what sealing does.
+//!
+//! WebSocket framing and masking, the relay's rendezvous and the scheduling of three processes
+//! (the plain relays share one) are above the floor: they are what the ratio shows.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rustls::crypto::cipher::{AeadKey, Iv, OutboundPlainMessage};
+use rustls::{ContentType, ProtocolVersion};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// The plaintext of one record.
+const RECORD: usize = 16 * 1024;
+
+/// Bytes per second one thread seals in 16 KiB TLS 1.3 records (AES-256-GCM, rustls on ring),
+/// sealing for about `secs`.
+pub fn seal_rate(secs: f64) -> Result<f64> {
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384
+        .tls13()
+        .context("TLS 1.3 suite")?;
+    let mut enc = suite
+        .aead_alg
+        .encrypter(AeadKey::from([7u8; 32]), Iv::new([9u8; 12]));
+    let plain = vec![0x5au8; RECORD];
+    let t0 = tokio::time::Instant::now();
+    let mut sealed = 0u64;
+    let mut seq = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            let msg = OutboundPlainMessage {
+                typ: ContentType::ApplicationData,
+                version: ProtocolVersion::TLSv1_2,
+                payload: plain.as_slice().into(),
+            };
+            let out = enc
+                .encrypt(msg, seq)
+                .map_err(|e| anyhow::anyhow!("seal: {e}"))?;
+            std::hint::black_box(out);
+            seq += 1;
+            sealed += RECORD as u64;
+        }
+    }
+    Ok(sealed as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A chain of `hops` plain TCP relays in this process in front of `target`; the first one's
+/// address. Stops when the returned set is dropped.
+pub async fn plain_relays(target: SocketAddr, hops: usize) -> Result<(SocketAddr, JoinSet<()>)> {
+    let mut set = JoinSet::new();
+    let mut next = target;
+    for _ in 0..hops {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = l.local_addr()?;
+        let upstream = next;
+        set.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((mut down, _)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                while conns.try_join_next().is_some() {}
+                conns.spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = down.set_nodelay(true);
+                    let _ = up.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut down,
+                        &mut up,
+                        256 * 1024,
+                        256 * 1024,
+                    )
+                    .await;
+                });
+            }
+        });
+        next = addr;
+    }
+    Ok((next, set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn seals_some() {
+        let r = seal_rate(0.05).expect("seal");
+        assert!(r > 0.0);
+    }
+
+    #[tokio::test]
+    async fn relays_carry_bytes_both_ways() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let target = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let (first, _relays) = plain_relays(target, 3).await.expect("relays");
+        let mut s = TcpStream::connect(first).await.expect("connect");
+        s.write_all(b"through three").await.expect("write");
+        let mut b = [0u8; 13];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&b, b"through three");
+    }
+}
