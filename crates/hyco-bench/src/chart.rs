@@ -21,10 +21,10 @@ const COLORS: [&str; 6] = [
 ];
 const PANEL_W: f64 = 460.0;
 const PANEL_H: f64 = 300.0;
-const LEFT: f64 = 50.0;
+const LEFT: f64 = 64.0;
 const TOP: f64 = 80.0;
 const BOTTOM: f64 = 50.0;
-const GAP: f64 = 40.0;
+const GAP: f64 = 64.0;
 
 /// Text safe inside an SVG element or attribute.
 fn esc(s: &str) -> String {
@@ -127,6 +127,12 @@ pub fn cdf_svg(
                 y + 4.0
             );
         }
+        let _ = writeln!(
+            s,
+            r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">share of connections</text>"#,
+            x0 - 42.0,
+            y0 + PANEL_H / 2.0
+        );
         // The 99th percentile, dashed.
         let y = py(0.99);
         let _ = writeln!(

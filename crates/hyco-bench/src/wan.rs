@@ -51,7 +51,7 @@ pub struct WanArgs {
     /// (default 500; 200 with --quick).
     #[arg(long)]
     pub wan_spacing_ms: Option<u64>,
-    /// Sequential connections per configuration (default 100; 30 with --quick).
+    /// Sequential connections per configuration (default 150; 30 with --quick).
     #[arg(long)]
     pub wan_sequential: Option<usize>,
     /// Bursts of 8 concurrent new connections per configuration (default 25; 8 with --quick).
@@ -418,7 +418,7 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
     let plan = Plan {
         delay: Duration::from_millis(w.wan_delay_ms),
         spacing: Duration::from_millis(w.wan_spacing_ms.unwrap_or(if a.quick { 200 } else { 500 })),
-        sequential: w.wan_sequential.unwrap_or(if a.quick { 30 } else { 100 }),
+        sequential: w.wan_sequential.unwrap_or(if a.quick { 30 } else { 150 }),
         bursts: w.wan_bursts.unwrap_or(if a.quick { 8 } else { 25 }),
         pg_secs: w.pgbench_secs.unwrap_or(if a.quick { 4 } else { 10 }),
         floor_secs: w.floor_secs.unwrap_or(if a.quick { 2 } else { 5 }),
