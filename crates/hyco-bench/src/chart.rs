@@ -146,9 +146,9 @@ pub fn cdf_svg(
             let x = px(ms);
             let _ = writeln!(
                 s,
-                r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{}" stroke="#d62728" stroke-dasharray="2 3"/><text x="{:.1}" y="{}" fill="#d62728">{}</text>"##,
+                r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{}" stroke="#d62728" stroke-dasharray="2 3"/><text x="{:.1}" y="{}" fill="#d62728" text-anchor="end">{}</text>"##,
                 y0 + PANEL_H,
-                x + 4.0,
+                x - 4.0,
                 y0 + PANEL_H - 6.0,
                 esc(label)
             );
