@@ -5,14 +5,14 @@
 //! three relaying processes, and four AEAD passes (the forwarder seals, the relay opens and
 //! seals, the manager opens). The floor is
 //!
-//! - the three relaying hops as plain TCP relays (256 KiB buffers, in this process): the CPU
-//!   they spend per GB, measured with iperf3 through them; plus
+//! - the three relaying hops as plain TCP relays (256 KiB buffers, on one thread of this
+//!   process): the CPU they spend per GB, measured with iperf3 through them; plus
 //! - four AEAD passes per byte at the rate one core of this machine seals 16 KiB records with
 //!   ring's AES-128-GCM (the suite hyco's TLS puts first); opening is taken to cost what sealing
 //!   does.
 //!
-//! WebSocket framing and masking, the relay's rendezvous and the scheduling of three processes
-//! (the plain relays share one) are above the floor: they are what the ratio shows.
+//! WebSocket framing and masking, TLS records, and the scheduling of three processes (the plain
+//! relays share one thread) are above the floor: they are what the ratio shows.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -56,9 +56,62 @@ pub fn seal_rate(secs: f64) -> Result<f64> {
     Ok(sealed as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// A chain of `hops` plain TCP relays in this process in front of `target`; the first one's
-/// address. Stops when the returned set is dropped.
-pub async fn plain_relays(target: SocketAddr, hops: usize) -> Result<(SocketAddr, JoinSet<()>)> {
+/// A chain of `hops` plain TCP relays in front of `target`, on one thread of their own (a
+/// single-threaded runtime: no worker wakes another, the least CPU a byte can cost to pass
+/// them); the first one's address. They stop when the returned guard is dropped.
+pub async fn plain_relays(target: SocketAddr, hops: usize) -> Result<(SocketAddr, PlainRelays)> {
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<Result<SocketAddr>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = addr_tx.send(Err(e.into()));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            match chain(target, hops).await {
+                Ok((first, set)) => {
+                    let _ = addr_tx.send(Ok(first));
+                    let _ = stop_rx.await;
+                    drop(set);
+                }
+                Err(e) => {
+                    let _ = addr_tx.send(Err(e));
+                }
+            }
+        });
+    });
+    let guard = PlainRelays {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    };
+    let first = addr_rx.await??;
+    Ok((first, guard))
+}
+
+/// Stops the plain relays' thread when dropped.
+pub struct PlainRelays {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PlainRelays {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn chain(target: SocketAddr, hops: usize) -> Result<(SocketAddr, JoinSet<()>)> {
     let mut set = JoinSet::new();
     let mut next = target;
     for _ in 0..hops {
