@@ -824,7 +824,7 @@ fn print(r: &Value) {
     let fl = &r["bulk_floor"];
     if fl.is_object() {
         println!(
-            "\nBulk CPU per GB (loopback, iperf3): hyco against the floor (3 plain TCP relays + 4 AEAD passes at {} GB/s sealed)",
+            "\nBulk CPU per GB (loopback, iperf3): hyco against the floor (3 plain TCP relays + 4 AEAD passes at {} GB sealed per CPU second)",
             f(&fl["seal_gb_per_s"])
         );
         println!(
