@@ -11,9 +11,14 @@
 //! Not a test: nothing here asserts timings. `bench/run` installs the tools and calls this.
 #![forbid(unsafe_code)]
 
+mod chart;
 mod cluster;
+mod delay;
+mod floor;
 mod http_mode;
 mod http_nginx;
+mod pgbench;
+mod wan;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +69,8 @@ struct Args {
     /// Concurrent tunnels (overrides the plan).
     #[arg(long)]
     concurrent: Option<usize>,
+    #[command(flatten)]
+    wan: wan::WanArgs,
 }
 
 impl Args {
@@ -519,6 +526,9 @@ async fn main() -> Result<()> {
     let scratch = a.out.join("scratch");
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)?;
+    if a.wan.wan {
+        return wan::run(&a, &scratch).await;
+    }
 
     // Targets: an echo server, an iperf3 server, a discard server (for library bulk).
     let echo = echo_server().await?;
