@@ -89,7 +89,7 @@ pub fn cdf_svg(
                     .filter(|x| x.is_finite())
                     .collect();
                 v.sort_by(f64::total_cmp);
-                crate::wan::percentile(&v, 0.99)
+                crate::stats::percentile(&v, 0.99)
             })
             .fold(0.0, f64::max)
             * 1.1;

@@ -18,6 +18,7 @@ mod floor;
 mod http_mode;
 mod http_nginx;
 mod pgbench;
+mod stats;
 mod wan;
 
 use std::collections::BTreeMap;

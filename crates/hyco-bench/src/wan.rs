@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use crate::chart::{cdf_svg, Panel, Series};
 use crate::delay::{DelayLink, LinkConfig};
 use crate::pgbench::Postgres;
+use crate::stats::percentile;
 use crate::{
     echo_server, field_port, listening_ports, open_echo, probe_is_echo, provision, spawn, Proc,
     Target,
@@ -79,13 +80,6 @@ struct Plan {
     bursts: usize,
     pg_secs: u64,
     floor_secs: u64,
-}
-
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 /// One new connection: connect, send 100 bytes, wait for the first byte back. Milliseconds.

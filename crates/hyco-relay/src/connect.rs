@@ -19,13 +19,13 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::select::Target;
 use crate::dispatch::{NotOffered, Offers, NO_LISTENER_QUALIFIES};
 use crate::error::{Body, RelayError};
 use crate::metrics::{GaugeUnit, Hc};
 use crate::registry::ControlMsg;
 use crate::rendezvous::{Busy, Outcome, PendingGuard};
 use crate::request::forwarded_headers;
+use crate::select::Target;
 use crate::{ServerTls, Shared, Tunnel, TunnelEntry};
 
 /// Where an authorized connect goes.

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::select::{pick, Target, Tried};
 use crate::error::RelayError;
 use crate::registry::{id_list, ControlMsg, ListenerEntry};
+use crate::select::{pick, Target, Tried};
 use crate::Shared;
 
 /// How many listeners one sender is offered to at most. A listener that leaves (or whose

@@ -32,11 +32,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::select::Target;
 use crate::dispatch::{NotOffered, Offers, Taken, NO_LISTENER_QUALIFIES};
 use crate::error::{Body, RelayError};
 use crate::registry::ControlMsg;
 use crate::request::{forwarded_headers, host_of, strip_port};
+use crate::select::Target;
 use crate::{ServerTls, Shared};
 use hyco_io::prefixed::Prefixed;
 

@@ -36,15 +36,10 @@ struct Pending {
 
 const PENDING: Pending = Pending {
     long_fn_files: &[
-        // issue-18b (cluster.rs and store.rs).
-        "crates/hyco-relay/src/store.rs",
         // issue-18c (hyco-io).
         "crates/hyco-io/src/splice.rs",
     ],
-    cycle_modules: &[
-        // issue-18b: cluster ↔ registry (`DirOp`, listener selection).
-        ("crates/hyco-relay", "cluster"),
-    ],
+    cycle_modules: &[],
 };
 
 const NO_PENDING: Pending = Pending {

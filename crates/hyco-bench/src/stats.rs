@@ -1,0 +1,9 @@
+//! Order statistics the WAN bench and its chart share (a leaf: it uses no other module).
+
+/// The `p` quantile (0 to 1) of `sorted` by the nearest rank, or `None` when it is empty.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
+}
