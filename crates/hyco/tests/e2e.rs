@@ -777,7 +777,8 @@ async fn sdk_http_listener_serves_every_body_size_through_the_relay() {
         "{}",
         &answer[..answer.len().min(200)]
     );
-    assert!(answer.contains("x-target: /web/echo"));
+    // Header names go out as the listener spelled them (issue 17, `header_case`).
+    assert!(answer.contains("X-Target: /web/echo"));
     // 70 006 bytes come back over the rendezvous, so chunked.
     assert!(answer.contains("transfer-encoding: chunked"));
     let mut expected = b"abc".to_vec();
