@@ -182,7 +182,7 @@ async fn b5_a_flood_of_invalid_rendezvous_dials_gets_403_and_costs_nothing() {
                             "wss://localhost:{port}/$hc/svc?sb-hc-action=accept&sb-hc-id=x&sb-hc-rv={rv}"
                         );
                         let status = match c.connect(&url, &[]).await {
-                            Err(hyco_io::ws::handshake::ConnectError::Rejected { status, .. }) => {
+                            Err(hyco_io::ws::ConnectError::Rejected { status, .. }) => {
                                 status.to_string()
                             }
                             Ok(_) => "101".into(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct RelayAddrs {
     /// The endpoint's host, lower case, an IPv6 literal without brackets (as
-    /// [`Target`](super::handshake::Target) holds it).
+    /// [`Target`](super::dial::Target) holds it).
     host: String,
     /// The endpoint's port.
     port: u16,
