@@ -19,19 +19,18 @@ use hyco_testkit::{echo_server, eventually, field};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+/// The RSS of a process that must still run.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
+    let kib = hyco_testkit::rss_kib(pid);
+    assert!(kib > 0, "process {pid} is gone");
+    kib
 }
 
+/// The open descriptors of a process that must still run.
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
+    let n = hyco_testkit::open_fds(pid);
+    assert!(n > 0, "process {pid} is gone");
+    n as usize
 }
 
 /// One tunnel: connect, one byte each way, close. The time it took.
