@@ -25,7 +25,7 @@ use hyco_client::{
     get_entity, ClientOptions, Connector, HybridListener, Incoming, ListenerOptions, ListenerStatus,
 };
 use hyco_io::backoff::Backoff;
-use hyco_io::CancellationToken;
+use hyco_io::{CancellationToken, TaskTracker};
 use hyco_proto::ConnectionString;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -60,6 +60,9 @@ pub struct ManagerConfig {
     pub http: HttpSettings,
     /// The manager's own settings of some hybrid connections, by lower-cased name.
     pub hc_options: HashMap<String, HcOptions>,
+    /// After shutdown, how long open bridges (tunnels and HTTP-mode requests) may finish before
+    /// they are cut (`--drain-grace`, `drain_grace_secs`).
+    pub drain_grace: Duration,
 }
 
 /// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
@@ -81,6 +84,7 @@ impl Default for ManagerConfig {
             max_tunnels: hyco_io::tunnels::max_tunnels(None),
             http: HttpSettings::default(),
             hc_options: HashMap::new(),
+            drain_grace: Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS),
         }
     }
 }
@@ -100,6 +104,7 @@ struct FileConfig {
     allow_endpoints: Vec<String>,
     http_timeout_secs: Option<u64>,
     http_max_body: Option<u64>,
+    drain_grace_secs: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
 }
@@ -170,6 +175,17 @@ impl ManagerConfig {
             cfg.http.timeout = Duration::from_secs(s.max(1));
         }
         cfg.http.max_body = f.http_max_body;
+        if let Some(s) = f.drain_grace_secs {
+            let range = hyco_io::tunnels::DRAIN_GRACE_RANGE;
+            if !range.contains(&s) {
+                return Err(ManagerError::Config(format!(
+                    "drain_grace_secs = {s}: use {} to {} seconds",
+                    range.start(),
+                    range.end()
+                )));
+            }
+            cfg.drain_grace = Duration::from_secs(s);
+        }
         for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
                 .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
@@ -253,6 +269,9 @@ pub(crate) struct Dialing {
     pub(crate) policy: Arc<EndpointPolicy>,
     /// The tunnel limit, shared by every hybrid connection.
     pub(crate) gate: Arc<hyco_io::tunnels::TunnelGate>,
+    /// The bridges (tunnels and HTTP-mode requests) open, of every hybrid connection: the
+    /// manager drains them on shutdown.
+    pub(crate) bridges: TaskTracker,
 }
 
 /// A hybrid connection's own settings and the manager's HTTP-mode settings.
@@ -356,7 +375,7 @@ pub(crate) async fn supervise(
                     // A request in flight holds a rendezvous and an endpoint connection: it
                     // counts against the tunnel limit like a tunnel.
                     let permit = dialing.gate.try_acquire();
-                    tokio::spawn(async move {
+                    dialing.bridges.spawn(async move {
                         let Some(_permit) = permit else {
                             http_bridge::at_tunnel_limit(req, &st).await;
                             return;
@@ -373,7 +392,8 @@ pub(crate) async fn supervise(
         let st = Arc::clone(&st);
         let dialing = dialing.clone();
         let permit = dialing.gate.try_acquire();
-        tokio::spawn(async move {
+        let bridges = dialing.bridges.clone();
+        bridges.spawn(async move {
             let Some(_permit) = permit else {
                 // At the limit: the reserve still has the descriptor this answer needs.
                 let reason = "The manager is at its tunnel limit (--max-tunnels); retry later.";
@@ -504,6 +524,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("#1"), "{e}");
+    }
+
+    #[test]
+    fn config_drain_grace() {
+        assert_eq!(
+            ManagerConfig::default().drain_grace,
+            Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS)
+        );
+        let cfg = ManagerConfig::from_toml("drain_grace_secs = 0\n").unwrap();
+        assert_eq!(cfg.drain_grace, Duration::ZERO);
+        let e = ManagerConfig::from_toml("drain_grace_secs = 86401")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("drain_grace_secs") && e.contains("0 to 86400"),
+            "{e}"
+        );
     }
 
     #[test]

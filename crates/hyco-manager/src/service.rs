@@ -62,7 +62,12 @@ pub struct Manager {
     shutdown: CancellationToken,
     hcs: Mutex<BTreeMap<String, Entry>>,
     state_file: Option<PathBuf>,
+    /// The supervisors, one per hybrid connection.
     tasks: TaskTracker,
+    /// The bridges the supervisors start; they outlive their supervisor until they end or the
+    /// drain grace is over.
+    bridges: TaskTracker,
+    drain_grace: Duration,
 }
 
 /// What `test` found, step by step.
@@ -125,6 +130,8 @@ impl Manager {
             hcs: Mutex::new(BTreeMap::new()),
             state_file,
             tasks: TaskTracker::new(),
+            bridges: TaskTracker::new(),
+            drain_grace: cfg.drain_grace,
         });
         for (i, cs) in cfg.connections.into_iter().enumerate() {
             let options = cs
@@ -245,6 +252,7 @@ impl Manager {
                 timeout: self.dial_timeout,
                 policy: Arc::clone(&self.policy),
                 gate: Arc::clone(&self.gate),
+                bridges: self.bridges.clone(),
             },
             stop,
             st,
@@ -422,11 +430,32 @@ impl Manager {
         })
     }
 
-    /// Waits until the manager has stopped (after `shutdown`).
+    /// Waits until the manager has stopped (after `shutdown`): its supervisors have ended, so
+    /// no new bridge starts, and the open bridges have finished or the drain grace is over.
     pub async fn wait(&self) {
         self.shutdown.cancelled().await;
         self.tasks.close();
         self.tasks.wait().await;
+        self.bridges.close();
+        let open = self.bridges.len();
+        if open == 0 {
+            return;
+        }
+        let grace = self.drain_grace;
+        info!(
+            bridges = open,
+            grace_secs = grace.as_secs(),
+            "draining open bridges"
+        );
+        if tokio::time::timeout(grace, self.bridges.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_secs = grace.as_secs(),
+                "drain grace over; cutting remaining bridges"
+            );
+        }
     }
 
     fn save(&self) -> Result<(), ManagerError> {
