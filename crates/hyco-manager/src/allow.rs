@@ -114,15 +114,23 @@ impl fmt::Display for AllowEntry {
     }
 }
 
-impl std::str::FromStr for AllowEntry {
-    type Err = String;
+/// An allow-list entry that does not parse: the entry and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{}': {why} (expected HOST[:PORT]: *, a host name, *.domain, an address or CIDR block, [IPv6] or [IPv6/len]; PORT a number or FIRST-LAST)", .entry.escape_debug())]
+pub struct AllowEntryError {
+    /// The entry as written.
+    pub entry: String,
+    /// What is wrong.
+    pub why: &'static str,
+}
 
-    fn from_str(entry: &str) -> Result<AllowEntry, String> {
-        let bad = |why: &str| {
-            format!(
-                "'{}': {why} (expected HOST[:PORT]: *, a host name, *.domain, an address or CIDR block, [IPv6] or [IPv6/len]; PORT a number or FIRST-LAST)",
-                entry.escape_debug()
-            )
+impl std::str::FromStr for AllowEntry {
+    type Err = AllowEntryError;
+
+    fn from_str(entry: &str) -> Result<AllowEntry, AllowEntryError> {
+        let bad = |why: &'static str| AllowEntryError {
+            entry: entry.to_owned(),
+            why,
         };
         let e = entry.trim().to_ascii_lowercase();
         if e.is_empty() {
@@ -147,7 +155,7 @@ impl std::str::FromStr for AllowEntry {
                 None => (e.clone(), None),
             }
         };
-        let num = |s: &str| -> Result<u16, String> {
+        let num = |s: &str| -> Result<u16, AllowEntryError> {
             s.parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
@@ -221,7 +229,7 @@ impl EndpointPolicy {
     }
 
     /// Parses the entries.
-    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowEntryError> {
         entries
             .iter()
             .map(|e| e.as_ref().parse())
@@ -377,7 +385,7 @@ mod tests {
             "-:",
             "fd00::/200",
         ] {
-            let e = bad.parse::<AllowEntry>().unwrap_err();
+            let e = bad.parse::<AllowEntry>().unwrap_err().to_string();
             assert!(e.contains("expected HOST[:PORT]"), "{bad}: {e}");
         }
     }

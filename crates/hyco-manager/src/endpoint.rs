@@ -26,29 +26,43 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// An endpoint that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// `unix:` with a relative path (its first 64 characters).
+    #[error("unix:{0}: the socket path must be absolute")]
+    RelativeSocket(String),
+    /// `unix:` with a path too long for a socket address, or with control characters.
+    #[error("unix:{0}: not a usable socket path")]
+    BadSocket(String),
+    /// Not `host:port`.
+    #[error("{0}")]
+    Tcp(#[source] hyco_proto::address::AddressError),
+}
+
 impl FromStr for Endpoint {
-    type Err = String;
+    type Err = EndpointError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if let Some(path) = s.strip_prefix("unix:") {
             let shown: String = path.chars().take(64).collect();
             if !path.starts_with('/') {
-                return Err(format!("unix:{shown}: the socket path must be absolute"));
+                return Err(EndpointError::RelativeSocket(shown));
             }
             if path.len() > 107 || path.bytes().any(|b| b.is_ascii_control()) {
-                return Err(format!("unix:{shown}: not a usable socket path"));
+                return Err(EndpointError::BadSocket(shown));
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         s.parse::<HostPort>()
             .map(Endpoint::Tcp)
-            .map_err(|e| e.to_string())
+            .map_err(EndpointError::Tcp)
     }
 }
 
 impl TryFrom<String> for Endpoint {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = EndpointError;
+    fn try_from(s: String) -> Result<Self, EndpointError> {
         s.parse()
     }
 }

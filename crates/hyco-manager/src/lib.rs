@@ -220,6 +220,20 @@ pub fn start(
     Ok((m.board(), async move { m.wait().await }))
 }
 
+/// Why a hybrid connection's endpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The entity could not be read from the relay.
+    #[error("{0}")]
+    Entity(#[source] hyco_client::ClientError),
+    /// Neither the local settings nor the user metadata name one.
+    #[error("the hybrid connection has no user metadata with an endpoint")]
+    NoEndpoint,
+    /// The user metadata's endpoint does not parse.
+    #[error("{0}")]
+    Metadata(#[source] hyco_proto::entity::EntityError),
+}
+
 /// Reads the entity into `st`: the endpoint (the local one when set, else the user
 /// metadata's), whether HTTP is on (locally or in the metadata), the relay's listener count.
 pub(crate) async fn resolve_into(
@@ -227,8 +241,10 @@ pub(crate) async fn resolve_into(
     local: &HcOptions,
     cs: &ConnectionString,
     connector: &Connector,
-) -> Result<(), String> {
-    let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
+) -> Result<(), ResolveError> {
+    let d = get_entity(cs, connector)
+        .await
+        .map_err(ResolveError::Entity)?;
     st.relay_listeners.store(
         i64::from(d.listener_count),
         std::sync::atomic::Ordering::Relaxed,
@@ -238,11 +254,9 @@ pub(crate) async fn resolve_into(
     st.http.store(http, std::sync::atomic::Ordering::Relaxed);
     let ep = match &local.endpoint {
         Some(e) => e.clone(),
-        None if meta.is_empty() => {
-            return Err("the hybrid connection has no user metadata with an endpoint".into())
-        }
+        None if meta.is_empty() => return Err(ResolveError::NoEndpoint),
         None => Endpoint::Tcp(
-            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?,
+            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(ResolveError::Metadata)?,
         ),
     };
     set_endpoint(st, ep);
