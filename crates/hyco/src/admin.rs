@@ -213,6 +213,10 @@ enum RuleCmd {
     },
 }
 
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
 struct Api {
     base: String,
     auth: String,
@@ -220,6 +224,24 @@ struct Api {
 }
 
 impl Api {
+    /// `GET` a hybrid connection's `listeners` or `connections`, printed as JSON or by `table`.
+    async fn show(
+        &self,
+        name: &str,
+        what: &str,
+        json_out: bool,
+        table: fn(&serde_json::Value),
+    ) -> Result<()> {
+        let path = format!("{}/{what}", hc_path(name)?);
+        let v = self.call(http::Method::GET, &path, None).await?;
+        if json_out {
+            print_json(&v);
+        } else {
+            table(&v);
+        }
+        Ok(())
+    }
+
     async fn call(
         &self,
         method: http::Method,
@@ -284,9 +306,6 @@ pub async fn run(a: AdminArgs) -> Result<()> {
         connector,
     };
     let json_out = a.output == Output::Json;
-    let print_json = |v: &serde_json::Value| {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    };
     match a.cmd {
         AdminCmd::Hc { cmd } => match cmd {
             HcCmd::Create {
@@ -398,32 +417,12 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             HcCmd::Listeners { name } => {
-                let v = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/listeners", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                if json_out {
-                    print_json(&v);
-                } else {
-                    listener_table(&v);
-                }
+                api.show(&name, "listeners", json_out, listener_table)
+                    .await?
             }
             HcCmd::Connections { name } => {
-                let v = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/connections", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                if json_out {
-                    print_json(&v);
-                } else {
-                    connection_table(&v);
-                }
+                api.show(&name, "connections", json_out, connection_table)
+                    .await?
             }
         },
         AdminCmd::Rule { cmd } => match cmd {
