@@ -397,7 +397,12 @@ impl<W: AsyncWrite + Unpin> Direction<'_, W> {
             return Err(DirError::Protocol(FrameError::BadMask));
         };
         if h.opcode.is_control() {
-            return self.control(h, hl, mask, buf, start, end).await;
+            let (p, len) = (*start + hl, h.len as usize);
+            if end - p < len {
+                return Ok(Step::NeedMore);
+            }
+            *start = p + len;
+            return self.control(h.opcode, mask, &mut buf[p..p + len]).await;
         }
         self.start_frame(h, hl, mask, buf, start, end).await?;
         Ok(Step::Again)
@@ -446,33 +451,24 @@ impl<W: AsyncWrite + Unpin> Direction<'_, W> {
         Ok(())
     }
 
-    /// A control frame: a ping owes a pong, a pong is dropped, a Close goes on and ends this
-    /// direction.
+    /// A control frame (`payload` still masked): a ping owes a pong, a pong is dropped, a Close
+    /// goes on and ends this direction.
     async fn control(
         &mut self,
-        h: FrameHeader,
-        hl: usize,
+        op: OpCode,
         mask: [u8; 4],
-        buf: &mut [u8],
-        start: &mut usize,
-        end: usize,
+        payload: &mut [u8],
     ) -> Result<Step, DirError> {
-        let len = h.len as usize;
-        if end - *start < hl + len {
-            return Ok(Step::NeedMore);
-        }
-        let p = *start + hl;
-        apply_mask(&mut buf[p..p + len], mask, 0);
-        *start = p + len;
-        match h.opcode {
-            OpCode::Ping => self.my_pong.set(buf[p..p + len].to_vec()),
+        apply_mask(payload, mask, 0);
+        match op {
+            OpCode::Ping => self.my_pong.set(payload.to_vec()),
             OpCode::Pong => {}
             _ => {
-                let code = parse_close(&buf[p..p + len])
+                let code = parse_close(payload)
                     .map_err(DirError::Protocol)?
                     .map_or(1005, |(c, _)| c);
                 self.close_code.store(u32::from(code), Ordering::Relaxed);
-                let frame = control_frame(OpCode::Close, &buf[p..p + len]);
+                let frame = control_frame(OpCode::Close, payload);
                 write_timed(self.w, &frame, self.cfg.write_timeout).await?;
                 let _ = self.w.flush().await;
                 return Ok(Step::Closed);

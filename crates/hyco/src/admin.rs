@@ -232,14 +232,19 @@ impl Api {
         json_out: bool,
         table: fn(&serde_json::Value),
     ) -> Result<()> {
-        let path = format!("{}/{what}", hc_path(name)?);
-        let v = self.call(http::Method::GET, &path, None).await?;
+        let v = self.hc_get(name, what).await?;
         if json_out {
             print_json(&v);
         } else {
             table(&v);
         }
         Ok(())
+    }
+
+    /// `GET` a hybrid connection's `listeners` or `connections`.
+    async fn hc_get(&self, name: &str, what: &str) -> Result<serde_json::Value> {
+        let path = format!("{}/{what}", hc_path(name)?);
+        self.call(http::Method::GET, &path, None).await
     }
 
     async fn call(
@@ -352,20 +357,8 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             }
             HcCmd::Show { name } => {
                 let hc = api.call(http::Method::GET, &hc_path(&name)?, None).await?;
-                let listeners = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/listeners", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                let connections = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/connections", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
+                let listeners = api.hc_get(&name, "listeners").await?;
+                let connections = api.hc_get(&name, "connections").await?;
                 if json_out {
                     let mut v = hc;
                     v["listeners"] = listeners["value"].clone();
