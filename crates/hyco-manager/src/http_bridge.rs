@@ -576,7 +576,7 @@ fn endpoint_failure(e: &hyper_util::client::legacy::Error, target: &Endpoint) ->
         if let Some(reason) = io.and_then(endpoint::refusal) {
             return Failure {
                 status: REFUSED,
-                reason: reason.to_owned(),
+                reason,
             };
         }
         if let Some(io) = io.filter(|io| io.kind() == io::ErrorKind::TimedOut) {

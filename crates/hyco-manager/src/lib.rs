@@ -123,9 +123,32 @@ struct FileHc {
 /// Why the manager could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
-    /// The configuration file is wrong.
+    /// The configuration is wrong.
     #[error("configuration: {0}")]
     Config(String),
+    /// A setting is wrong; the source says why.
+    #[error("configuration: {what}: {source}")]
+    Invalid {
+        /// The setting (`proxy`, `hybrid_connection #2`, a file, …).
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The configuration file is not TOML of the expected shape.
+    #[error("configuration: {0}")]
+    Toml(#[source] toml::de::Error),
+    /// The state file could not be read or written.
+    #[error("configuration: cannot {action} {}: {source}", .path.display())]
+    StateFile {
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Client set-up failed.
     #[error(transparent)]
     Client(#[from] hyco_client::ClientError),
@@ -137,11 +160,23 @@ pub enum ManagerError {
     NotFound(String),
 }
 
+impl ManagerError {
+    /// [`ManagerError::Invalid`]: `what` is wrong because of `source`.
+    pub fn invalid(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ManagerError {
+        ManagerError::Invalid {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
 impl ManagerConfig {
     /// Parses the TOML configuration file.
     pub fn from_toml(text: &str) -> Result<ManagerConfig, ManagerError> {
-        let f: FileConfig =
-            toml::from_str(text).map_err(|e| ManagerError::Config(e.to_string()))?;
+        let f: FileConfig = toml::from_str(text).map_err(ManagerError::Toml)?;
         let mut cfg = ManagerConfig {
             client: ClientOptions {
                 ca_file: f.ca_file,
@@ -149,7 +184,7 @@ impl ManagerConfig {
                     .proxy
                     .map(|p| p.parse())
                     .transpose()
-                    .map_err(|e| ManagerError::Config(format!("proxy: {e}")))?,
+                    .map_err(|e| ManagerError::invalid("proxy", e))?,
                 no_proxy: hyco_client::NoProxy::parse(f.no_proxy.as_deref().unwrap_or("")),
                 relay_addrs: f.relay_addrs,
                 ..ClientOptions::default()
@@ -158,9 +193,9 @@ impl ManagerConfig {
         };
         cfg.client
             .parsed_relay_addrs()
-            .map_err(|e| ManagerError::Config(format!("relay_addrs: {e}")))?;
+            .map_err(|e| ManagerError::invalid("relay_addrs", e))?;
         cfg.allow_endpoints = EndpointPolicy::parse(&f.allow_endpoints)
-            .map_err(|e| ManagerError::Config(format!("allow_endpoints: {e}")))?;
+            .map_err(|e| ManagerError::invalid("allow_endpoints", e))?;
         if let Some(s) = f.dial_timeout_secs {
             if !DIAL_TIMEOUT_SECS.contains(&s) {
                 return Err(ManagerError::Config(format!(
@@ -188,7 +223,7 @@ impl ManagerConfig {
         }
         for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
-                .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
+                .map_err(|e| ManagerError::invalid(format!("hybrid_connection #{}", i + 1), e))?;
             let options = HcOptions {
                 http: hc.http,
                 endpoint: hc.endpoint,
@@ -458,10 +493,10 @@ async fn bridge(inc: Incoming, target: Endpoint, dialing: &Dialing, st: &HcStatu
         Ok(Err(e)) => match endpoint::refusal(&e) {
             Some(reason) => {
                 // Said once per change of the endpoint's verdict, not per sender.
-                if st.endpoint_refused(reason) {
+                if st.endpoint_refused(&reason) {
                     warn!(role = "listener", hc, endpoint = %target, reason = %reason, "endpoint refused by the allow-list; senders are rejected");
                 }
-                let _ = inc.reject(403, reason).await;
+                let _ = inc.reject(403, &reason).await;
                 return;
             }
             None => (502, format!("Endpoint {target} unreachable: {e}")),

@@ -141,13 +141,13 @@ impl Manager {
                 .cloned()
                 .unwrap_or_default();
             m.add_inner(cs, options, false)
-                .map_err(|e| ManagerError::Config(format!("connection string #{}: {e}", i + 1)))?;
+                .map_err(|e| ManagerError::invalid(format!("connection string #{}", i + 1), e))?;
         }
         if let Some(path) = m.state_file.clone() {
             let mut state = load_state(&path)?;
             for s in state.connection_strings {
                 let cs = ConnectionString::parse(&s).map_err(|e| {
-                    ManagerError::Config(format!("{}: a connection string: {e}", path.display()))
+                    ManagerError::invalid(format!("{}: a connection string", path.display()), e)
                 })?;
                 let options = cs
                     .entity_path
@@ -476,20 +476,26 @@ impl Manager {
                 .collect(),
         };
         drop(g);
-        write_private(path, &serde_json::to_vec_pretty(&state).unwrap_or_default())
-            .map_err(|e| ManagerError::Config(format!("cannot write {}: {e}", path.display())))
+        write_private(path, &serde_json::to_vec_pretty(&state).unwrap_or_default()).map_err(
+            |source| ManagerError::StateFile {
+                action: "write",
+                path: path.to_owned(),
+                source,
+            },
+        )
     }
 }
 
 fn load_state(path: &Path) -> Result<StateFile, ManagerError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| ManagerError::Config(format!("{}: {e}", path.display()))),
+            .map_err(|e| ManagerError::invalid(path.display().to_string(), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(ManagerError::Config(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
+        Err(source) => Err(ManagerError::StateFile {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
