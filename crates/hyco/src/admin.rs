@@ -247,6 +247,12 @@ impl Api {
         self.call(http::Method::GET, &path, None).await
     }
 
+    /// `POST …/listkeys` of a rule: its keys and connection strings.
+    async fn list_keys(&self, rule_path: &str) -> Result<serde_json::Value> {
+        let path = format!("{rule_path}/listkeys");
+        self.call(http::Method::POST, &path, None).await
+    }
+
     async fn call(
         &self,
         method: http::Method,
@@ -460,13 +466,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::Keys { rule } => {
-                let v = api
-                    .call(
-                        http::Method::POST,
-                        &format!("{}/listkeys", rule.path()?),
-                        None,
-                    )
-                    .await?;
+                let v = api.list_keys(&rule.path()?).await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -483,13 +483,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::ConnectionString { rule, key } => {
-                let v = api
-                    .call(
-                        http::Method::POST,
-                        &format!("{}/listkeys", rule.path()?),
-                        None,
-                    )
-                    .await?;
+                let v = api.list_keys(&rule.path()?).await?;
                 println!("{}", connection_string_of(&v, key)?);
             }
             RuleCmd::Regenerate { rule, key } => {
