@@ -93,20 +93,15 @@ http {{
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
-    let mut cmd = Command::new(nginx_bin()?);
-    cmd.args([
-        "-p",
-        &dir.to_string_lossy(),
-        "-c",
-        &conf_path.to_string_lossy(),
-        "-e",
-        &dir.join("error.log").to_string_lossy(),
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .kill_on_drop(true);
-    let child = cmd.spawn().context("starting nginx")?;
+    let (prefix, conf, log) = (
+        dir.to_string_lossy(),
+        conf_path.to_string_lossy(),
+        dir.join("error.log"),
+    );
+    let args = ["-p", &prefix, "-c", &conf, "-e", &log.to_string_lossy()];
+    let opts = hyco_testkit::ProcOptions::long_run("warn");
+    let child = hyco_testkit::Proc::start("nginx", Path::new(nginx_bin()?), &args, &[], opts)
+        .context("starting nginx")?;
     // Ready when it accepts.
     for _ in 0..200 {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {

@@ -33,9 +33,9 @@ use tokio::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 #[derive(Parser)]
 struct Args {
@@ -86,16 +86,18 @@ struct Plan {
     concurrent: usize,
 }
 
-/// A child process killed on drop.
-struct Proc(Child, &'static str);
+/// A child process (the shared harness's), killed on drop, with its name.
+struct Proc(hyco_testkit::Proc, &'static str);
 
 impl Proc {
     fn pid(&self) -> Option<u32> {
-        self.0.id()
+        self.0.pid()
     }
 }
 
-/// Starts a process and waits for an output line containing `ready`; returns it.
+/// Starts a process and waits for an output line containing `ready`; returns it. Its first 20
+/// warnings and errors go to our stderr, so a failed connection in a figure can be traced to
+/// its cause.
 async fn spawn(
     name: &'static str,
     bin: &Path,
@@ -103,65 +105,19 @@ async fn spawn(
     env: &[(&str, &str)],
     ready: &str,
 ) -> Result<(Proc, String)> {
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd.env("HYCO_LOG", "warn,hyco=info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
+    let shown = std::sync::atomic::AtomicUsize::new(0);
+    let warnings = move |l: &str| {
+        if (l.contains(" WARN ") || l.contains(" ERROR "))
+            && shown.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 20
+        {
+            eprintln!("  [{name}] {l}");
+        }
+    };
+    let opts = hyco_testkit::ProcOptions::long_run("warn,hyco=info").tap(warnings);
+    let p = hyco_testkit::Proc::start(name, bin, args, env, opts)
         .with_context(|| format!("cannot start {}", bin.display()))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    for s in [
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(s).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let _ = tx.send(l);
-            }
-        });
-    }
-    let line = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = rx.recv().await {
-            if l.contains(ready) {
-                return Some(l);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-    .with_context(|| format!("{name} did not print {ready:?}"))?;
-    // Later warnings and errors go to our stderr (the first 20), so a failed connection in a
-    // figure can be traced to its cause.
-    tokio::spawn(async move {
-        let mut shown = 0;
-        while let Some(l) = rx.recv().await {
-            if shown < 20 && (l.contains(" WARN ") || l.contains(" ERROR ")) {
-                shown += 1;
-                eprintln!("  [{name}] {l}");
-            }
-        }
-    });
-    Ok((Proc(child, name), line))
+    let line = p.ready(ready, Duration::from_secs(30)).await?;
+    Ok((Proc(p, name), line))
 }
 
 /// Creates hybrid connections (name, endpoint) and a Listen and a Send rule on a relay; returns
@@ -173,51 +129,30 @@ async fn provision(
     hcs: &[(&str, SocketAddr)],
     (listen, send): (&str, &str),
 ) -> Result<(String, String)> {
-    let admin = |args: &[&str]| {
-        let args = args.iter().map(|s| (*s).to_owned()).collect();
-        hyco_admin(hyco.to_owned(), ca.to_owned(), root.to_owned(), args)
+    let admin = hyco_testkit::Admin {
+        bin: hyco.to_owned(),
+        ca: ca.into(),
+        root: root.to_owned(),
+        within: Duration::from_secs(60),
     };
     for (hc, target) in hcs {
-        admin(&["hc", "create", hc, "--endpoint", &target.to_string()]).await?;
+        admin
+            .ok(&["hc", "create", hc, "--endpoint", &target.to_string()])
+            .await?;
     }
-    let l = admin(&["rule", "create", listen, "--rights", "listen"]).await?;
-    let s = admin(&["rule", "create", send, "--rights", "send"]).await?;
-    Ok((l, s))
-}
-
-/// `hyco admin ARGS` against a relay (its CA and root connection string); its output.
-async fn hyco_admin(hyco: PathBuf, ca: String, root: String, args: Vec<String>) -> Result<String> {
-    let out = Command::new(&hyco)
-        .arg("admin")
-        .args(&args)
-        .env("HYCO_CA_FILE", &ca)
-        .env("HYCO_CONNECTION_STRING", &root)
-        .output()
+    let l = admin
+        .ok(&["rule", "create", listen, "--rights", "listen"])
         .await?;
-    if !out.status.success() {
-        bail!(
-            "hyco admin {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let s = admin
+        .ok(&["rule", "create", send, "--rights", "send"])
+        .await?;
+    Ok((l, s))
 }
 
 fn field_port(line: &str, key: &str) -> Result<u16> {
     let start = line.find(&format!("{key}=")).context("field missing")? + key.len() + 1;
     let v = line[start..].split_whitespace().next().unwrap_or("");
     Ok(v.rsplit(':').next().unwrap_or("").parse()?)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 async fn echo_server() -> Result<SocketAddr> {
@@ -310,7 +245,10 @@ async fn sequential(t: &Target, n: usize) -> Result<Value> {
 }
 
 async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Result<Value> {
-    let idle: BTreeMap<_, _> = pids.iter().map(|(k, p)| (*k, rss_kib(*p))).collect();
+    let idle: BTreeMap<_, _> = pids
+        .iter()
+        .map(|(k, p)| (*k, hyco_testkit::rss_kib(*p)))
+        .collect();
     let t0 = Instant::now();
     let mut opened = Vec::with_capacity(n);
     let mut failures = 0usize;
@@ -348,7 +286,10 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
     }
     let open_secs = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let loaded: BTreeMap<_, _> = pids.iter().map(|(k, p)| (*k, rss_kib(*p))).collect();
+    let loaded: BTreeMap<_, _> = pids
+        .iter()
+        .map(|(k, p)| (*k, hyco_testkit::rss_kib(*p)))
+        .collect();
     let per_conn: BTreeMap<_, _> = pids
         .iter()
         .map(|(k, _)| {

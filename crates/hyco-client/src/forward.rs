@@ -21,24 +21,27 @@ pub struct ForwardRule {
     pub cs: ConnectionString,
 }
 
-/// Runs every rule until `shutdown`, then waits up to 10 s for open tunnels. At most the
-/// default tunnel limit for this process's descriptor limit is open at once.
+/// Runs every rule until `shutdown`, then waits up to the default drain grace
+/// ([`hyco_io::tunnels::DRAIN_GRACE_SECS`]) for open tunnels. At most the default tunnel limit
+/// for this process's descriptor limit is open at once.
 pub async fn run_forward(
     rules: Vec<ForwardRule>,
     connector: Connector,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let gate = TunnelGate::new("forwarder", hyco_io::tunnels::max_tunnels(None));
-    run_forward_limited(rules, connector, gate, shutdown).await
+    let grace = Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS);
+    run_forward_limited(rules, connector, gate, grace, shutdown).await
 }
 
-/// [`run_forward`] with the tunnel limit `gate`, shared by every rule: past it, a local
-/// connection is closed at once (the gate logs that once) instead of waiting for descriptors
-/// that are not there.
+/// [`run_forward`] with the tunnel limit `gate`, shared by every rule (past it, a local
+/// connection is closed at once, and the gate logs that once, instead of waiting for
+/// descriptors that are not there), and `grace` for open tunnels after `shutdown`.
 pub async fn run_forward_limited(
     rules: Vec<ForwardRule>,
     connector: Connector,
     gate: Arc<TunnelGate>,
+    grace: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let tracker = TaskTracker::new();
@@ -53,11 +56,11 @@ pub async fn run_forward_limited(
     }
     shutdown.cancelled().await;
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!("tunnels still open after 10 s; exiting");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            grace_secs = grace.as_secs(),
+            "drain grace over; cutting remaining tunnels"
+        );
     }
     Ok(())
 }

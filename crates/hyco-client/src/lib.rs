@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hyco_io::ws::handshake::ClientTls;
+use hyco_io::tls::ClientTls;
 use hyco_io::ws::{ConnectError, WsStream};
 use hyco_proto::entity::EntityDescription;
 use hyco_proto::{ConnectionString, ConnectionStringAuth};
@@ -56,9 +56,9 @@ pub enum ClientError {
     /// The hybrid connection does not exist.
     #[error("hybrid connection not found: {0}")]
     NotFound(String),
-    /// Network, TLS or handshake failure.
+    /// Network, TLS or handshake failure (the connector's error is the source).
     #[error("{0}")]
-    Connect(ConnectError),
+    Connect(#[source] ConnectError),
     /// An HTTP-mode exchange failed (rendezvous, framing, body limit).
     #[error("http mode: {0}")]
     Http(String),
@@ -366,6 +366,36 @@ pub async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed connect says why, and keeps the cause: the connector's error, and below it the
+    /// socket's.
+    #[tokio::test]
+    async fn a_connect_error_keeps_its_source() {
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cs = ConnectionString::parse(&format!(
+            "Endpoint=sb://127.0.0.1:{dead}/;SharedAccessKeyName=s;SharedAccessKey=a2V5;EntityPath=hc"
+        ))
+        .unwrap();
+        let connector = ClientOptions::default().connector().unwrap();
+        let e = connect_with(&cs, &connector, &ConnectOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Connect(_)), "{e}");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(
+            source.downcast_ref::<ConnectError>().is_some(),
+            "{source:?}"
+        );
+        let io = source
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the socket's error below it");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(e.to_string(), source.to_string(), "the wording stays");
+    }
 
     #[test]
     fn relay_addrs_are_checked_and_applied_to_the_endpoint() {

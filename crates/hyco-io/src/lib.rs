@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! * [`ws`]: WebSocket frames ([`ws::frame`]), one endpoint as a byte stream or message channel
-//!   ([`ws::WsStream`]), and the opening handshake on hyper ([`ws::handshake`]).
+//!   ([`ws::WsStream`]), the server's upgrade checks ([`ws::handshake`]), the client's dialer
+//!   (TCP, proxy, TLS, warm pool, upgrade: [`ws::dial`]) and plain HTTPS requests over it
+//!   ([`ws::https`]).
 //! * [`splice`]: the relay's frame-level join of two WebSocket connections.
 //! * [`copy`]: both-ways byte copy for the client ends of a tunnel.
 //! * [`listener`]: listening sockets with a backlog sized for bursts.
@@ -31,13 +33,16 @@ pub mod tunnels;
 
 /// WebSocket framing, endpoints and handshakes.
 pub mod ws {
+    pub mod dial;
     pub mod frame;
     pub mod handshake;
+    pub mod https;
     pub mod relay_addrs;
     pub mod stream;
     pub mod warm;
 
-    pub use handshake::{ConnectError, Connected, Connector, HttpAnswer};
+    pub use dial::{ConnectError, Connected, Connector};
+    pub use https::HttpAnswer;
     pub use relay_addrs::{AddrFailure, RelayAddrs};
     pub use stream::{Message, Part, Role, WsConfig, WsError, WsStream};
 }

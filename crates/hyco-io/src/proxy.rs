@@ -1,9 +1,10 @@
 //! Outbound HTTP proxies: the proxy URL, the `NO_PROXY` rules, and the `CONNECT` tunnel.
 //!
-//! [`crate::ws::Connector`] dials through a [`Proxy`] when it has one and the relay's host is
-//! not excluded by its [`NoProxy`] list: a TCP connection to the proxy, `CONNECT host:port`,
-//! and once the proxy answers 2xx, TLS to the relay *inside* the tunnel (relay name for SNI and
-//! verification, exactly as without a proxy). The proxy only ever sees the relay's `host:port`.
+//! The WebSocket connector (`ws::Connector`) dials through a [`Proxy`] when it has one and the
+//! relay's host is not excluded by its [`NoProxy`] list: a TCP connection to the proxy,
+//! `CONNECT host:port`, and once the proxy answers 2xx, TLS to the relay *inside* the tunnel
+//! (relay name for SNI and verification, exactly as without a proxy). The proxy only ever sees
+//! the relay's `host:port`.
 //!
 //! Only `http://` proxy URLs are supported: the tunnel's content is TLS already, so TLS to the
 //! proxy itself (an `https://` proxy URL) is refused with an error saying so.

@@ -272,6 +272,29 @@ struct Streaming {
     fin: bool,
 }
 
+/// What one look at the read buffer did.
+enum Step {
+    /// Bytes were forwarded or state changed: look again.
+    Again,
+    /// Nothing more is complete in the buffer: read.
+    NeedMore,
+    /// The peer's Close went on: this direction is done.
+    Closed,
+}
+
+/// One direction's writing half and state between reads.
+struct Direction<'a, W> {
+    w: &'a mut W,
+    cfg: SpliceConfig,
+    /// Pongs owed to the reading side's peer (written by the other direction).
+    my_pong: &'a PongSlot,
+    count: &'a AtomicU64,
+    close_code: &'a AtomicU32,
+    /// The data frame being streamed, if any.
+    cur: Option<Streaming>,
+    in_message: bool,
+}
+
 /// One direction: frames read from `r` (a client, so masked) are written unmasked to `w`.
 /// `my_pong` collects pongs owed to `r`'s peer (written by the other direction); `their_pong`
 /// holds pongs owed to `w`'s peer, which this direction writes between frames.
@@ -290,119 +313,23 @@ where
     // Held only while bytes move (see `bufpool::ReadBuffer`).
     let mut big = bufpool::ReadBuffer::new(cfg.buffer.max(1024));
     let (mut start, mut end) = (0usize, 0usize);
-    // The data frame being streamed, if any.
-    let mut cur: Option<Streaming> = None;
-    let mut in_message = false;
+    let mut d = Direction {
+        w,
+        cfg,
+        my_pong,
+        count,
+        close_code,
+        cur: None,
+        in_message: false,
+    };
     loop {
         // Forward everything that is complete in the buffer.
         while let Some(buf) = big.get_mut() {
-            if let Some(c) = cur.as_mut() {
-                if c.left == 0 {
-                    cur = None;
-                    continue;
-                }
-                if start == end {
-                    break;
-                }
-                // The next piece of a frame larger than MAX_FRAME starts with a continuation
-                // header of its own. It goes in front of the payload in the buffer, over bytes
-                // already written, when there is room (a piece rarely starts a read); else it
-                // is written alone.
-                let mut from = start;
-                if c.piece_left == 0 {
-                    let out = FrameHeader {
-                        fin: c.fin && c.left <= MAX_FRAME,
-                        opcode: OpCode::Continuation,
-                        mask: None,
-                        len: c.left.min(MAX_FRAME),
-                    };
-                    let hn = out.encoded_len();
-                    if start >= hn {
-                        from = start - hn;
-                        out.encode(&mut buf[from..start]);
-                    } else {
-                        let mut head = [0u8; 14];
-                        out.encode(&mut head);
-                        write_timed(w, &head[..hn], cfg.write_timeout).await?;
-                    }
-                    c.piece_left = out.len;
-                }
-                let n = (end - start).min(c.piece_left as usize);
-                apply_mask(&mut buf[start..start + n], c.mask, c.off);
-                write_timed(w, &buf[from..start + n], cfg.write_timeout).await?;
-                count.fetch_add(n as u64, Ordering::Relaxed);
-                start += n;
-                c.left -= n as u64;
-                c.piece_left -= n as u64;
-                c.off += n;
-                continue;
+            match d.step(buf, &mut start, end).await? {
+                Step::Again => {}
+                Step::NeedMore => break,
+                Step::Closed => return Ok(()),
             }
-            let (h, hl) = match FrameHeader::parse(&buf[start..end]) {
-                Err(e) => return Err(DirError::Protocol(e)),
-                Ok(None) => break,
-                Ok(Some(x)) => x,
-            };
-            let Some(mask) = h.mask else {
-                return Err(DirError::Protocol(FrameError::BadMask));
-            };
-            if h.opcode.is_control() {
-                let len = h.len as usize;
-                if end - start < hl + len {
-                    break;
-                }
-                let p = start + hl;
-                apply_mask(&mut buf[p..p + len], mask, 0);
-                start = p + len;
-                match h.opcode {
-                    OpCode::Ping => my_pong.set(buf[p..p + len].to_vec()),
-                    OpCode::Pong => {}
-                    _ => {
-                        let code = parse_close(&buf[p..p + len])
-                            .map_err(DirError::Protocol)?
-                            .map_or(1005, |(c, _)| c);
-                        close_code.store(u32::from(code), Ordering::Relaxed);
-                        let frame = control_frame(OpCode::Close, &buf[p..p + len]);
-                        write_timed(w, &frame, cfg.write_timeout).await?;
-                        let _ = w.flush().await;
-                        return Ok(());
-                    }
-                }
-                continue;
-            }
-            let ordered = match h.opcode {
-                OpCode::Continuation => in_message,
-                _ => !in_message,
-            };
-            if !ordered {
-                return Err(DirError::Protocol(FrameError::BadFragmentation));
-            }
-            in_message = !h.fin;
-            // Rewrite the header unmasked into the tail of the masked one (it is at least 4
-            // bytes shorter, also when a frame is cut to MAX_FRAME), then send it with whatever
-            // payload is already here, in one write.
-            let piece = h.len.min(MAX_FRAME);
-            let out = FrameHeader {
-                mask: None,
-                fin: h.fin && h.len <= MAX_FRAME,
-                len: piece,
-                ..h
-            };
-            let ol = out.encoded_len();
-            let hs = start + hl - ol;
-            out.encode(&mut buf[hs..start + hl]);
-            let n = (end - start - hl).min(piece as usize);
-            let p = start + hl;
-            apply_mask(&mut buf[p..p + n], mask, 0);
-            write_timed(w, &buf[hs..p + n], cfg.write_timeout).await?;
-            count.fetch_add(n as u64, Ordering::Relaxed);
-            start = p + n;
-            cur = Some(Streaming {
-                mask,
-                left: h.len - n as u64,
-                off: n,
-                piece_left: piece - n as u64,
-                fin: h.fin,
-            });
         }
         // Keep a partial header at the front, then read more.
         if start == end {
@@ -418,17 +345,17 @@ where
         // Everything complete is written; push it out before waiting for more. A TLS stream
         // may hold written bytes until it is flushed, and the peer may be waiting for exactly
         // those (found by the conformance run: echoes stalled until the next frame came).
-        match tokio::time::timeout(cfg.write_timeout, w.flush()).await {
+        match tokio::time::timeout(cfg.write_timeout, d.w.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(DirError::Write(e)),
             Err(_) => return Err(DirError::Stalled),
         }
-        let at_boundary = cur.is_none();
+        let at_boundary = d.cur.is_none();
         let n = tokio::select! {
             biased;
             _ = their_pong.notify.notified(), if at_boundary => {
                 if let Some(p) = their_pong.take() {
-                    write_timed(w, &control_frame(OpCode::Pong, &p), cfg.write_timeout).await?;
+                    write_timed(d.w, &control_frame(OpCode::Pong, &p), cfg.write_timeout).await?;
                 }
                 continue;
             }
@@ -438,6 +365,163 @@ where
             return Err(DirError::Eof);
         }
         end += n;
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Direction<'_, W> {
+    /// Forwards what is complete in `buf[*start..end]` of the current frame, or of the next
+    /// one; moves `start` past what it consumed.
+    async fn step(
+        &mut self,
+        buf: &mut [u8],
+        start: &mut usize,
+        end: usize,
+    ) -> Result<Step, DirError> {
+        if let Some(c) = self.cur.as_ref() {
+            if c.left == 0 {
+                self.cur = None;
+                return Ok(Step::Again);
+            }
+            if *start == end {
+                return Ok(Step::NeedMore);
+            }
+            self.stream_on(buf, start, end).await?;
+            return Ok(Step::Again);
+        }
+        let (h, hl) = match FrameHeader::parse(&buf[*start..end]) {
+            Err(e) => return Err(DirError::Protocol(e)),
+            Ok(None) => return Ok(Step::NeedMore),
+            Ok(Some(x)) => x,
+        };
+        let Some(mask) = h.mask else {
+            return Err(DirError::Protocol(FrameError::BadMask));
+        };
+        if h.opcode.is_control() {
+            let (p, len) = (*start + hl, h.len as usize);
+            if end - p < len {
+                return Ok(Step::NeedMore);
+            }
+            *start = p + len;
+            return self.control(h.opcode, mask, &mut buf[p..p + len]).await;
+        }
+        self.start_frame(h, hl, mask, buf, start, end).await?;
+        Ok(Step::Again)
+    }
+
+    /// More payload of the data frame being streamed (`self.cur`).
+    async fn stream_on(
+        &mut self,
+        buf: &mut [u8],
+        start: &mut usize,
+        end: usize,
+    ) -> Result<(), DirError> {
+        let Some(c) = self.cur.as_mut() else {
+            return Ok(());
+        };
+        // The next piece of a frame larger than MAX_FRAME starts with a continuation header of
+        // its own. It goes in front of the payload in the buffer, over bytes already written,
+        // when there is room (a piece rarely starts a read); else it is written alone.
+        let mut from = *start;
+        if c.piece_left == 0 {
+            let out = FrameHeader {
+                fin: c.fin && c.left <= MAX_FRAME,
+                opcode: OpCode::Continuation,
+                mask: None,
+                len: c.left.min(MAX_FRAME),
+            };
+            let hn = out.encoded_len();
+            if *start >= hn {
+                from = *start - hn;
+                out.encode(&mut buf[from..*start]);
+            } else {
+                let mut head = [0u8; 14];
+                out.encode(&mut head);
+                write_timed(self.w, &head[..hn], self.cfg.write_timeout).await?;
+            }
+            c.piece_left = out.len;
+        }
+        let n = (end - *start).min(c.piece_left as usize);
+        apply_mask(&mut buf[*start..*start + n], c.mask, c.off);
+        write_timed(self.w, &buf[from..*start + n], self.cfg.write_timeout).await?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        *start += n;
+        c.left -= n as u64;
+        c.piece_left -= n as u64;
+        c.off += n;
+        Ok(())
+    }
+
+    /// A control frame (`payload` still masked): a ping owes a pong, a pong is dropped, a Close
+    /// goes on and ends this direction.
+    async fn control(
+        &mut self,
+        op: OpCode,
+        mask: [u8; 4],
+        payload: &mut [u8],
+    ) -> Result<Step, DirError> {
+        apply_mask(payload, mask, 0);
+        match op {
+            OpCode::Ping => self.my_pong.set(payload.to_vec()),
+            OpCode::Pong => {}
+            _ => {
+                let code = parse_close(payload)
+                    .map_err(DirError::Protocol)?
+                    .map_or(1005, |(c, _)| c);
+                self.close_code.store(u32::from(code), Ordering::Relaxed);
+                let frame = control_frame(OpCode::Close, payload);
+                write_timed(self.w, &frame, self.cfg.write_timeout).await?;
+                let _ = self.w.flush().await;
+                return Ok(Step::Closed);
+            }
+        }
+        Ok(Step::Again)
+    }
+
+    /// The start of a data frame: its header and whatever payload is already here.
+    async fn start_frame(
+        &mut self,
+        h: FrameHeader,
+        hl: usize,
+        mask: [u8; 4],
+        buf: &mut [u8],
+        start: &mut usize,
+        end: usize,
+    ) -> Result<(), DirError> {
+        let ordered = match h.opcode {
+            OpCode::Continuation => self.in_message,
+            _ => !self.in_message,
+        };
+        if !ordered {
+            return Err(DirError::Protocol(FrameError::BadFragmentation));
+        }
+        self.in_message = !h.fin;
+        // Rewrite the header unmasked into the tail of the masked one (it is at least 4 bytes
+        // shorter, also when a frame is cut to MAX_FRAME), then send it with whatever payload
+        // is already here, in one write.
+        let piece = h.len.min(MAX_FRAME);
+        let out = FrameHeader {
+            mask: None,
+            fin: h.fin && h.len <= MAX_FRAME,
+            len: piece,
+            ..h
+        };
+        let ol = out.encoded_len();
+        let hs = *start + hl - ol;
+        out.encode(&mut buf[hs..*start + hl]);
+        let n = (end - *start - hl).min(piece as usize);
+        let p = *start + hl;
+        apply_mask(&mut buf[p..p + n], mask, 0);
+        write_timed(self.w, &buf[hs..p + n], self.cfg.write_timeout).await?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        *start = p + n;
+        self.cur = Some(Streaming {
+            mask,
+            left: h.len - n as u64,
+            off: n,
+            piece_left: piece - n as u64,
+            fin: h.fin,
+        });
+        Ok(())
     }
 }
 

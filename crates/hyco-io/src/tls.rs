@@ -11,6 +11,9 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+/// A client's TLS connection to a relay (what the WebSocket connector dials and upgrades).
+pub type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

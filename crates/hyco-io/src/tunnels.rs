@@ -22,6 +22,13 @@ use prometheus_client::registry::Registry;
 
 use tracing::{info, warn};
 
+/// Seconds open tunnels may run on after SIGTERM before they are cut (`--drain-grace`): the
+/// relay, the manager and the forwarder share this default.
+pub const DRAIN_GRACE_SECS: u64 = 30;
+
+/// The range `--drain-grace` (and the manager's `drain_grace_secs`) accepts: up to a day.
+pub const DRAIN_GRACE_RANGE: std::ops::RangeInclusive<u64> = 0..=86_400;
+
 /// Descriptors kept out of the tunnels' share for `nofile` (see the module doc).
 pub fn reserve(nofile: u64) -> u64 {
     (nofile / 4).min(200)

@@ -114,15 +114,23 @@ impl fmt::Display for AllowEntry {
     }
 }
 
-impl std::str::FromStr for AllowEntry {
-    type Err = String;
+/// An allow-list entry that does not parse: the entry and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{}': {why} (expected HOST[:PORT]: *, a host name, *.domain, an address or CIDR block, [IPv6] or [IPv6/len]; PORT a number or FIRST-LAST)", .entry.escape_debug())]
+pub struct AllowEntryError {
+    /// The entry as written.
+    pub entry: String,
+    /// What is wrong.
+    pub why: &'static str,
+}
 
-    fn from_str(entry: &str) -> Result<AllowEntry, String> {
-        let bad = |why: &str| {
-            format!(
-                "'{}': {why} (expected HOST[:PORT]: *, a host name, *.domain, an address or CIDR block, [IPv6] or [IPv6/len]; PORT a number or FIRST-LAST)",
-                entry.escape_debug()
-            )
+impl std::str::FromStr for AllowEntry {
+    type Err = AllowEntryError;
+
+    fn from_str(entry: &str) -> Result<AllowEntry, AllowEntryError> {
+        let bad = |why: &'static str| AllowEntryError {
+            entry: entry.to_owned(),
+            why,
         };
         let e = entry.trim().to_ascii_lowercase();
         if e.is_empty() {
@@ -147,7 +155,7 @@ impl std::str::FromStr for AllowEntry {
                 None => (e.clone(), None),
             }
         };
-        let num = |s: &str| -> Result<u16, String> {
+        let num = |s: &str| -> Result<u16, AllowEntryError> {
             s.parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
@@ -208,6 +216,47 @@ impl std::str::FromStr for AllowEntry {
     }
 }
 
+/// Why the allow-list refuses an endpoint: said to the sender (403) and in the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The name is a cloud metadata service's.
+    #[error("Endpoint {endpoint} is a cloud metadata service, which this manager never dials.")]
+    MetadataName {
+        /// `host:port` as given.
+        endpoint: String,
+    },
+    /// An address the endpoint is (or resolves to) is refused unless an entry names it.
+    #[error(
+        "Endpoint {endpoint} {}; this manager dials it only when --allow-endpoint names it ({ip}/{}).",
+        if *.literal { format!("is {what}") } else { format!("resolves to {ip}, {what}") },
+        if .ip.is_ipv4() { 32 } else { 128 }
+    )]
+    Forbidden {
+        /// `host:port` as given.
+        endpoint: String,
+        /// The refused address.
+        ip: IpAddr,
+        /// What kind of address it is (link-local, cloud metadata, …).
+        what: &'static str,
+        /// The endpoint is that address (not a name resolving to it).
+        literal: bool,
+    },
+    /// The name resolves to nothing.
+    #[error("Endpoint {endpoint} resolves to no address.")]
+    NoAddress {
+        /// `host:port` as given.
+        endpoint: String,
+    },
+    /// No entry names it.
+    #[error(
+        "Endpoint {endpoint} is not in this manager's allow-list (--allow-endpoint, allow_endpoints)."
+    )]
+    NotListed {
+        /// `host:port` as given.
+        endpoint: String,
+    },
+}
+
 /// The manager's allow-list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
@@ -221,7 +270,7 @@ impl EndpointPolicy {
     }
 
     /// Parses the entries.
-    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowEntryError> {
         entries
             .iter()
             .map(|e| e.as_ref().parse())
@@ -246,7 +295,7 @@ impl EndpointPolicy {
         host: &str,
         port: u16,
         addrs: &[SocketAddr],
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Vec<SocketAddr>, Refusal> {
         let name = host.trim_end_matches('.').to_ascii_lowercase();
         let shown = if host.contains(':') {
             format!("[{host}]:{port}")
@@ -254,9 +303,7 @@ impl EndpointPolicy {
             format!("{host}:{port}")
         };
         if METADATA_NAMES.contains(&name.as_str()) {
-            return Err(format!(
-                "Endpoint {shown} is a cloud metadata service, which this manager never dials."
-            ));
+            return Err(Refusal::MetadataName { endpoint: shown });
         }
         let is_literal = name.parse::<IpAddr>().is_ok();
         let by_name = self.entries.is_empty()
@@ -300,21 +347,14 @@ impl EndpointPolicy {
             return Ok(ok);
         }
         Err(match forbidden {
-            Some((ip, what)) => {
-                let block = if ip.is_ipv4() { 32 } else { 128 };
-                let is = if is_literal {
-                    format!("is {what}")
-                } else {
-                    format!("resolves to {ip}, {what}")
-                };
-                format!(
-                    "Endpoint {shown} {is}; this manager dials it only when --allow-endpoint names it ({ip}/{block})."
-                )
-            }
-            None if addrs.is_empty() => format!("Endpoint {shown} resolves to no address."),
-            None => format!(
-                "Endpoint {shown} is not in this manager's allow-list (--allow-endpoint, allow_endpoints)."
-            ),
+            Some((ip, what)) => Refusal::Forbidden {
+                endpoint: shown,
+                ip,
+                what,
+                literal: is_literal,
+            },
+            None if addrs.is_empty() => Refusal::NoAddress { endpoint: shown },
+            None => Refusal::NotListed { endpoint: shown },
         })
     }
 }
@@ -377,7 +417,7 @@ mod tests {
             "-:",
             "fd00::/200",
         ] {
-            let e = bad.parse::<AllowEntry>().unwrap_err();
+            let e = bad.parse::<AllowEntry>().unwrap_err().to_string();
             assert!(e.contains("expected HOST[:PORT]"), "{bad}: {e}");
         }
     }
@@ -397,7 +437,7 @@ mod tests {
             ("::ffff:169.254.169.254", "[::ffff:169.254.169.254]:80"),
             ("100.100.100.200", "100.100.100.200:80"),
         ] {
-            let e = p.permitted(host, 80, &[sa(addr)]).unwrap_err();
+            let e = p.permitted(host, 80, &[sa(addr)]).unwrap_err().to_string();
             assert!(
                 e.contains("link-local") || e.contains("metadata"),
                 "{host}: {e}"
@@ -407,7 +447,8 @@ mod tests {
         // the other address of the name is kept.
         let e = p
             .permitted("innocent.example", 80, &[sa("169.254.169.254:80")])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "Endpoint innocent.example:80 resolves to 169.254.169.254, a cloud metadata address; this manager dials it only when --allow-endpoint names it (169.254.169.254/32)."
@@ -422,7 +463,8 @@ mod tests {
         );
         let e = p
             .permitted("Metadata.Google.Internal.", 80, &[sa("10.0.0.1:80")])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cloud metadata service"), "{e}");
     }
 
@@ -453,12 +495,14 @@ mod tests {
         assert!(!ok("fd00::1", 444, "[fd00::1]:444"));
         let e = p
             .permitted("192.0.2.1", 80, &[sa("192.0.2.1:80")])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not in this manager's allow-list"), "{e}");
         // A listed name still may not resolve to a metadata address…
         let e = p
             .permitted("db.corp", 5432, &[sa("169.254.169.254:5432")])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("metadata"), "{e}");
         // …and `*` does not open link-local either; an address entry does.
         let any = policy(&["*"]);

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use hyco_proto::address::HostPort;
 use serde::{Deserialize, Serialize};
 
-use crate::allow::EndpointPolicy;
+use crate::allow::{EndpointPolicy, Refusal};
 
 /// A hybrid connection's endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,29 +26,43 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// An endpoint that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// `unix:` with a relative path (its first 64 characters).
+    #[error("unix:{0}: the socket path must be absolute")]
+    RelativeSocket(String),
+    /// `unix:` with a path too long for a socket address, or with control characters.
+    #[error("unix:{0}: not a usable socket path")]
+    BadSocket(String),
+    /// Not `host:port`.
+    #[error("{0}")]
+    Tcp(#[source] hyco_proto::address::AddressError),
+}
+
 impl FromStr for Endpoint {
-    type Err = String;
+    type Err = EndpointError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if let Some(path) = s.strip_prefix("unix:") {
             let shown: String = path.chars().take(64).collect();
             if !path.starts_with('/') {
-                return Err(format!("unix:{shown}: the socket path must be absolute"));
+                return Err(EndpointError::RelativeSocket(shown));
             }
             if path.len() > 107 || path.bytes().any(|b| b.is_ascii_control()) {
-                return Err(format!("unix:{shown}: not a usable socket path"));
+                return Err(EndpointError::BadSocket(shown));
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         s.parse::<HostPort>()
             .map(Endpoint::Tcp)
-            .map_err(|e| e.to_string())
+            .map_err(EndpointError::Tcp)
     }
 }
 
 impl TryFrom<String> for Endpoint {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = EndpointError;
+    fn try_from(s: String) -> Result<Self, EndpointError> {
         s.parse()
     }
 }
@@ -68,25 +82,13 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Why a TCP endpoint was not dialled: the allow-list refused every address it resolves to.
-/// Carried inside an [`std::io::Error`] (kind `PermissionDenied`) so that the HTTP bridge's
-/// connector, which must return one, reports it too; [`refusal`] finds it again.
-#[derive(Debug)]
-pub(crate) struct Refused(pub(crate) String);
-
-impl fmt::Display for Refused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// The allow-list's reason when `e` is its refusal (for a 403), else `None`.
-pub(crate) fn refusal(e: &std::io::Error) -> Option<&str> {
+/// The allow-list's reason when `e` is its refusal (for a 403), else `None`. A refusal travels
+/// inside an [`std::io::Error`] (kind `PermissionDenied`) so that the HTTP bridge's connector,
+/// which must return one, reports it too.
+pub(crate) fn refusal(e: &std::io::Error) -> Option<String> {
     e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<Refused>())
-        .map(|r| r.0.as_str())
+        .and_then(|inner| inner.downcast_ref::<Refusal>())
+        .map(ToString::to_string)
 }
 
 /// Connects to a TCP endpoint the way every dial of the manager does (tunnels and HTTP mode
@@ -101,9 +103,7 @@ pub(crate) async fn dial_tcp(
         .collect();
     let permitted = policy
         .permitted(&hp.host, hp.port, &addrs)
-        .map_err(|reason| {
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, Refused(reason))
-        })?;
+        .map_err(|reason| std::io::Error::new(std::io::ErrorKind::PermissionDenied, reason))?;
     let s = tokio::net::TcpStream::connect(&permitted[..]).await?;
     let _ = s.set_nodelay(true);
     Ok(s)

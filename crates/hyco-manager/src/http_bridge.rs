@@ -40,6 +40,7 @@ use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::BodyExt;
 use hyco_client::http::{HttpResponse, RelayedRequest};
 use hyco_proto::address::HostPort;
+use hyco_proto::headers::{connection_tokens, is_hop_by_hop};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -577,7 +578,7 @@ fn endpoint_failure(e: &hyper_util::client::legacy::Error, target: &Endpoint) ->
         if let Some(reason) = io.and_then(endpoint::refusal) {
             return Failure {
                 status: REFUSED,
-                reason: reason.to_owned(),
+                reason,
             };
         }
         if let Some(io) = io.filter(|io| io.kind() == io::ErrorKind::TimedOut) {
@@ -644,30 +645,6 @@ fn below_hc<'a>(target: &'a str, hc: &str) -> Option<(&'a str, String)> {
     Some((head, path))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and framing ones.
-fn is_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "content-length"
-            | "close"
-    ) || name.starts_with("proxy-")
-}
-
-/// The names a `Connection` header lists (lower case).
-fn connection_tokens<'a>(values: impl Iterator<Item = &'a str>) -> Vec<String> {
-    values
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
 /// The sender's headers as the endpoint gets them (before `Host` and the forwarding headers).
 fn request_headers(from: &[(String, String)]) -> HeaderMap {
     let named = connection_tokens(
@@ -678,7 +655,7 @@ fn request_headers(from: &[(String, String)]) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (k, v) in from {
         let lower = k.to_ascii_lowercase();
-        let drop = is_hop(&lower)
+        let drop = is_hop_by_hop(&lower)
             || named.contains(&lower)
             || matches!(
                 lower.as_str(),
@@ -800,7 +777,7 @@ fn response_headers(h: &HeaderMap, rw: &Rewrite<'_>) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(h.len());
     for (k, v) in h {
         let n = k.as_str();
-        if is_hop(n) || named.iter().any(|t| t == n) {
+        if is_hop_by_hop(n) || named.iter().any(|t| t == n) {
             continue;
         }
         let v = String::from_utf8_lossy(v.as_bytes());

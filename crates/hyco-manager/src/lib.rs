@@ -25,7 +25,7 @@ use hyco_client::{
     get_entity, ClientOptions, Connector, HybridListener, Incoming, ListenerOptions, ListenerStatus,
 };
 use hyco_io::backoff::Backoff;
-use hyco_io::CancellationToken;
+use hyco_io::{CancellationToken, TaskTracker};
 use hyco_proto::ConnectionString;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -60,6 +60,9 @@ pub struct ManagerConfig {
     pub http: HttpSettings,
     /// The manager's own settings of some hybrid connections, by lower-cased name.
     pub hc_options: HashMap<String, HcOptions>,
+    /// After shutdown, how long open bridges (tunnels and HTTP-mode requests) may finish before
+    /// they are cut (`--drain-grace`, `drain_grace_secs`).
+    pub drain_grace: Duration,
 }
 
 /// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
@@ -81,6 +84,7 @@ impl Default for ManagerConfig {
             max_tunnels: hyco_io::tunnels::max_tunnels(None),
             http: HttpSettings::default(),
             hc_options: HashMap::new(),
+            drain_grace: Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS),
         }
     }
 }
@@ -100,6 +104,7 @@ struct FileConfig {
     allow_endpoints: Vec<String>,
     http_timeout_secs: Option<u64>,
     http_max_body: Option<u64>,
+    drain_grace_secs: Option<u64>,
     #[serde(default)]
     hybrid_connection: Vec<FileHc>,
 }
@@ -118,9 +123,32 @@ struct FileHc {
 /// Why the manager could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
-    /// The configuration file is wrong.
+    /// The configuration is wrong.
     #[error("configuration: {0}")]
     Config(String),
+    /// A setting is wrong; the source says why.
+    #[error("configuration: {what}: {source}")]
+    Invalid {
+        /// The setting (`proxy`, `hybrid_connection #2`, a file, …).
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The configuration file is not TOML of the expected shape.
+    #[error("configuration: {0}")]
+    Toml(#[source] toml::de::Error),
+    /// The state file could not be read or written.
+    #[error("configuration: cannot {action} {}: {source}", .path.display())]
+    StateFile {
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Client set-up failed.
     #[error(transparent)]
     Client(#[from] hyco_client::ClientError),
@@ -132,11 +160,23 @@ pub enum ManagerError {
     NotFound(String),
 }
 
+impl ManagerError {
+    /// [`ManagerError::Invalid`]: `what` is wrong because of `source`.
+    pub fn invalid(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ManagerError {
+        ManagerError::Invalid {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
 impl ManagerConfig {
     /// Parses the TOML configuration file.
     pub fn from_toml(text: &str) -> Result<ManagerConfig, ManagerError> {
-        let f: FileConfig =
-            toml::from_str(text).map_err(|e| ManagerError::Config(e.to_string()))?;
+        let f: FileConfig = toml::from_str(text).map_err(ManagerError::Toml)?;
         let mut cfg = ManagerConfig {
             client: ClientOptions {
                 ca_file: f.ca_file,
@@ -144,7 +184,7 @@ impl ManagerConfig {
                     .proxy
                     .map(|p| p.parse())
                     .transpose()
-                    .map_err(|e| ManagerError::Config(format!("proxy: {e}")))?,
+                    .map_err(|e| ManagerError::invalid("proxy", e))?,
                 no_proxy: hyco_client::NoProxy::parse(f.no_proxy.as_deref().unwrap_or("")),
                 relay_addrs: f.relay_addrs,
                 ..ClientOptions::default()
@@ -153,9 +193,9 @@ impl ManagerConfig {
         };
         cfg.client
             .parsed_relay_addrs()
-            .map_err(|e| ManagerError::Config(format!("relay_addrs: {e}")))?;
+            .map_err(|e| ManagerError::invalid("relay_addrs", e))?;
         cfg.allow_endpoints = EndpointPolicy::parse(&f.allow_endpoints)
-            .map_err(|e| ManagerError::Config(format!("allow_endpoints: {e}")))?;
+            .map_err(|e| ManagerError::invalid("allow_endpoints", e))?;
         if let Some(s) = f.dial_timeout_secs {
             if !DIAL_TIMEOUT_SECS.contains(&s) {
                 return Err(ManagerError::Config(format!(
@@ -170,9 +210,20 @@ impl ManagerConfig {
             cfg.http.timeout = Duration::from_secs(s.max(1));
         }
         cfg.http.max_body = f.http_max_body;
+        if let Some(s) = f.drain_grace_secs {
+            let range = hyco_io::tunnels::DRAIN_GRACE_RANGE;
+            if !range.contains(&s) {
+                return Err(ManagerError::Config(format!(
+                    "drain_grace_secs = {s}: use {} to {} seconds",
+                    range.start(),
+                    range.end()
+                )));
+            }
+            cfg.drain_grace = Duration::from_secs(s);
+        }
         for (i, hc) in f.hybrid_connection.into_iter().enumerate() {
             let cs = ConnectionString::parse(&hc.connection_string)
-                .map_err(|e| ManagerError::Config(format!("hybrid_connection #{}: {e}", i + 1)))?;
+                .map_err(|e| ManagerError::invalid(format!("hybrid_connection #{}", i + 1), e))?;
             let options = HcOptions {
                 http: hc.http,
                 endpoint: hc.endpoint,
@@ -204,6 +255,20 @@ pub fn start(
     Ok((m.board(), async move { m.wait().await }))
 }
 
+/// Why a hybrid connection's endpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The entity could not be read from the relay.
+    #[error("{0}")]
+    Entity(#[source] hyco_client::ClientError),
+    /// Neither the local settings nor the user metadata name one.
+    #[error("the hybrid connection has no user metadata with an endpoint")]
+    NoEndpoint,
+    /// The user metadata's endpoint does not parse.
+    #[error("{0}")]
+    Metadata(#[source] hyco_proto::entity::EntityError),
+}
+
 /// Reads the entity into `st`: the endpoint (the local one when set, else the user
 /// metadata's), whether HTTP is on (locally or in the metadata), the relay's listener count.
 pub(crate) async fn resolve_into(
@@ -211,8 +276,10 @@ pub(crate) async fn resolve_into(
     local: &HcOptions,
     cs: &ConnectionString,
     connector: &Connector,
-) -> Result<(), String> {
-    let d = get_entity(cs, connector).await.map_err(|e| e.to_string())?;
+) -> Result<(), ResolveError> {
+    let d = get_entity(cs, connector)
+        .await
+        .map_err(ResolveError::Entity)?;
     st.relay_listeners.store(
         i64::from(d.listener_count),
         std::sync::atomic::Ordering::Relaxed,
@@ -222,11 +289,9 @@ pub(crate) async fn resolve_into(
     st.http.store(http, std::sync::atomic::Ordering::Relaxed);
     let ep = match &local.endpoint {
         Some(e) => e.clone(),
-        None if meta.is_empty() => {
-            return Err("the hybrid connection has no user metadata with an endpoint".into())
-        }
+        None if meta.is_empty() => return Err(ResolveError::NoEndpoint),
         None => Endpoint::Tcp(
-            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(|e| e.to_string())?,
+            hyco_proto::entity::parse_endpoint_metadata(&meta).map_err(ResolveError::Metadata)?,
         ),
     };
     set_endpoint(st, ep);
@@ -253,6 +318,9 @@ pub(crate) struct Dialing {
     pub(crate) policy: Arc<EndpointPolicy>,
     /// The tunnel limit, shared by every hybrid connection.
     pub(crate) gate: Arc<hyco_io::tunnels::TunnelGate>,
+    /// The bridges (tunnels and HTTP-mode requests) open, of every hybrid connection: the
+    /// manager drains them on shutdown.
+    pub(crate) bridges: TaskTracker,
 }
 
 /// A hybrid connection's own settings and the manager's HTTP-mode settings.
@@ -356,7 +424,7 @@ pub(crate) async fn supervise(
                     // A request in flight holds a rendezvous and an endpoint connection: it
                     // counts against the tunnel limit like a tunnel.
                     let permit = dialing.gate.try_acquire();
-                    tokio::spawn(async move {
+                    dialing.bridges.spawn(async move {
                         let Some(_permit) = permit else {
                             http_bridge::at_tunnel_limit(req, &st).await;
                             return;
@@ -373,7 +441,8 @@ pub(crate) async fn supervise(
         let st = Arc::clone(&st);
         let dialing = dialing.clone();
         let permit = dialing.gate.try_acquire();
-        tokio::spawn(async move {
+        let bridges = dialing.bridges.clone();
+        bridges.spawn(async move {
             let Some(_permit) = permit else {
                 // At the limit: the reserve still has the descriptor this answer needs.
                 let reason = "The manager is at its tunnel limit (--max-tunnels); retry later.";
@@ -424,10 +493,10 @@ async fn bridge(inc: Incoming, target: Endpoint, dialing: &Dialing, st: &HcStatu
         Ok(Err(e)) => match endpoint::refusal(&e) {
             Some(reason) => {
                 // Said once per change of the endpoint's verdict, not per sender.
-                if st.endpoint_refused(reason) {
+                if st.endpoint_refused(&reason) {
                     warn!(role = "listener", hc, endpoint = %target, reason = %reason, "endpoint refused by the allow-list; senders are rejected");
                 }
-                let _ = inc.reject(403, reason).await;
+                let _ = inc.reject(403, &reason).await;
                 return;
             }
             None => (502, format!("Endpoint {target} unreachable: {e}")),
@@ -504,6 +573,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("#1"), "{e}");
+    }
+
+    #[test]
+    fn config_drain_grace() {
+        assert_eq!(
+            ManagerConfig::default().drain_grace,
+            Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS)
+        );
+        let cfg = ManagerConfig::from_toml("drain_grace_secs = 0\n").unwrap();
+        assert_eq!(cfg.drain_grace, Duration::ZERO);
+        let e = ManagerConfig::from_toml("drain_grace_secs = 86401")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("drain_grace_secs") && e.contains("0 to 86400"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub struct Manager {
     shutdown: CancellationToken,
     hcs: Mutex<BTreeMap<String, Entry>>,
     state_file: Option<PathBuf>,
+    /// The supervisors, one per hybrid connection.
     tasks: TaskTracker,
+    /// The bridges the supervisors start; they outlive their supervisor until they end or the
+    /// drain grace is over.
+    bridges: TaskTracker,
+    drain_grace: Duration,
 }
 
 /// What `test` found, step by step.
@@ -125,6 +130,8 @@ impl Manager {
             hcs: Mutex::new(BTreeMap::new()),
             state_file,
             tasks: TaskTracker::new(),
+            bridges: TaskTracker::new(),
+            drain_grace: cfg.drain_grace,
         });
         for (i, cs) in cfg.connections.into_iter().enumerate() {
             let options = cs
@@ -134,13 +141,13 @@ impl Manager {
                 .cloned()
                 .unwrap_or_default();
             m.add_inner(cs, options, false)
-                .map_err(|e| ManagerError::Config(format!("connection string #{}: {e}", i + 1)))?;
+                .map_err(|e| ManagerError::invalid(format!("connection string #{}", i + 1), e))?;
         }
         if let Some(path) = m.state_file.clone() {
             let mut state = load_state(&path)?;
             for s in state.connection_strings {
                 let cs = ConnectionString::parse(&s).map_err(|e| {
-                    ManagerError::Config(format!("{}: a connection string: {e}", path.display()))
+                    ManagerError::invalid(format!("{}: a connection string", path.display()), e)
                 })?;
                 let options = cs
                     .entity_path
@@ -245,6 +252,7 @@ impl Manager {
                 timeout: self.dial_timeout,
                 policy: Arc::clone(&self.policy),
                 gate: Arc::clone(&self.gate),
+                bridges: self.bridges.clone(),
             },
             stop,
             st,
@@ -422,11 +430,32 @@ impl Manager {
         })
     }
 
-    /// Waits until the manager has stopped (after `shutdown`).
+    /// Waits until the manager has stopped (after `shutdown`): its supervisors have ended, so
+    /// no new bridge starts, and the open bridges have finished or the drain grace is over.
     pub async fn wait(&self) {
         self.shutdown.cancelled().await;
         self.tasks.close();
         self.tasks.wait().await;
+        self.bridges.close();
+        let open = self.bridges.len();
+        if open == 0 {
+            return;
+        }
+        let grace = self.drain_grace;
+        info!(
+            bridges = open,
+            grace_secs = grace.as_secs(),
+            "draining open bridges"
+        );
+        if tokio::time::timeout(grace, self.bridges.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_secs = grace.as_secs(),
+                "drain grace over; cutting remaining bridges"
+            );
+        }
     }
 
     fn save(&self) -> Result<(), ManagerError> {
@@ -447,20 +476,26 @@ impl Manager {
                 .collect(),
         };
         drop(g);
-        write_private(path, &serde_json::to_vec_pretty(&state).unwrap_or_default())
-            .map_err(|e| ManagerError::Config(format!("cannot write {}: {e}", path.display())))
+        write_private(path, &serde_json::to_vec_pretty(&state).unwrap_or_default()).map_err(
+            |source| ManagerError::StateFile {
+                action: "write",
+                path: path.to_owned(),
+                source,
+            },
+        )
     }
 }
 
 fn load_state(path: &Path) -> Result<StateFile, ManagerError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| ManagerError::Config(format!("{}: {e}", path.display()))),
+            .map_err(|e| ManagerError::invalid(path.display().to_string(), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(ManagerError::Config(format!(
-            "cannot read {}: {e}",
-            path.display()
-        ))),
+        Err(source) => Err(ManagerError::StateFile {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 

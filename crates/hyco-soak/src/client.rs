@@ -507,11 +507,10 @@ mod tests {
         .await
         .expect("bounded");
         assert!(matches!(r, Err(Failure::Aborted)), "{r:?}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while ep.stats.input_reset.load(Relaxed) == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "no reset seen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        hyco_testkit::eventually("a reset seen", Duration::from_secs(10), || async {
+            ep.stats.input_reset.load(Relaxed) > 0
+        })
+        .await;
         assert!(ep.anomalies().is_empty());
     }
 

@@ -181,13 +181,10 @@ impl Endpoint {
             Mode::Echo => {
                 let mut done = 0u64;
                 while done < h.size {
-                    let want = (h.size - done).min(buf.len() as u64) as usize;
-                    let n = match s.read(&mut buf[..want]).await {
-                        Ok(0) => return self.truncated(&h, done),
+                    let n = match self.read_piece(s, &mut buf, &h, done).await {
                         Ok(n) => n,
-                        Err(_) => return self.input_reset(),
+                        Err(end) => return end,
                     };
-                    self.stats.bytes_in.fetch_add(n as u64, Relaxed);
                     if s.write_all(&buf[..n]).await.is_err() {
                         return self.output_error();
                     }
@@ -215,13 +212,10 @@ impl Endpoint {
                 let mut hash = sha2::Sha256::new();
                 let mut done = 0u64;
                 while done < h.size {
-                    let want = (h.size - done).min(buf.len() as u64) as usize;
-                    let n = match s.read(&mut buf[..want]).await {
-                        Ok(0) => return self.truncated(&h, done),
+                    let n = match self.read_piece(s, &mut buf, &h, done).await {
                         Ok(n) => n,
-                        Err(_) => return self.input_reset(),
+                        Err(end) => return end,
                     };
-                    self.stats.bytes_in.fetch_add(n as u64, Relaxed);
                     hash.update(&buf[..n]);
                     done += n as u64;
                 }
@@ -302,6 +296,26 @@ impl Endpoint {
             return End::Reset;
         }
         End::Done
+    }
+
+    /// Reads the next piece of the announced input, `done` bytes of it read so far; counted. A
+    /// clean end before the announced size is an anomaly, a reset is counted.
+    async fn read_piece(
+        &self,
+        s: &mut TcpStream,
+        buf: &mut [u8],
+        h: &Header,
+        done: u64,
+    ) -> Result<usize, End> {
+        let want = (h.size - done).min(buf.len() as u64) as usize;
+        match s.read(&mut buf[..want]).await {
+            Ok(0) => Err(self.truncated(h, done)),
+            Ok(n) => {
+                self.stats.bytes_in.fetch_add(n as u64, Relaxed);
+                Ok(n)
+            }
+            Err(_) => Err(self.input_reset()),
+        }
     }
 
     fn truncated(&self, h: &Header, got: u64) -> End {

@@ -240,30 +240,13 @@ fn usage_json(u: &BTreeMap<&'static str, Usage>) -> Value {
 
 /// Runs `hyco admin ARGS` with the root connection string; returns its stdout.
 async fn admin(hyco: &Path, ca: &Path, root: &str, args: &[&str]) -> Result<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(hyco)
-            .arg("admin")
-            .args(args)
-            .env("HYCO_CA_FILE", ca)
-            .env("HYCO_CONNECTION_STRING", root)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("all_proxy")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .with_context(|| format!("hyco admin {args:?} took over 30 s"))??;
-    if !out.status.success() {
-        bail!(
-            "hyco admin {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let admin = hyco_testkit::Admin {
+        bin: hyco.to_owned(),
+        ca: ca.to_owned(),
+        root: root.to_owned(),
+        within: Duration::from_secs(30),
+    };
+    Ok(admin.ok(args).await?)
 }
 
 /// Number of entries in `{"value": [...]}` from `hyco admin hc connections|listeners`.

@@ -1,15 +1,15 @@
-//! The hyco processes: start one and wait for its ready line, SIGKILL it, restart it, read its
-//! RSS and descriptor count from /proc, and tally its log lines.
+//! The hyco processes: start one (through the shared harness, `hyco_testkit::Proc`) and wait
+//! for its ready line, SIGKILL it, restart it, read its RSS and descriptor count from /proc, and
+//! tally its log lines.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use hyco_testkit::{Proc, ProcOptions, Tap};
 
 /// Most distinct log keys kept per process role.
 const MAX_LOG_KEYS: usize = 200;
@@ -108,18 +108,11 @@ pub struct Usage {
 impl Usage {
     /// Reads /proc/PID; zeros for a process that is gone.
     pub fn of(pid: u32) -> Usage {
-        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            })
-            .unwrap_or(0);
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.count() as u64)
-            .unwrap_or(0);
-        Usage { pid, rss_kib, fds }
+        Usage {
+            pid,
+            rss_kib: hyco_testkit::rss_kib(pid),
+            fds: hyco_testkit::open_fds(pid),
+        }
     }
 
     /// As JSON.
@@ -135,7 +128,7 @@ pub struct Managed {
     args: Vec<String>,
     env: Vec<(String, String)>,
     ready: String,
-    child: Option<Child>,
+    proc: Option<Proc>,
     /// The output line that said it was ready.
     pub ready_line: String,
     pub log: Arc<LogTally>,
@@ -160,7 +153,7 @@ impl Managed {
             args,
             env,
             ready: ready.into(),
-            child: None,
+            proc: None,
             ready_line: String::new(),
             log: Arc::new(LogTally::default()),
             starts: 0,
@@ -180,7 +173,7 @@ impl Managed {
 
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// Replaces the arguments used by later starts.
@@ -190,116 +183,77 @@ impl Managed {
 
     /// Starts it and waits (at most `within`) for an output line containing the ready text.
     pub async fn start(&mut self, within: Duration) -> Result<()> {
-        if self.child.is_some() {
+        if self.proc.is_some() {
             bail!("{} is already running", self.role);
         }
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .env("HYCO_LOG", "info")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("all_proxy");
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {} ({})", self.role, self.bin.display()))?;
         self.starts += 1;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let outs = [
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ];
-        for out in outs.into_iter().flatten() {
-            let tx = tx.clone();
-            let log = Arc::clone(&self.log);
-            let file = self.file.clone();
-            let tag = format!("[{} #{}] ", self.role, self.starts);
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    log.add(&l);
-                    if let Some(f) = &file {
-                        use std::io::Write;
-                        if !l.contains("SharedAccessKey") {
-                            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = writeln!(f, "{tag}{l}");
-                        }
-                    }
-                    let _ = tx.send(l);
-                }
-                if let Some(f) = &file {
-                    use std::io::Write;
-                    let _ = f.lock().unwrap_or_else(|e| e.into_inner()).flush();
-                }
-            });
-        }
-        drop(tx);
-        self.child = Some(child);
-        let ready = self.ready.clone();
-        let mut seen = Vec::new();
-        let found = tokio::time::timeout(within, async {
-            while let Some(l) = rx.recv().await {
-                if l.contains(&ready) {
-                    return Some(l);
-                }
-                if seen.len() < 40 {
-                    seen.push(l);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(l)) => {
+        let tap = Sink {
+            log: Arc::clone(&self.log),
+            file: self.file.clone(),
+            tag: format!("[{} #{}] ", self.role, self.starts),
+        };
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let opts = ProcOptions::long_run("info").tap(tap);
+        let proc = Proc::start(&self.role, &self.bin, &args, &env, opts)
+            .with_context(|| format!("cannot start {} ({})", self.role, self.bin.display()))?;
+        let ready = proc.ready(&self.ready, within).await;
+        self.proc = Some(proc);
+        match ready {
+            Ok(l) => {
                 self.ready_line = l;
                 Ok(())
             }
-            _ => {
+            Err(e) => {
                 self.kill().await;
-                bail!(
-                    "{} did not print {:?} within {within:?}; output:\n{}",
-                    self.role,
-                    self.ready,
-                    seen.join("\n")
-                )
+                Err(e.into())
             }
         }
     }
 
     /// SIGKILL, and reap it.
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.start_kill();
-            let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+        if let Some(mut p) = self.proc.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), p.kill()).await;
         }
     }
 
     /// SIGTERM, wait up to `within`, then SIGKILL.
     pub async fn stop(&mut self, within: Duration) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-            if let Some(c) = self.child.as_mut() {
-                let _ = tokio::time::timeout(within, c.wait()).await;
-            }
+        if let Some(p) = self.proc.as_mut() {
+            p.stop(within).await;
         }
         self.kill().await;
+    }
+}
+
+/// Where a process's output lines go besides the harness: the tally, and the log file (lines
+/// with a key left out).
+struct Sink {
+    log: Arc<LogTally>,
+    file: Option<Arc<Mutex<std::io::BufWriter<std::fs::File>>>>,
+    tag: String,
+}
+
+impl Tap for Sink {
+    fn line(&self, l: &str) {
+        self.log.add(l);
+        if let Some(f) = &self.file {
+            if !l.contains("SharedAccessKey") {
+                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(f, "{}{l}", self.tag);
+            }
+        }
+    }
+
+    fn end(&self) {
+        if let Some(f) = &self.file {
+            let _ = f.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
     }
 }
 

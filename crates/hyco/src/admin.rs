@@ -213,6 +213,10 @@ enum RuleCmd {
     },
 }
 
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
 struct Api {
     base: String,
     auth: String,
@@ -220,6 +224,35 @@ struct Api {
 }
 
 impl Api {
+    /// `GET` a hybrid connection's `listeners` or `connections`, printed as JSON or by `table`.
+    async fn show(
+        &self,
+        name: &str,
+        what: &str,
+        json_out: bool,
+        table: fn(&serde_json::Value),
+    ) -> Result<()> {
+        let v = self.hc_get(name, what).await?;
+        if json_out {
+            print_json(&v);
+        } else {
+            table(&v);
+        }
+        Ok(())
+    }
+
+    /// `GET` a hybrid connection's `listeners` or `connections`.
+    async fn hc_get(&self, name: &str, what: &str) -> Result<serde_json::Value> {
+        let path = format!("{}/{what}", hc_path(name)?);
+        self.call(http::Method::GET, &path, None).await
+    }
+
+    /// `POST …/listkeys` of a rule: its keys and connection strings.
+    async fn list_keys(&self, rule_path: &str) -> Result<serde_json::Value> {
+        let path = format!("{rule_path}/listkeys");
+        self.call(http::Method::POST, &path, None).await
+    }
+
     async fn call(
         &self,
         method: http::Method,
@@ -284,9 +317,6 @@ pub async fn run(a: AdminArgs) -> Result<()> {
         connector,
     };
     let json_out = a.output == Output::Json;
-    let print_json = |v: &serde_json::Value| {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    };
     match a.cmd {
         AdminCmd::Hc { cmd } => match cmd {
             HcCmd::Create {
@@ -333,20 +363,8 @@ pub async fn run(a: AdminArgs) -> Result<()> {
             }
             HcCmd::Show { name } => {
                 let hc = api.call(http::Method::GET, &hc_path(&name)?, None).await?;
-                let listeners = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/listeners", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                let connections = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/connections", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
+                let listeners = api.hc_get(&name, "listeners").await?;
+                let connections = api.hc_get(&name, "connections").await?;
                 if json_out {
                     let mut v = hc;
                     v["listeners"] = listeners["value"].clone();
@@ -398,32 +416,12 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             HcCmd::Listeners { name } => {
-                let v = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/listeners", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                if json_out {
-                    print_json(&v);
-                } else {
-                    listener_table(&v);
-                }
+                api.show(&name, "listeners", json_out, listener_table)
+                    .await?
             }
             HcCmd::Connections { name } => {
-                let v = api
-                    .call(
-                        http::Method::GET,
-                        &format!("{}/connections", hc_path(&name)?),
-                        None,
-                    )
-                    .await?;
-                if json_out {
-                    print_json(&v);
-                } else {
-                    connection_table(&v);
-                }
+                api.show(&name, "connections", json_out, connection_table)
+                    .await?
             }
         },
         AdminCmd::Rule { cmd } => match cmd {
@@ -468,13 +466,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::Keys { rule } => {
-                let v = api
-                    .call(
-                        http::Method::POST,
-                        &format!("{}/listkeys", rule.path()?),
-                        None,
-                    )
-                    .await?;
+                let v = api.list_keys(&rule.path()?).await?;
                 if json_out {
                     print_json(&v);
                 } else {
@@ -491,13 +483,7 @@ pub async fn run(a: AdminArgs) -> Result<()> {
                 }
             }
             RuleCmd::ConnectionString { rule, key } => {
-                let v = api
-                    .call(
-                        http::Method::POST,
-                        &format!("{}/listkeys", rule.path()?),
-                        None,
-                    )
-                    .await?;
+                let v = api.list_keys(&rule.path()?).await?;
                 println!("{}", connection_string_of(&v, key)?);
             }
             RuleCmd::Regenerate { rule, key } => {

@@ -200,7 +200,8 @@ struct RelayArgs {
     max_tunnels: Option<u64>,
 
     /// Seconds running tunnels may drain after SIGTERM (0 to 86400).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    #[arg(long, default_value_t = hyco_io::tunnels::DRAIN_GRACE_SECS,
+        value_parser = clap::value_parser!(u64).range(hyco_io::tunnels::DRAIN_GRACE_RANGE))]
     drain_grace: u64,
     /// Serve the status page and /metrics here (plain HTTP; keep it on loopback).
     #[arg(long, env = "HYCO_STATUS_LISTEN")]
@@ -214,6 +215,7 @@ struct RelayArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 enum ManagerCmd {
     /// Run the manager service in the foreground.
     Run(ManagerRunArgs),
@@ -258,6 +260,11 @@ struct ManagerRunArgs {
     /// with any other Host get 421 (a defence against DNS rebinding).
     #[arg(long = "status-host", value_name = "NAME")]
     status_hosts: Vec<String>,
+    /// Seconds open tunnels and HTTP-mode requests may finish after SIGTERM (0 to 86400;
+    /// default: the configuration file's `drain_grace_secs`, else 30).
+    #[arg(long, value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(hyco_io::tunnels::DRAIN_GRACE_RANGE))]
+    drain_grace: Option<u64>,
     #[command(flatten)]
     http: ManagerHttpArgs,
     #[command(flatten)]
@@ -296,6 +303,10 @@ struct ForwardArgs {
     /// remain to say so. Default: (RLIMIT_NOFILE - min(RLIMIT_NOFILE/4, 200)) / 2.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_tunnels: Option<u64>,
+    /// Seconds open tunnels may finish after SIGTERM (0 to 86400).
+    #[arg(long, value_name = "SECS", default_value_t = hyco_io::tunnels::DRAIN_GRACE_SECS,
+        value_parser = clap::value_parser!(u64).range(hyco_io::tunnels::DRAIN_GRACE_RANGE))]
+    drain_grace: u64,
     #[command(flatten)]
     relay: RelayClientArgs,
 }
@@ -662,6 +673,9 @@ async fn manager(
     if a.http.http_max_body.is_some() {
         cfg.http.max_body = a.http.http_max_body;
     }
+    if let Some(s) = a.drain_grace {
+        cfg.drain_grace = Duration::from_secs(s);
+    }
     cfg.client = client_options(cfg.client, a.ca_file.clone())?;
     cfg.client = with_relay_addrs(cfg.client, a.relay.relay_addrs.clone())?;
     cfg.client.warm_connections = a.relay.warm_connections as usize;
@@ -787,7 +801,9 @@ async fn forward(a: ForwardArgs) -> Result<()> {
     on_signals(shutdown.clone());
     let gate =
         hyco_io::tunnels::TunnelGate::new("forwarder", tunnel_limit("forwarder", a.max_tunnels));
-    if let Err(e) = hyco_client::run_forward_limited(rules, connector, gate, shutdown).await {
+    let grace = Duration::from_secs(a.drain_grace);
+    if let Err(e) = hyco_client::run_forward_limited(rules, connector, gate, grace, shutdown).await
+    {
         error!(error = %e, "forwarder failed");
         bail!("forwarder failed: {e}");
     }

@@ -296,6 +296,54 @@ async fn sigterm_drains_running_tunnels_without_losing_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_sigterm_drains_its_bridges_without_losing_bytes() {
+    let r = relay("mdrain").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("mdrain", &echo.to_string()).await;
+    let mut m = r.manager("manager", &l);
+    r.wait_listeners("mdrain", 1).await;
+    let (_f, port) = r.forward("mdrain", &s).await;
+
+    // A bridge in flight: 16 MiB written in two halves, with the manager's SIGTERM between.
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut data = vec![0u8; 16 << 20];
+    rand::thread_rng().fill_bytes(&mut data);
+    let want: [u8; 32] = Sha256::digest(&data).into();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(16 << 20);
+        let r = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got)).await;
+        (got, r.map(|r| r.is_ok()))
+    });
+    wr.write_all(&data[..8 << 20]).await.unwrap();
+    r.proc.wait_line("tunnel open", T).await;
+    m.signal_term().await;
+    m.wait_line("signal received", T).await;
+    // The manager has left the relay (it takes no new senders); the open bridge goes on.
+    r.wait_listeners("mdrain", 0).await;
+    let _ = wr.write_all(&data[8 << 20..]).await;
+    let _ = wr.shutdown().await;
+    let (got, ended) = reader.await.unwrap();
+    assert_eq!(ended, Ok(true), "the tunnel did not end cleanly");
+    assert_eq!(
+        got.len(),
+        data.len(),
+        "bytes lost across the manager's shutdown"
+    );
+    assert_eq!(
+        <[u8; 32]>::from(Sha256::digest(&got)),
+        want,
+        "bytes changed across the manager's shutdown"
+    );
+    let st = m
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("manager did not exit within the drain grace");
+    assert!(st.success(), "manager exit status {st:?}");
+    assert_eq!(m.count("draining open bridges"), 1, "{:?}", m.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_keeps_listening_across_many_token_renewals() {
     // Tokens live 4 s and the relay allows 1 s of grace: without renewals the control channel
     // would be closed (1008) after 5 s.

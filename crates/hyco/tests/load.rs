@@ -19,19 +19,18 @@ use hyco_testkit::{echo_server, eventually, field};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+/// The RSS of a process that must still run.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
+    let kib = hyco_testkit::rss_kib(pid);
+    assert!(kib > 0, "process {pid} is gone");
+    kib
 }
 
+/// The open descriptors of a process that must still run.
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
+    let n = hyco_testkit::open_fds(pid);
+    assert!(n > 0, "process {pid} is gone");
+    n as usize
 }
 
 /// One tunnel: connect, one byte each way, close. The time it took.
@@ -182,7 +181,7 @@ async fn b5_a_flood_of_invalid_rendezvous_dials_gets_403_and_costs_nothing() {
                             "wss://localhost:{port}/$hc/svc?sb-hc-action=accept&sb-hc-id=x&sb-hc-rv={rv}"
                         );
                         let status = match c.connect(&url, &[]).await {
-                            Err(hyco_io::ws::handshake::ConnectError::Rejected { status, .. }) => {
+                            Err(hyco_io::ws::ConnectError::Rejected { status, .. }) => {
                                 status.to_string()
                             }
                             Ok(_) => "101".into(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct RelayAddrs {
     /// The endpoint's host, lower case, an IPv6 literal without brackets (as
-    /// [`Target`](super::handshake::Target) holds it).
+    /// [`Target`](super::dial::Target) holds it).
     host: String,
     /// The endpoint's port.
     port: u16,
@@ -171,31 +171,31 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(5);
 
-    #[tokio::test]
-    async fn a_refusing_address_is_skipped_and_the_cursor_sticks_to_the_live_one() {
-        let dead = refusing().await;
-        let (_l, up) = live().await;
-        let r = RelayAddrs::new("relay.example", 443, vec![dead.clone(), up.clone()]).unwrap();
-        assert_eq!(r.cursor(), 0);
+    /// One connect through `r` over plain TCP; with the ports tried, in order.
+    async fn dial_noting(r: &RelayAddrs) -> (Result<TcpStream, Vec<AddrFailure>>, Vec<u16>) {
         let mut tried = Vec::new();
         let s = r
             .dial(LIMIT, |h, p| {
                 tried.push(p);
                 tcp(h, p)
             })
-            .await
-            .unwrap();
-        assert_eq!(s.peer_addr().unwrap().port(), up.1);
+            .await;
+        (s, tried)
+    }
+
+    #[tokio::test]
+    async fn a_refusing_address_is_skipped_and_the_cursor_sticks_to_the_live_one() {
+        let dead = refusing().await;
+        let (_l, up) = live().await;
+        let r = RelayAddrs::new("relay.example", 443, vec![dead.clone(), up.clone()]).unwrap();
+        assert_eq!(r.cursor(), 0);
+        let (s, tried) = dial_noting(&r).await;
+        assert_eq!(s.unwrap().peer_addr().unwrap().port(), up.1);
         assert_eq!(tried, vec![dead.1, up.1]);
         assert_eq!(r.cursor(), 1);
         // The next connect starts at the live address and does not touch the dead one.
-        tried.clear();
-        r.dial(LIMIT, |h, p| {
-            tried.push(p);
-            tcp(h, p)
-        })
-        .await
-        .unwrap();
+        let (s, tried) = dial_noting(&r).await;
+        s.unwrap();
         assert_eq!(tried, vec![up.1]);
     }
 
@@ -213,15 +213,8 @@ mod tests {
         // Now 1 dies and 0 is back: the search wraps from 1 to 0.
         let _l0 = TcpListener::bind(("127.0.0.1", a0.1)).await.unwrap();
         drop(l1);
-        let mut tried = Vec::new();
-        let s = r
-            .dial(LIMIT, |h, p| {
-                tried.push(p);
-                tcp(h, p)
-            })
-            .await
-            .unwrap();
-        assert_eq!(s.peer_addr().unwrap().port(), a0.1);
+        let (s, tried) = dial_noting(&r).await;
+        assert_eq!(s.unwrap().peer_addr().unwrap().port(), a0.1);
         assert_eq!(tried, vec![a1.1, a0.1]);
         assert_eq!(r.cursor(), 0);
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::handshake::ClientTls;
+use crate::tls::ClientTls;
 
 /// Settings of the warm pool.
 #[derive(Debug, Clone, Copy)]

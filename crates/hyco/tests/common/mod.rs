@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyco_client::ClientOptions;
-use hyco_testkit::{eventually, field, run, Proc, TempDir};
+use hyco_testkit::{eventually, field, Admin, Proc, TempDir};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,11 +91,13 @@ impl Relay {
     }
 
     pub async fn admin(&self, args: &[&str]) -> (i32, String, String) {
-        let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut full = vec!["admin"];
-        full.extend_from_slice(args);
-        run(&bin(), &full, &env, T).await
+        let admin = Admin {
+            bin: bin(),
+            ca: self.ca().into(),
+            root: self.root.clone(),
+            within: T,
+        };
+        admin.output(args).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Creates an HC for `endpoint` and returns (listen cs, send cs).
