@@ -22,6 +22,7 @@
 pub mod backoff;
 pub mod bufpool;
 pub mod copy;
+pub mod header_case;
 pub mod listener;
 pub mod prefixed;
 pub mod private;

@@ -120,7 +120,7 @@ async fn rendezvous(
     route: &Route,
 ) -> Result<(String, String, Outcome), RelayError> {
     let mut headers = connect_headers(req.headers(), route.authorization_used);
-    crate::header_case::Spelling::of(req)
+    hyco_io::header_case::Spelling::of(req)
         .await
         .apply(&mut headers);
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;

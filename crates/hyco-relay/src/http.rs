@@ -243,7 +243,7 @@ pub(crate) async fn handle(
         .size_hint()
         .exact()
         .filter(|n| *n <= INLINE_BODY_MAX);
-    let spelling = crate::header_case::Spelling::of(&req).await;
+    let spelling = hyco_io::header_case::Spelling::of(&req).await;
     let (parts, body) = req.into_parts();
     let mut out = Outgoing {
         id: address::new_connection_id(rand::random()),
@@ -321,7 +321,7 @@ pub(crate) async fn handle(
             !is_hop_header(&lower) && lower != "via"
         })
         .collect();
-    crate::header_case::respell(&mut resp, &names).await;
+    hyco_io::header_case::respell(&mut resp, &names).await;
     Ok(resp)
 }
 

@@ -30,7 +30,6 @@ mod control;
 mod dispatch;
 mod entity;
 mod error;
-mod header_case;
 mod http;
 mod listen;
 mod metrics;
@@ -626,7 +625,7 @@ async fn serve_connection(
         .header_read_timeout(limits.handshake_timeout)
         .max_headers(limits.max_headers)
         .max_buf_size(32 * 1024)
-        // Header names reach listeners as the sender spelled them (see `header_case`).
+        // Header names reach listeners as the sender spelled them (`hyco_io::header_case`).
         .preserve_header_case(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();

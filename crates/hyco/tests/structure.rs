@@ -14,10 +14,6 @@
 //! The sources are found by following `mod` declarations from each crate root, so a file the
 //! compiler does not read is not read here either. A failure lists every offender with
 //! `file:line`.
-//!
-//! While other branches of issue 18 are open, [`PENDING`] names what they own and still fix:
-//! `structure_holds` checks everything else; the ignored `structure_holds_with_pending` checks
-//! all of it (the lead empties [`PENDING`] and drops the ignored test once they are merged).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -27,36 +23,9 @@ use syn::visit::Visit;
 
 const MAX_FN_LINES: usize = 100;
 
-/// Offenders owned by other branches of issue 18: for (a) a file (relative to the workspace
-/// root), for (b) a crate directory with the module on either end of an edge to leave out.
-struct Pending {
-    long_fn_files: &'static [&'static str],
-    cycle_modules: &'static [(&'static str, &'static str)],
-}
-
-const PENDING: Pending = Pending {
-    long_fn_files: &[
-        // issue-18c (hyco-io).
-        "crates/hyco-io/src/splice.rs",
-    ],
-    cycle_modules: &[],
-};
-
-const NO_PENDING: Pending = Pending {
-    long_fn_files: &[],
-    cycle_modules: &[],
-};
-
 #[test]
 fn structure_holds() {
-    let report = check(&PENDING);
-    assert!(report.is_empty(), "{report}");
-}
-
-#[test]
-#[ignore = "pending other branches of issue 18 (see PENDING)"]
-fn structure_holds_with_pending() {
-    let report = check(&NO_PENDING);
+    let report = check();
     assert!(report.is_empty(), "{report}");
 }
 
@@ -69,7 +38,7 @@ fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-fn check(pending: &Pending) -> String {
+fn check() -> String {
     let root = workspace_root();
     let mut report = String::new();
 
@@ -77,9 +46,6 @@ fn check(pending: &Pending) -> String {
     for krate in ["crates/hyco-relay", "crates/hyco-io"] {
         for file in crate_files(&root.join(krate)) {
             let rel = relative(&root, &file.path);
-            if pending.long_fn_files.contains(&rel.as_str()) {
-                continue;
-            }
             let mut finder = LongFns {
                 file: &rel,
                 found: &mut long,
@@ -105,13 +71,7 @@ fn check(pending: &Pending) -> String {
     crates.sort();
     for krate in crates {
         let name = relative(&root, &krate);
-        let skip: Vec<&str> = pending
-            .cycle_modules
-            .iter()
-            .filter(|(c, _)| *c == name)
-            .map(|(_, m)| *m)
-            .collect();
-        for cycle in import_cycles(&root, &krate, &skip) {
+        for cycle in import_cycles(&root, &krate) {
             let _ = writeln!(report, "import cycle in {name}: {cycle}");
         }
     }
@@ -312,9 +272,9 @@ impl<'ast> Visit<'ast> for LongFns<'_> {
     }
 }
 
-/// The cycles between the top-level modules of each crate root of `krate`, edges touching a
-/// module in `skip` left out; one line per cycle, listing every edge's places.
-fn import_cycles(root: &Path, krate: &Path, skip: &[&str]) -> Vec<String> {
+/// The cycles between the top-level modules of each crate root of `krate`; one line per cycle,
+/// listing every edge's places.
+fn import_cycles(root: &Path, krate: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for crate_root in crate_roots(krate) {
         let mut files = Vec::new();
@@ -343,9 +303,6 @@ fn import_cycles(root: &Path, krate: &Path, skip: &[&str]) -> Vec<String> {
             for (module, target, line) in paths.found {
                 let Some(from) = module.first() else { continue };
                 if from == &target || !tops.contains(&target) {
-                    continue;
-                }
-                if skip.contains(&from.as_str()) || skip.contains(&target.as_str()) {
                     continue;
                 }
                 edges

@@ -336,9 +336,21 @@ impl Connector {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req
+        let mut req = req
             .body(Empty::<Bytes>::new())
             .map_err(|_| ConnectError::BadUrl("invalid request header".into()))?;
+        // Names on the wire as written here and by the caller, as Microsoft's clients send them.
+        let mut names = vec![
+            "Host",
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+        ];
+        names.extend(headers.iter().map(|(k, _)| *k));
+        if let Some(ext) = crate::header_case::recorded(&names).await {
+            req.extensions_mut().extend(ext);
+        }
         let resp = sender.send_request(req).await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status().as_u16();

@@ -47,9 +47,16 @@ impl Connector {
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
-            let req = req
+            let mut req = req
                 .body(http_body_util::Full::new(body))
                 .map_err(|_| ConnectError::BadUrl("invalid request header".into()))?;
+            // Names on the wire as the caller wrote them.
+            let names: Vec<&str> = std::iter::once("Host")
+                .chain(headers.iter().map(|(k, _)| *k))
+                .collect();
+            if let Some(ext) = crate::header_case::recorded(&names).await {
+                req.extensions_mut().extend(ext);
+            }
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
             let reason = reason_phrase(&resp);

@@ -18,6 +18,10 @@
 //!   parses with `preserve_header_case`; the extensions it records go on the sender's response,
 //!   and hyper's server writes those names as the listener spelled them.
 //!
+//! - [`recorded`]: the same record for names of our own making, which hyco's clients put on the
+//!   requests they send, so the relay and any listener see the names the application gave, as
+//!   from Microsoft's clients.
+//!
 //! Either step failing (it cannot for heads hyper itself produced or accepted) leaves the names
 //! as they were: the usual capitalisation toward a listener, lower case toward a sender. Each
 //! step is one pass of hyper's codec over a head without values, a few microseconds against the
@@ -37,12 +41,12 @@ const PROBE_LIMIT: usize = 64 * 1024;
 
 /// Lower-case header name → the spelling its sender used first.
 #[derive(Debug, Default)]
-pub(crate) struct Spelling(HashMap<String, String>);
+pub struct Spelling(HashMap<String, String>);
 
 impl Spelling {
     /// The spelling of `req`'s header names as received. The connection must be served with
     /// `preserve_header_case`, as the relay's are: without it every name reads as lower case.
-    pub(crate) async fn of<B>(req: &Request<B>) -> Spelling {
+    pub async fn of<B>(req: &Request<B>) -> Spelling {
         let mut probe = Request::new(Empty::<Bytes>::new());
         for name in req.headers().keys() {
             // Framing headers would make hyper's client frame a body the probe does not have.
@@ -58,7 +62,7 @@ impl Spelling {
     }
 
     /// Replaces each name in `headers` (any case) with its sender's spelling where known.
-    pub(crate) fn apply(&self, headers: &mut [(String, String)]) {
+    pub fn apply(&self, headers: &mut [(String, String)]) {
         for (name, _) in headers.iter_mut() {
             if let Some(original) = self.0.get(&name.to_ascii_lowercase()) {
                 name.clone_from(original);
@@ -69,7 +73,16 @@ impl Spelling {
 
 /// Makes hyper write `resp`'s headers in the spelling of `names` (the listener's header names,
 /// in the order and number they were added to `resp`).
-pub(crate) async fn respell<B>(resp: &mut Response<B>, names: &[&str]) {
+pub async fn respell<B>(resp: &mut Response<B>, names: &[&str]) {
+    if let Some(ext) = recorded(names).await {
+        resp.extensions_mut().extend(ext);
+    }
+}
+
+/// Extensions that make hyper's HTTP/1 codec write header names as `names` spell them (in the
+/// order and number the headers appear), for a request or a response; `None` when every name
+/// is lower case already or none is usable.
+pub async fn recorded(names: &[&str]) -> Option<http::Extensions> {
     let mut head = b"GET / HTTP/1.1\r\n".to_vec();
     let mut any = false;
     for name in names {
@@ -81,12 +94,10 @@ pub(crate) async fn respell<B>(resp: &mut Response<B>, names: &[&str]) {
         }
     }
     if !any || head.len() > PROBE_LIMIT {
-        return;
+        return None;
     }
     head.extend_from_slice(b"\r\n");
-    if let Some(recorded) = parse_with_server(head).await {
-        resp.extensions_mut().extend(recorded);
-    }
+    parse_with_server(head).await
 }
 
 /// hyper's client writes `probe` into a pipe; the bytes of its head come back.
