@@ -862,33 +862,7 @@ async fn rathole_config(
     let d = dir.join(if tls { "rathole-tls" } else { "rathole-tcp" });
     std::fs::create_dir_all(&d)?;
     let (server_tls, client_tls) = if tls {
-        let pki = hyco_io::tls::generate_pki(&["localhost".to_owned()])?;
-        std::fs::write(d.join("cert.pem"), &pki.cert_pem)?;
-        std::fs::write(d.join("key.pem"), &pki.key_pem)?;
-        std::fs::write(d.join("ca.pem"), &pki.ca_cert_pem)?;
-        let st = Command::new("openssl")
-            .args([
-                "pkcs12",
-                "-export",
-                "-out",
-                "id.p12",
-                "-inkey",
-                "key.pem",
-                "-in",
-                "cert.pem",
-                "-passout",
-                "pass:hyco",
-            ])
-            .current_dir(&d)
-            .status()
-            .await?;
-        if !st.success() {
-            bail!("openssl pkcs12 failed");
-        }
-        (
-            format!("[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = {:?}\npkcs12_password = \"hyco\"\n", d.join("id.p12")),
-            format!("[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = {:?}\nhostname = \"localhost\"\n", d.join("ca.pem")),
-        )
+        rathole_tls_sections(&d).await?
     } else {
         (String::new(), String::new())
     };
@@ -898,24 +872,7 @@ async fn rathole_config(
     let client = format!(
         "[client]\nremote_addr = \"localhost:{control}\"\ndefault_token = \"bench\"\n{client_tls}\n[client.services.echo]\nlocal_addr = \"{echo}\"\n[client.services.iperf]\nlocal_addr = \"127.0.0.1:{iperf}\"\n"
     );
-    std::fs::write(d.join("server.toml"), server)?;
-    std::fs::write(d.join("client.toml"), client)?;
-    let (s, _) = spawn(
-        "rathole-server",
-        bin,
-        &["--server", d.join("server.toml").to_str().unwrap_or("")],
-        &[("RUST_LOG", "info")],
-        "Listening",
-    )
-    .await?;
-    let (c, _) = spawn(
-        "rathole-client",
-        bin,
-        &["--client", d.join("client.toml").to_str().unwrap_or("")],
-        &[("RUST_LOG", "info")],
-        "Control channel established",
-    )
-    .await?;
+    let (s, c) = start_rathole(bin, &d, &server, &client).await?;
     // The data channels are set up lazily; make sure both services answer.
     for _ in 0..50 {
         if probe_is_echo(pe).await {
@@ -930,6 +887,64 @@ async fn rathole_config(
             iperf: pi,
         },
     ))
+}
+
+/// A certificate for `localhost` under `d` (rathole's server takes it as PKCS#12) and the
+/// `[server.transport]` and `[client.transport]` sections that use it.
+async fn rathole_tls_sections(d: &Path) -> Result<(String, String)> {
+    let pki = hyco_io::tls::generate_pki(&["localhost".to_owned()])?;
+    std::fs::write(d.join("cert.pem"), &pki.cert_pem)?;
+    std::fs::write(d.join("key.pem"), &pki.key_pem)?;
+    std::fs::write(d.join("ca.pem"), &pki.ca_cert_pem)?;
+    let st = Command::new("openssl")
+        .args([
+            "pkcs12",
+            "-export",
+            "-out",
+            "id.p12",
+            "-inkey",
+            "key.pem",
+            "-in",
+            "cert.pem",
+            "-passout",
+            "pass:hyco",
+        ])
+        .current_dir(d)
+        .status()
+        .await?;
+    if !st.success() {
+        bail!("openssl pkcs12 failed");
+    }
+    Ok((
+        format!("[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = {:?}\npkcs12_password = \"hyco\"\n", d.join("id.p12")),
+        format!("[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = {:?}\nhostname = \"localhost\"\n", d.join("ca.pem")),
+    ))
+}
+
+/// rathole's server and client from the configurations given (written under `d`), each
+/// started once it says it is up.
+async fn start_rathole(bin: &Path, d: &Path, server: &str, client: &str) -> Result<(Proc, Proc)> {
+    std::fs::write(d.join("server.toml"), server)?;
+    std::fs::write(d.join("client.toml"), client)?;
+    let server_toml = d.join("server.toml").display().to_string();
+    let client_toml = d.join("client.toml").display().to_string();
+    let (s, _) = spawn(
+        "rathole-server",
+        bin,
+        &["--server", &server_toml],
+        &[("RUST_LOG", "info")],
+        "Listening",
+    )
+    .await?;
+    let (c, _) = spawn(
+        "rathole-client",
+        bin,
+        &["--client", &client_toml],
+        &[("RUST_LOG", "info")],
+        "Control channel established",
+    )
+    .await?;
+    Ok((s, c))
 }
 
 /// Adds `…_ratio` next to every figure: the figure divided by direct's.

@@ -209,61 +209,16 @@ async fn rathole_tls(
         }
         None => (control, service),
     };
-    let pki = hyco_io::tls::generate_pki(&["localhost".to_owned()])?;
-    std::fs::write(dir.join("cert.pem"), &pki.cert_pem)?;
-    std::fs::write(dir.join("key.pem"), &pki.key_pem)?;
-    std::fs::write(dir.join("ca.pem"), &pki.ca_cert_pem)?;
-    let st = Command::new("openssl")
-        .args([
-            "pkcs12",
-            "-export",
-            "-out",
-            "id.p12",
-            "-inkey",
-            "key.pem",
-            "-in",
-            "cert.pem",
-            "-passout",
-            "pass:hyco",
-        ])
-        .current_dir(dir)
-        .status()
-        .await?;
-    if !st.success() {
-        bail!("openssl pkcs12 failed");
-    }
+    let (server_tls, client_tls) = crate::rathole_tls_sections(dir).await?;
     let server = format!(
-        "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"bench\"\n\
-         [server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = {:?}\n\
-         pkcs12_password = \"hyco\"\n[server.services.svc]\nbind_addr = \"127.0.0.1:{service}\"\n",
-        dir.join("id.p12")
+        "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"bench\"\n{server_tls}\
+         [server.services.svc]\nbind_addr = \"127.0.0.1:{service}\"\n"
     );
     let client = format!(
-        "[client]\nremote_addr = \"localhost:{remote}\"\ndefault_token = \"bench\"\n\
-         [client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = {:?}\n\
-         hostname = \"localhost\"\n[client.services.svc]\nlocal_addr = \"{local}\"\n",
-        dir.join("ca.pem")
+        "[client]\nremote_addr = \"localhost:{remote}\"\ndefault_token = \"bench\"\n{client_tls}\
+         [client.services.svc]\nlocal_addr = \"{local}\"\n"
     );
-    std::fs::write(dir.join("server.toml"), server)?;
-    std::fs::write(dir.join("client.toml"), client)?;
-    let server_toml = dir.join("server.toml").display().to_string();
-    let client_toml = dir.join("client.toml").display().to_string();
-    let (s, _) = spawn(
-        "rathole-server",
-        bin,
-        &["--server", &server_toml],
-        &[("RUST_LOG", "info")],
-        "Listening",
-    )
-    .await?;
-    let (c, _) = spawn(
-        "rathole-client",
-        bin,
-        &["--client", &client_toml],
-        &[("RUST_LOG", "info")],
-        "Control channel established",
-    )
-    .await?;
+    let (s, c) = crate::start_rathole(bin, dir, &server, &client).await?;
     Ok((vec![s, c], links, app))
 }
 
