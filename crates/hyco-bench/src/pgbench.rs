@@ -34,14 +34,6 @@ pub fn bindir() -> Option<PathBuf> {
         .max()
 }
 
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.trim_ascii() == b"0")
-        .unwrap_or(false)
-}
-
 impl Postgres {
     pub async fn start() -> Result<Postgres> {
         let bindir = bindir().context(
@@ -52,20 +44,7 @@ impl Postgres {
         let dir = std::env::temp_dir().join(format!("hyco-bench-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut prefix: Vec<String> = Vec::new();
-        if is_root() {
-            std::os::unix::fs::chown(&dir, Some(65534), Some(65534))?;
-            prefix = [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-            ]
-            .map(String::from)
-            .to_vec();
-        }
-        prefix.extend(["env".into(), "-C".into(), dir.display().to_string()]);
+        let prefix = hyco_testkit::unprivileged_in(&dir)?;
         let data = dir.join("data");
         let data_s = data.display().to_string();
         let mut init = prefix.clone();

@@ -112,3 +112,31 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The command prefix that runs a program in `dir` as an unprivileged user: when this process
+/// is root, `dir` is given to `nobody` (uid and gid 65534) and the program runs as `nobody`
+/// through `setpriv`, as services such as PostgreSQL require; otherwise as this user. The
+/// program starts in `dir`, since the caller's own folder may be closed to `nobody`.
+pub fn unprivileged_in(dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false);
+    let mut prefix: Vec<String> = Vec::new();
+    if root {
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534))?;
+        prefix.extend(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+            ]
+            .map(String::from),
+        );
+    }
+    prefix.extend(["env".into(), "-C".into(), dir.display().to_string()]);
+    Ok(prefix)
+}

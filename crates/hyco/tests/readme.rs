@@ -253,26 +253,7 @@ impl Postgres {
             );
         let dir = TempDir::new("postgres");
         let data = dir.0.join("data");
-        let root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout.trim_ascii() == b"0")
-            .unwrap_or(false);
-        let mut prefix: Vec<String> = Vec::new();
-        if root {
-            std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).expect("chown");
-            prefix = [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-            ]
-            .map(String::from)
-            .to_vec();
-        }
-        // In its own folder: the test's working directory may be closed to `nobody`.
-        prefix.extend(["env".into(), "-C".into(), dir.0.display().to_string()]);
+        let prefix = hyco_testkit::unprivileged_in(&dir.0).expect("a folder for nobody");
         let mut init = prefix.clone();
         init.push(bindir.join("initdb").display().to_string());
         init.extend(
