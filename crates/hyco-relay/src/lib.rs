@@ -165,7 +165,7 @@ impl RelayConfig {
             tls_files: None,
             limits: Limits::default(),
             splice: SpliceConfig::default(),
-            drain_grace: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS),
             cluster: None,
             panic_listener_prefix: None,
         }
