@@ -186,6 +186,49 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// 16 MiB of random bytes through `port` to an echo service, the first half written before
+/// [`HalfwayTransfer::start`] returns, the rest by [`HalfwayTransfer::finish`]: what a drain
+/// must carry across a shutdown in between.
+struct HalfwayTransfer {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<(Vec<u8>, Result<bool, tokio::time::error::Elapsed>)>,
+    data: Vec<u8>,
+}
+
+impl HalfwayTransfer {
+    async fn start(port: u16) -> HalfwayTransfer {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        let mut data = vec![0u8; 16 << 20];
+        rand::thread_rng().fill_bytes(&mut data);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(16 << 20);
+            let r = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got)).await;
+            (got, r.map(|r| r.is_ok()))
+        });
+        wr.write_all(&data[..8 << 20]).await.unwrap();
+        HalfwayTransfer { wr, reader, data }
+    }
+
+    /// Writes the second half and ends the sending side: whether that worked, what came back,
+    /// whether the read ended cleanly within 60 s, and what was sent.
+    async fn finish(
+        mut self,
+    ) -> (
+        std::io::Result<()>,
+        Vec<u8>,
+        Result<bool, tokio::time::error::Elapsed>,
+        Vec<u8>,
+    ) {
+        let mut written = self.wr.write_all(&self.data[8 << 20..]).await;
+        if written.is_ok() {
+            written = self.wr.shutdown().await;
+        }
+        let (got, ended) = self.reader.await.unwrap();
+        (written, got, ended, self.data)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_through_the_tunnel() {
     let server =
@@ -256,20 +299,7 @@ async fn sigterm_drains_running_tunnels_without_losing_bytes() {
     let (_f, port) = r.forward("drain", &s).await;
 
     // A transfer in flight: 16 MiB written in two halves, with the SIGTERM in between.
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
-    let mut data = vec![0u8; 16 << 20];
-    rand::thread_rng().fill_bytes(&mut data);
-    let want: [u8; 32] = Sha256::digest(&data).into();
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::with_capacity(16 << 20);
-        tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        got
-    });
-    wr.write_all(&data[..8 << 20]).await.unwrap();
+    let t = HalfwayTransfer::start(port).await;
     r.proc.wait_line("tunnel open", T).await;
     r.proc.signal_term().await;
     r.proc.wait_line("relay stopping", T).await;
@@ -278,13 +308,13 @@ async fn sigterm_drains_running_tunnels_without_losing_bytes() {
         TcpStream::connect(("127.0.0.1", r.port)).await.is_err(),
         "relay still accepting"
     );
-    wr.write_all(&data[8 << 20..]).await.unwrap();
-    wr.shutdown().await.unwrap();
-    let got = reader.await.unwrap();
-    assert_eq!(got.len(), data.len());
+    let (written, got, ended, want) = t.finish().await;
+    written.unwrap();
+    assert_eq!(ended, Ok(true), "the tunnel did not end cleanly");
+    assert_eq!(got.len(), want.len());
     assert_eq!(
-        <[u8; 32]>::from(Sha256::digest(&got)),
-        want,
+        Sha256::digest(&got),
+        Sha256::digest(&want),
         "bytes lost or changed during the drain"
     );
     let st = r
@@ -305,34 +335,22 @@ async fn manager_sigterm_drains_its_bridges_without_losing_bytes() {
     let (_f, port) = r.forward("mdrain", &s).await;
 
     // A bridge in flight: 16 MiB written in two halves, with the manager's SIGTERM between.
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
-    let mut data = vec![0u8; 16 << 20];
-    rand::thread_rng().fill_bytes(&mut data);
-    let want: [u8; 32] = Sha256::digest(&data).into();
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::with_capacity(16 << 20);
-        let r = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got)).await;
-        (got, r.map(|r| r.is_ok()))
-    });
-    wr.write_all(&data[..8 << 20]).await.unwrap();
+    let t = HalfwayTransfer::start(port).await;
     r.proc.wait_line("tunnel open", T).await;
     m.signal_term().await;
     m.wait_line("signal received", T).await;
     // The manager has left the relay (it takes no new senders); the open bridge goes on.
     r.wait_listeners("mdrain", 0).await;
-    let _ = wr.write_all(&data[8 << 20..]).await;
-    let _ = wr.shutdown().await;
-    let (got, ended) = reader.await.unwrap();
+    let (_, got, ended, want) = t.finish().await;
     assert_eq!(ended, Ok(true), "the tunnel did not end cleanly");
     assert_eq!(
         got.len(),
-        data.len(),
+        want.len(),
         "bytes lost across the manager's shutdown"
     );
     assert_eq!(
-        <[u8; 32]>::from(Sha256::digest(&got)),
-        want,
+        Sha256::digest(&got),
+        Sha256::digest(&want),
         "bytes changed across the manager's shutdown"
     );
     let st = m
