@@ -154,21 +154,26 @@ async fn parse_with_server(head: Vec<u8>) -> Option<http::Extensions> {
 async fn read_head(mut pipe: tokio::io::DuplexStream) -> Option<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
         let n = pipe.read(&mut chunk).await.ok()?;
         if n == 0 || buf.len() + n > PROBE_LIMIT {
             return None;
         }
+        // Only the new bytes (and the three before them) can complete the blank line.
+        let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
+        if buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Some(buf);
+        }
     }
-    Some(buf)
 }
 
 /// The header names of a request head, first spelling of each name kept.
 fn parse_names(head: &[u8]) -> HashMap<String, String> {
     let mut names = HashMap::new();
-    // At most one header per probe line of "N: x\r\n" (four bytes at the least).
-    let mut slots = vec![httparse::EMPTY_HEADER; head.len() / 4 + 1];
+    // One slot per line: every header is a line of its own.
+    let lines = head.iter().filter(|&&b| b == b'\n').count();
+    let mut slots = vec![httparse::EMPTY_HEADER; lines];
     let mut req = httparse::Request::new(&mut slots);
     if let Ok(httparse::Status::Complete(_)) = req.parse(head) {
         for h in req.headers.iter() {

@@ -312,17 +312,7 @@ pub(crate) async fn handle(
         setup_ms = started.elapsed().as_millis() as u64,
         "request answered"
     );
-    let mut resp = response_for_sender(&cmd, body, &out.method, &host)?;
-    // The names as the listener spelled them, in the order `response_for_sender` added them.
-    let names: Vec<&str> = (cmd.response_headers.iter().flatten())
-        .map(|(k, _)| k.as_str())
-        .filter(|k| {
-            let lower = k.to_ascii_lowercase();
-            !is_hop_header(&lower) && lower != "via"
-        })
-        .collect();
-    hyco_io::header_case::respell(&mut resp, &names).await;
-    Ok(resp)
+    response_for_sender(&cmd, body, &out.method, &host).await
 }
 
 /// Reads a body of known length (at most [`INLINE_BODY_MAX`]) within `timeout`.
@@ -485,8 +475,9 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// The listener's response as the sender gets it: status and reason as given, headers minus
-/// framing ones, `Via` naming this relay, and the body framed by the relay.
-fn response_for_sender(
+/// framing ones and spelled as the listener spelled them, `Via` naming this relay, and the body
+/// framed by the relay.
+async fn response_for_sender(
     cmd: &ResponseCommand,
     body: ResponseBody,
     method: &Method,
@@ -521,6 +512,8 @@ fn response_for_sender(
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     let mut via: Option<String> = None;
+    // The listener's names in the order and number they go into `h`, for their spelling.
+    let mut spelled: Vec<&str> = Vec::new();
     for (k, v) in cmd.response_headers.iter().flatten() {
         let lower = k.to_ascii_lowercase();
         if is_hop_header(&lower) {
@@ -536,6 +529,7 @@ fn response_for_sender(
         ) {
             (Ok(name), Ok(value)) => {
                 h.append(name, value);
+                spelled.push(k);
             }
             _ => debug!(header = %k, "unusable response header dropped"),
         }
@@ -562,6 +556,7 @@ fn response_for_sender(
             }
         }
     }
+    hyco_io::header_case::respell(&mut resp, &spelled).await;
     Ok(resp)
 }
 
