@@ -20,6 +20,8 @@
 //! * [`names`]: hybrid connection and rule names (Azure's rules) as URL path segments.
 //! * [`error`]: every error enum, and [`ProtoError`] wrapping them.
 //! * [`escape`]: outside text made safe for logs, terminals and pages.
+//! * [`ext`]: hyco's protocol extensions (standby, early data) and their `Hyco-Extensions`
+//!   header.
 //! * [`headers`]: which HTTP headers are hop-by-hop (HTTP mode, relay and manager alike).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -30,6 +32,7 @@ pub mod control;
 pub mod entity;
 pub mod error;
 pub mod escape;
+pub mod ext;
 pub mod headers;
 pub mod names;
 pub mod rights;
