@@ -56,6 +56,7 @@ pub(crate) fn listen(
         host: route.host,
         tx,
         last_seen: AtomicU64::new(crate::unix_now()),
+        standby: crate::standby::Pool::default(),
     });
     let registration = shared
         .registry
@@ -83,5 +84,8 @@ pub(crate) fn listen(
             _ => debug!("listener upgrade did not complete"),
         }
     });
-    Ok(switching_protocols(&route.accept_key, None))
+    Ok(crate::advertise(
+        shared,
+        switching_protocols(&route.accept_key, None),
+    ))
 }

@@ -70,6 +70,10 @@ pub(crate) struct Metrics {
     pub(crate) active_listeners: Gauges,
     /// Tunnels open now.
     pub(crate) active_connections: Gauges,
+    /// Sockets listeners keep parked for senders (standby extension).
+    pub(crate) standby_sockets: Gauges,
+    /// Senders joined to a parked socket (standby extension) rather than by rendezvous.
+    pub(crate) standby_pairings: Counters,
     /// Listener control channels that ended.
     pub(crate) listener_disconnects: Counters,
     /// Tunnels that ended.
@@ -94,6 +98,8 @@ impl Default for Metrics {
             sender_server_error: Counters::default(),
             active_listeners: Gauges::default(),
             active_connections: Gauges::default(),
+            standby_sockets: Gauges::default(),
+            standby_pairings: Counters::default(),
             listener_disconnects: Counters::default(),
             sender_disconnects: Counters::default(),
             bytes_transferred: Counters::default(),
@@ -144,6 +150,12 @@ impl Default for Metrics {
         );
         c(
             &mut registry,
+            "standby_pairings",
+            "Sender connections joined to a socket their listener had parked (hyco extension)",
+            &m.standby_pairings,
+        );
+        c(
+            &mut registry,
             "listener_disconnects",
             "ListenerDisconnects: listener control channels that ended",
             &m.listener_disconnects,
@@ -169,6 +181,11 @@ impl Default for Metrics {
             "active_connections",
             "ActiveConnections: tunnels open now",
             m.active_connections.clone(),
+        );
+        registry.register(
+            "standby_sockets",
+            "Sockets listeners keep parked for senders now (hyco extension)",
+            m.standby_sockets.clone(),
         );
         registry.register(
             "sender_connect_latency_seconds",
