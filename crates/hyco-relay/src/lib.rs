@@ -42,6 +42,7 @@ mod standby;
 mod status;
 pub mod store;
 mod throttle;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -189,6 +190,8 @@ pub struct Shared {
     pub(crate) registry: Arc<registry::Registry>,
     /// Senders waiting for listeners.
     pub(crate) rendezvous: Arc<rendezvous::Rendezvous>,
+    /// The sockets listeners parked for senders (standby extension).
+    pub(crate) standby: Arc<standby::Pools>,
     /// HTTP-mode requests waiting for their responses.
     pub(crate) http: http::HttpTable,
     /// Fires when the relay stops accepting: control channels close with 1001.
@@ -544,6 +547,7 @@ impl Relay {
             cluster,
             registry,
             rendezvous: Arc::new(rendezvous::Rendezvous::default()),
+            standby: Arc::default(),
             http: http::HttpTable::default(),
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),

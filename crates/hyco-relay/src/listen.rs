@@ -56,7 +56,6 @@ pub(crate) fn listen(
         host: route.host,
         tx,
         last_seen: AtomicU64::new(crate::unix_now()),
-        standby: crate::standby::Pool::default(),
     });
     let registration = shared
         .registry

@@ -67,8 +67,6 @@ pub struct ListenerEntry {
     pub tx: mpsc::Sender<ControlMsg>,
     /// When a frame (a pong at least) last came from it, seconds since the epoch: health.
     pub last_seen: AtomicU64,
-    /// The sockets it parked for senders (standby extension).
-    pub(crate) standby: crate::standby::Pool,
 }
 
 /// Why a listener was not registered.

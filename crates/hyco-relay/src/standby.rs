@@ -11,7 +11,7 @@
 //! hybrid connection's deletion retire it, and so does its time to live. It holds a tunnel
 //! permit (one descriptor) while parked and counts against its listener's cap.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,10 +28,10 @@ use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info};
 
-use crate::connect::Joining;
 use crate::error::{Body, RelayError};
 use crate::metrics::{GaugeUnit, Hc};
 use crate::registry::ListenerEntry;
+use crate::tunnel::{run_tunnel, Joining, ListenerSide};
 use crate::{ServerTls, Shared};
 
 /// What a parked socket gets when a sender is joined to it.
@@ -42,61 +42,76 @@ pub(crate) struct Pair {
     sender: Joining,
 }
 
-/// The sockets one listener has parked: oldest first, each by its id and the way to hand it
-/// a sender.
+/// A listener's parked sockets, oldest first, each by its id and the way to hand it a sender.
+type Parked = VecDeque<(u64, oneshot::Sender<Pair>)>;
+
+/// The parked sockets of every listener of this node, by the listener's relay-internal id.
 #[derive(Default)]
-pub(crate) struct Pool {
-    parked: Mutex<VecDeque<(u64, oneshot::Sender<Pair>)>>,
+pub(crate) struct Pools {
+    by_listener: Mutex<HashMap<u64, Parked>>,
+    next_id: AtomicU64,
 }
 
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("parked", &self.len()).finish()
-    }
-}
-
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, oneshot::Sender<Pair>)>> {
-        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Parked>> {
+        self.by_listener.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sockets parked now.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+    /// Sockets the listener `conn_id` has parked now.
+    pub(crate) fn len(&self, listener: u64) -> usize {
+        self.lock().get(&listener).map_or(0, VecDeque::len)
     }
 
-    /// The oldest parked socket, out of the pool.
-    fn take(&self) -> Option<oneshot::Sender<Pair>> {
-        self.lock().pop_front().map(|(_, tx)| tx)
+    /// The oldest socket the listener has parked, out of the pool.
+    fn take(&self, listener: u64) -> Option<oneshot::Sender<Pair>> {
+        let mut g = self.lock();
+        let list = g.get_mut(&listener)?;
+        let tx = list.pop_front().map(|(_, tx)| tx);
+        if list.is_empty() {
+            g.remove(&listener);
+        }
+        tx
     }
-}
 
-/// A parked socket's place in its listener's pool, given back when dropped.
-struct Parked {
-    entry: Arc<ListenerEntry>,
-    id: u64,
-}
-
-impl Parked {
-    /// Parks under `entry` unless it has `max` already.
-    fn push(entry: &Arc<ListenerEntry>, tx: oneshot::Sender<Pair>, max: usize) -> Option<Parked> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        let mut g = entry.standby.lock();
-        if g.len() >= max {
+    /// Parks under `listener` unless it has `max` already; the place is given back when the
+    /// returned guard is dropped.
+    fn push(
+        self: &Arc<Self>,
+        listener: u64,
+        tx: oneshot::Sender<Pair>,
+        max: usize,
+    ) -> Option<Place> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.lock();
+        let list = g.entry(listener).or_default();
+        if list.len() >= max {
             return None;
         }
-        g.push_back((id, tx));
-        Some(Parked {
-            entry: Arc::clone(entry),
+        list.push_back((id, tx));
+        Some(Place {
+            pools: Arc::clone(self),
+            listener,
             id,
         })
     }
 }
 
-impl Drop for Parked {
+/// A parked socket's place in its listener's pool, given back when dropped.
+struct Place {
+    pools: Arc<Pools>,
+    listener: u64,
+    id: u64,
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
-        self.entry.standby.lock().retain(|(id, _)| *id != self.id);
+        let mut g = self.pools.lock();
+        if let Some(list) = g.get_mut(&self.listener) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                g.remove(&self.listener);
+            }
+        }
     }
 }
 
@@ -147,7 +162,7 @@ pub(crate) fn open(
         )));
     };
     let max = usize::try_from(params.max).unwrap_or(usize::MAX);
-    if entry.standby.len() >= max {
+    if shared.standby.len(entry.conn_id) >= max {
         return Err(RelayError::TooMany(
             "This listener has the most standby sockets the relay keeps (standby;max).",
         ));
@@ -209,7 +224,7 @@ impl Socket {
     /// the socket.
     async fn park(self, mut io: ServerTls) {
         let (tx, mut rx) = oneshot::channel();
-        let Some(parked) = Parked::push(&self.entry, tx, self.max) else {
+        let Some(parked) = self.shared.standby.push(self.entry.conn_id, tx, self.max) else {
             close(
                 &mut io,
                 1008,
@@ -334,11 +349,11 @@ impl Socket {
         let span = tracing::info_span!("tunnel", hc = %self.route.hc_name, id = %start.id, listener_id = %self.entry.listener_id, peer = %start.peer, standby = true);
         let _permit = permit;
         tracing::Instrument::instrument(
-            crate::connect::run_tunnel(
+            run_tunnel(
                 &self.shared,
                 start,
                 sender,
-                crate::connect::ListenerSide::Parked(Box::new(io)),
+                ListenerSide::Parked(Box::new(io)),
             ),
             span,
         )
@@ -387,13 +402,13 @@ pub(crate) fn join(
     }
     let mut with_parked: Vec<_> = listeners
         .into_iter()
-        .filter(|l| l.standby.len() > 0)
+        .filter(|l| shared.standby.len(l.conn_id) > 0)
         .collect();
     // At random among the listeners that have one, as senders are spread (protocol.md §5.1).
     while !with_parked.is_empty() {
         let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..with_parked.len());
         let l = with_parked.swap_remove(i);
-        while let Some(tx) = l.standby.take() {
+        while let Some(tx) = shared.standby.take(l.conn_id) {
             let pair = Pair {
                 accept: accept_for(&l),
                 sender,
