@@ -44,6 +44,8 @@ pub enum Action {
     Accept,
     /// Listener rendezvous for an HTTP request.
     Request,
+    /// A socket a listener parks for senders to come (hyco extension, [`crate::ext`]).
+    Standby,
 }
 
 impl Action {
@@ -54,6 +56,7 @@ impl Action {
             Action::Connect => "connect",
             Action::Accept => "accept",
             Action::Request => "request",
+            Action::Standby => "standby",
         }
     }
 
@@ -64,6 +67,7 @@ impl Action {
             Action::Connect,
             Action::Accept,
             Action::Request,
+            Action::Standby,
         ]
         .into_iter()
         .find(|a| a.as_str().eq_ignore_ascii_case(s))

@@ -3,30 +3,25 @@
 //! §2.3, §4.2).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::{Request, Response};
-use hyco_io::prefixed::Prefixed;
-use hyco_io::splice::{splice, Counters, Side, SpliceEnd};
 use hyco_io::ws::handshake::switching_protocols;
 use hyco_proto::address::{self, HcQuery};
 use hyco_proto::control::{AcceptCommand, ListenerCommand, RemoteEndpoint};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::dispatch::{NotOffered, Offers, NO_LISTENER_QUALIFIES};
 use crate::error::{Body, RelayError};
-use crate::metrics::{GaugeUnit, Hc};
-use crate::registry::ControlMsg;
+use crate::registry::{ControlMsg, ListenerEntry};
 use crate::rendezvous::{Busy, Outcome, PendingGuard};
 use crate::request::forwarded_headers;
 use crate::select::Target;
-use crate::{ServerTls, Shared, Tunnel, TunnelEntry};
+use crate::standby;
+use crate::tunnel::{run_tunnel, Joining, ListenerSide, TunnelStart};
+use crate::Shared;
 
 /// Where an authorized connect goes.
 pub(crate) struct Route {
@@ -60,7 +55,8 @@ fn connect_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(
     })
 }
 
-/// Offers the sender to listeners until one answers, then splices the two in a task.
+/// Joins the sender to a socket its listener parked when one is (standby extension), else
+/// offers it to listeners until one answers; then splices the two in a task.
 pub(crate) async fn connect(
     shared: &Arc<Shared>,
     peer: SocketAddr,
@@ -74,7 +70,56 @@ pub(crate) async fn connect(
         ));
     };
     let started = Instant::now();
-    let (conn_id, listener_id, outcome) = rendezvous(shared, peer, &req, &route).await?;
+    let mut headers = connect_headers(req.headers(), route.authorization_used);
+    hyco_io::header_case::Spelling::of(&req)
+        .await
+        .apply(&mut headers);
+    // The sender's own id, else a fresh GUID (never a piece of a capability).
+    let conn_id = route
+        .query
+        .id
+        .clone()
+        .unwrap_or_else(|| address::new_connection_id(rand::random()));
+    let offers = Offers::new(shared, &route.hc_key, req.headers());
+    let tunnel = Joining {
+        sender: hyper::upgrade::on(&mut req),
+        start: TunnelStart {
+            hc_key: route.hc_key.clone(),
+            id: conn_id.clone(),
+            peer,
+            started,
+        },
+        permit: tunnel_permit,
+    };
+    // A sender that asks for a sub-protocol gets the listener's answer to it: a rendezvous.
+    let tunnel = if req
+        .headers()
+        .contains_key(http::header::SEC_WEBSOCKET_PROTOCOL)
+    {
+        tunnel
+    } else {
+        let accept_for = |l: &ListenerEntry| {
+            accept_command(&l.host, peer, &route, &headers, &conn_id, None).to_json()
+        };
+        match standby::join(
+            shared,
+            &route.hc_key,
+            offers.local_listeners(),
+            tunnel,
+            accept_for,
+        ) {
+            Ok(listener_id) => {
+                debug!(hc = %route.hc_name, id = %conn_id, listener_id = %listener_id, "sender joined to a standby socket");
+                return Ok(crate::advertise(
+                    shared,
+                    switching_protocols(&route.accept_key, None),
+                ));
+            }
+            Err(tunnel) => tunnel,
+        }
+    };
+    let (listener_id, outcome) =
+        rendezvous(shared, peer, offers, &route, &headers, &conn_id).await?;
     let hc_name = &route.hc_name;
     match outcome {
         Outcome::Rejected { status, reason } => {
@@ -90,23 +135,24 @@ pub(crate) async fn connect(
             })
         }
         Outcome::Accepted { upgrade, protocol } => {
-            let sender = hyper::upgrade::on(&mut req);
             let span = tracing::info_span!("tunnel", hc = %hc_name, id = %conn_id, listener_id = %listener_id, peer = %peer);
-            let start = TunnelStart {
-                hc_key: route.hc_key.clone(),
-                id: conn_id,
-                peer,
-                started,
-            };
             let shared2 = Arc::clone(shared);
             shared.tracker.spawn(
                 async move {
-                    let _tunnel_permit = tunnel_permit;
-                    run_tunnel(&shared2, start, sender, upgrade).await;
+                    let Joining {
+                        sender,
+                        start,
+                        permit,
+                    } = tunnel;
+                    let _tunnel_permit = permit;
+                    run_tunnel(&shared2, start, sender, ListenerSide::Upgrade(upgrade)).await;
                 }
                 .instrument(span),
             );
-            Ok(switching_protocols(&route.accept_key, protocol.as_deref()))
+            Ok(crate::advertise(
+                shared,
+                switching_protocols(&route.accept_key, protocol.as_deref()),
+            ))
         }
     }
 }
@@ -116,18 +162,16 @@ pub(crate) async fn connect(
 async fn rendezvous(
     shared: &Shared,
     peer: SocketAddr,
-    req: &Request<Incoming>,
+    mut offers: Offers<'_>,
     route: &Route,
-) -> Result<(String, String, Outcome), RelayError> {
-    let mut headers = connect_headers(req.headers(), route.authorization_used);
-    hyco_io::header_case::Spelling::of(req)
-        .await
-        .apply(&mut headers);
+    headers: &[(String, String)],
+    conn_id: &str,
+) -> Result<(String, Outcome), RelayError> {
     let deadline = Instant::now() + shared.cfg.limits.rendezvous_timeout;
-    let mut offers = Offers::new(shared, &route.hc_key, req.headers());
     loop {
-        let build =
-            |_: &mut (), target: &Target| accept_command(shared, peer, route, &headers, target);
+        let build = |_: &mut (), target: &Target| {
+            waiting_accept(shared, peer, route, headers, conn_id, target)
+        };
         let (taken, waiting) =
             offers
                 .offer(&mut (), build, |_, _| ())
@@ -145,7 +189,7 @@ async fn rendezvous(
                 })?;
         tokio::select! {
             r = tokio::time::timeout_at(deadline, waiting.rx) => return match r {
-                Ok(Ok(o)) => Ok((waiting.conn_id, taken.listener_id, o)),
+                Ok(Ok(o)) => Ok((taken.listener_id, o)),
                 Ok(Err(_)) => Err(RelayError::Unavailable("The rendezvous was abandoned.")),
                 Err(_) => Err(RelayError::ListenerTimeout(
                     shared.cfg.limits.rendezvous_timeout.as_secs(),
@@ -160,54 +204,67 @@ async fn rendezvous(
 
 /// A sender waiting for the listener it was offered to.
 struct Waiting {
-    /// The connection's id.
-    conn_id: String,
     /// Its place among the pending rendezvous, held until the wait ends.
     _pending: PendingGuard,
     /// Where the listener's answer comes.
     rx: tokio::sync::oneshot::Receiver<Outcome>,
 }
 
-/// The `accept` command for one listener, with its rendezvous waiting under a fresh
-/// capability: the connection id, the wait's place (held until it ends) and where the
-/// listener's answer comes.
+/// The `accept` command for a sender: `rv` is the rendezvous capability when the listener
+/// is to dial back (a standby socket is already there: its address has none).
 fn accept_command(
-    shared: &Shared,
+    rendezvous_host: &str,
     peer: SocketAddr,
     route: &Route,
     headers: &[(String, String)],
-    target: &Target,
-) -> Result<(ControlMsg, Waiting), RelayError> {
-    let rv = address::new_connection_id(rand::random());
-    // The sender's own id, else a fresh GUID (never a piece of the capability).
-    let conn_id = route
-        .query
-        .id
-        .clone()
-        .unwrap_or_else(|| address::new_connection_id(rand::random()));
+    conn_id: &str,
+    rv: Option<&str>,
+) -> ListenerCommand {
     let mut address = format!(
-        "wss://{}/$hc/{}{}?",
-        target.rendezvous_host(shared),
-        route.hc_name,
-        route.suffix
+        "wss://{rendezvous_host}/$hc/{}{}?",
+        route.hc_name, route.suffix
     );
     if !route.query.app_query.is_empty() {
         address.push_str(&route.query.app_query);
         address.push('&');
     }
     address.push_str(&format!(
-        "sb-hc-action=accept&sb-hc-id={}&sb-hc-rv={rv}",
+        "sb-hc-action=accept&sb-hc-id={}",
         form_urlencoded::byte_serialize(conn_id.as_bytes()).collect::<String>()
     ));
-    let cmd = ListenerCommand::Accept(AcceptCommand {
+    if let Some(rv) = rv {
+        address.push_str(&format!("&sb-hc-rv={rv}"));
+    }
+    ListenerCommand::Accept(AcceptCommand {
         address,
-        id: conn_id.clone(),
+        id: conn_id.to_owned(),
         connect_headers: headers.to_vec(),
         remote_endpoint: Some(RemoteEndpoint {
             address: peer.ip().to_string(),
             port: peer.port(),
         }),
-    });
+    })
+}
+
+/// The `accept` command for one listener, with its rendezvous waiting under a fresh
+/// capability: the wait's place (held until it ends) and where the listener's answer comes.
+fn waiting_accept(
+    shared: &Shared,
+    peer: SocketAddr,
+    route: &Route,
+    headers: &[(String, String)],
+    conn_id: &str,
+    target: &Target,
+) -> Result<(ControlMsg, Waiting), RelayError> {
+    let rv = address::new_connection_id(rand::random());
+    let cmd = accept_command(
+        &target.rendezvous_host(shared),
+        peer,
+        route,
+        headers,
+        conn_id,
+        Some(&rv),
+    );
     let limits = &shared.cfg.limits;
     let (pending, rx) = shared
         .rendezvous
@@ -226,86 +283,8 @@ fn accept_command(
             })
         })?;
     let waiting = Waiting {
-        conn_id,
         _pending: pending,
         rx,
     };
     Ok((ControlMsg::Command(cmd.to_json()), waiting))
-}
-
-/// What a tunnel is known by before it opens.
-struct TunnelStart {
-    hc_key: String,
-    id: String,
-    peer: SocketAddr,
-    /// When its sender's request came in.
-    started: Instant,
-}
-
-/// The tunnel, from both upgrades to the end of the splice; listed, counted and gauged until
-/// it ends, however it ends.
-async fn run_tunnel(
-    shared: &Arc<Shared>,
-    start: TunnelStart,
-    sender: OnUpgrade,
-    listener: OnUpgrade,
-) {
-    let started = start.started;
-    let (s, l) = tokio::join!(sender, listener);
-    let (Ok(s), Ok(l)) = (s, l) else {
-        debug!("an upgrade did not complete");
-        return;
-    };
-    let (Ok(s), Ok(l)) = (
-        s.downcast::<TokioIo<ServerTls>>(),
-        l.downcast::<TokioIo<ServerTls>>(),
-    ) else {
-        warn!("unexpected transport after upgrade");
-        return;
-    };
-    info!(
-        event = "SenderListenerConnectionEstablished",
-        setup_ms = started.elapsed().as_millis() as u64,
-        "tunnel open"
-    );
-    let label = Hc::new(Some(&start.hc_key));
-    let m = &shared.metrics;
-    m.sender_success.get_or_create(&label).inc();
-    // Held until the task ends, however it ends (as is the tunnel's listing).
-    let _open = GaugeUnit::hold(&m.active_connections, &label);
-    m.connect_latency
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
-    let tunnel = Arc::new(Tunnel {
-        hc_key: start.hc_key,
-        id: start.id,
-        peer: start.peer,
-        since: SystemTime::now(),
-        counters: Counters::default(),
-    });
-    let _listed = TunnelEntry::insert(shared, shared.registry.next_conn_id(), Arc::clone(&tunnel));
-    let counters = &tunnel.counters;
-    let opened = Instant::now();
-    let a = Prefixed::new(s.io.into_inner(), s.read_buf);
-    let b = Prefixed::new(l.io.into_inner(), l.read_buf);
-    let end = tokio::select! {
-        end = splice(a, b, shared.cfg.splice, counters) => end,
-        _ = shared.drain.cancelled() => SpliceEnd::Aborted { side: Side::A, error: std::io::Error::other("relay stopped") },
-    };
-    let (up, down) = (
-        counters.a_to_b.load(Ordering::Relaxed),
-        counters.b_to_a.load(Ordering::Relaxed),
-    );
-    info!(
-        role = "tunnel",
-        bytes_sender_to_listener = up,
-        bytes_listener_to_sender = down,
-        duration_ms = opened.elapsed().as_millis() as u64,
-        sender_close_code = counters.a_close.load(Ordering::Relaxed),
-        listener_close_code = counters.b_close.load(Ordering::Relaxed),
-        end = ?end,
-        "tunnel closed"
-    );
-    m.sender_disconnects.get_or_create(&label).inc();
-    m.bytes_transferred.get_or_create(&label).inc_by(up + down);
 }

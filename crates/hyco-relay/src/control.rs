@@ -87,12 +87,46 @@ fn unreadable_response_id(text: &str) -> Option<String> {
 const FURTHEST: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// When a channel whose token expires at `expiry` (seconds since the epoch) must close.
-fn deadline_for(expiry: u64, grace: Duration) -> Instant {
+pub(crate) fn deadline_for(expiry: u64, grace: Duration) -> Instant {
     let left = Duration::from_secs(expiry.saturating_sub(unix_now()))
         .saturating_add(grace)
         .min(FURTHEST);
     // At most ten years ahead: no platform's monotonic clock overflows there.
     Instant::now() + left
+}
+
+/// Verifies a Listen token for the hybrid connection `(key, name)`, reached by `host`, with
+/// the keys as they are now, as of `now` (0: expiry not checked).
+fn listen_token_at(
+    shared: &Shared,
+    (hc_key, hc_name): (&str, &str),
+    host: &str,
+    token: &str,
+    now: u64,
+) -> Result<crate::auth::Grant, crate::error::RelayError> {
+    let ns = shared.store.snapshot();
+    let hc = ns.hcs.get(hc_key);
+    let hosts = crate::auth::hosts(&shared.cfg.hostnames, host);
+    crate::auth::authorize(
+        &ns,
+        &hosts,
+        Some((hc_name, hc)),
+        Some(token),
+        Need::Listen,
+        now,
+    )
+}
+
+/// Whether a Listen token still verifies with the keys as they are now (its expiry is the
+/// holder's timer): after a key change, control channels and standby sockets ask this.
+pub(crate) fn listen_token_check(
+    shared: &Shared,
+    hc_key: &str,
+    hc_name: &str,
+    host: &str,
+    token: &str,
+) -> Result<crate::auth::Grant, crate::error::RelayError> {
+    listen_token_at(shared, (hc_key, hc_name), host, token, 0)
 }
 
 impl ControlChannel {
@@ -306,15 +340,11 @@ impl ControlChannel {
         token: &str,
         now: u64,
     ) -> Result<crate::auth::Grant, crate::error::RelayError> {
-        let ns = self.shared.store.snapshot();
-        let hc = ns.hcs.get(&self.hc_key);
-        let hosts = crate::auth::hosts(&self.shared.cfg.hostnames, &self.entry.host);
-        crate::auth::authorize(
-            &ns,
-            &hosts,
-            Some((&self.hc_name, hc)),
-            Some(token),
-            Need::Listen,
+        listen_token_at(
+            &self.shared,
+            (&self.hc_key, &self.hc_name),
+            &self.entry.host,
+            token,
             now,
         )
     }

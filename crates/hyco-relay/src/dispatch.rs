@@ -78,6 +78,14 @@ impl<'a> Offers<'a> {
         }
     }
 
+    /// The listeners of this node the sender may be joined to (its listener-choice headers
+    /// applied).
+    pub(crate) fn local_listeners(&self) -> Vec<Arc<ListenerEntry>> {
+        self.shared
+            .registry
+            .eligible(self.hc_key, self.allowed.as_deref(), &self.disallowed, &[])
+    }
+
     /// Offers the sender to the next listener, at random among those not tried yet. `build`
     /// makes the message for the chosen target (with what the caller keeps while it waits);
     /// when the listener does not take it, `undo` gets that back and the next one is tried.

@@ -77,6 +77,9 @@ pub(crate) enum RelayError {
     /// Too many failed authorizations from this address; retry after the seconds given.
     #[error("Too many failed authorization attempts from this address; retry in {0} s.")]
     TooManyFailures(u64),
+    /// A per-listener or per-connection cap (not a throttle: no `Retry-After`).
+    #[error("{0}")]
+    TooMany(&'static str),
     /// A known management path with a method it does not take.
     #[error("This operation does not take that HTTP method.")]
     MethodNotAllowed,
@@ -115,7 +118,9 @@ impl RelayError {
             ),
             RelayError::ListenerTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             RelayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
-            RelayError::TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+            RelayError::TooManyFailures(_) | RelayError::TooMany(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests")
+            }
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
             RelayError::StoreUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "StoreUnavailable")

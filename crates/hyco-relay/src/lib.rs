@@ -38,9 +38,11 @@ mod rendezvous;
 mod request;
 mod select;
 mod service;
+mod standby;
 mod status;
 pub mod store;
 mod throttle;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -148,6 +150,9 @@ pub struct RelayConfig {
     pub drain_grace: Duration,
     /// Run as a node of a cluster: configuration and listener directory in Redis.
     pub cluster: Option<cluster::ClusterConfig>,
+    /// The hyco extensions this relay offers (`Hyco-Extensions` on its 101s): standby
+    /// sockets and early data. `Extensions::default()` (none) makes it a plain Azure-protocol relay.
+    pub extensions: hyco_proto::ext::Extensions,
     /// Test hook (issue 15 §2): a control channel whose listener id (`sb-hc-id`) starts with
     /// this panics once registered, so tests can show that a panicking task leaves no ghost.
     /// `None` in every real configuration: no flag or file sets it.
@@ -167,6 +172,7 @@ impl RelayConfig {
             splice: SpliceConfig::default(),
             drain_grace: Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS),
             cluster: None,
+            extensions: default_extensions(),
             panic_listener_prefix: None,
         }
     }
@@ -184,6 +190,8 @@ pub struct Shared {
     pub(crate) registry: Arc<registry::Registry>,
     /// Senders waiting for listeners.
     pub(crate) rendezvous: Arc<rendezvous::Rendezvous>,
+    /// The sockets listeners parked for senders (standby extension).
+    pub(crate) standby: Arc<standby::Pools>,
     /// HTTP-mode requests waiting for their responses.
     pub(crate) http: http::HttpTable,
     /// Fires when the relay stops accepting: control channels close with 1001.
@@ -209,6 +217,61 @@ pub struct Shared {
     pub(crate) tunnels: std::sync::Mutex<std::collections::HashMap<u64, Arc<Tunnel>>>,
     /// Connections per source (address, or IPv6 prefix) still in their handshake (attacks C9).
     handshakes: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpGate>>,
+}
+
+/// The extensions a relay offers unless told otherwise: up to 32 standby sockets per listener,
+/// each parked at most 60 s (under the idle timeouts of common NATs and load balancers, so a
+/// parked socket is not silently dropped on its way), and 64 KiB of early data (a first
+/// request or handshake of the application's, and less than the TCP window a sender starts
+/// with).
+pub fn default_extensions() -> hyco_proto::ext::Extensions {
+    hyco_proto::ext::Extensions {
+        standby: Some(hyco_proto::ext::StandbyParams {
+            max: 32,
+            ttl_secs: 60,
+        }),
+        early_data: Some(64 * 1024),
+    }
+}
+
+/// The extensions named in `list`: `all` (the defaults), `none`, or names separated by commas
+/// (`standby`, `early-data`), each with its default parameters. For `--extensions` and
+/// `HYCO_EXTENSIONS`.
+pub fn extensions_from_list(list: &str) -> Result<hyco_proto::ext::Extensions, String> {
+    let all = default_extensions();
+    let mut chosen = hyco_proto::ext::Extensions::default();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match name.to_ascii_lowercase().as_str() {
+            "all" => chosen = all,
+            "none" => {}
+            hyco_proto::ext::STANDBY => chosen.standby = all.standby,
+            hyco_proto::ext::EARLY_DATA => chosen.early_data = all.early_data,
+            _ => {
+                return Err(format!(
+                    "unknown extension '{}': use all, none, standby or early-data",
+                    hyco_proto::address::sanitize_reason(name)
+                ))
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// `response` (a 101 of a listen, connect or standby upgrade) with the `Hyco-Extensions`
+/// header, when this relay offers any.
+pub(crate) fn advertise<B>(
+    shared: &Shared,
+    mut response: ::http::Response<B>,
+) -> ::http::Response<B> {
+    if let Some(v) = shared
+        .cfg
+        .extensions
+        .to_header()
+        .and_then(|v| ::http::HeaderValue::from_str(&v).ok())
+    {
+        response.headers_mut().insert(hyco_proto::ext::HEADER, v);
+    }
+    response
 }
 
 /// An open tunnel's place in [`Shared::tunnels`], removed when dropped (however its task
@@ -484,6 +547,7 @@ impl Relay {
             cluster,
             registry,
             rendezvous: Arc::new(rendezvous::Rendezvous::default()),
+            standby: Arc::default(),
             http: http::HttpTable::default(),
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),

@@ -83,5 +83,8 @@ pub(crate) fn listen(
             _ => debug!("listener upgrade did not complete"),
         }
     });
-    Ok(switching_protocols(&route.accept_key, None))
+    Ok(crate::advertise(
+        shared,
+        switching_protocols(&route.accept_key, None),
+    ))
 }

@@ -70,6 +70,10 @@ pub(crate) struct Metrics {
     pub(crate) active_listeners: Gauges,
     /// Tunnels open now.
     pub(crate) active_connections: Gauges,
+    /// Sockets listeners keep parked for senders (standby extension).
+    pub(crate) standby_sockets: Gauges,
+    /// Senders joined to a parked socket (standby extension) rather than by rendezvous.
+    pub(crate) standby_pairings: Counters,
     /// Listener control channels that ended.
     pub(crate) listener_disconnects: Counters,
     /// Tunnels that ended.
@@ -94,6 +98,8 @@ impl Default for Metrics {
             sender_server_error: Counters::default(),
             active_listeners: Gauges::default(),
             active_connections: Gauges::default(),
+            standby_sockets: Gauges::default(),
+            standby_pairings: Counters::default(),
             listener_disconnects: Counters::default(),
             sender_disconnects: Counters::default(),
             bytes_transferred: Counters::default(),
@@ -103,73 +109,41 @@ impl Default for Metrics {
             buffers_held: Gauge::default(),
             registry: Registry::default(),
         };
-        let c = |r: &mut Registry, name: &str, help: &str, f: &Counters| {
-            r.register(name, help, f.clone())
-        };
-        c(
-            &mut registry,
-            "listener_connections_success",
-            "ListenerConnections-Success: listener control channels opened",
-            &m.listener_success,
-        );
-        c(
-            &mut registry,
-            "listener_connections_client_error",
-            "ListenerConnections-ClientError: listener connections refused with 4xx",
-            &m.listener_client_error,
-        );
-        c(
-            &mut registry,
-            "listener_connections_server_error",
-            "ListenerConnections-ServerError: listener connections refused with 5xx",
-            &m.listener_server_error,
-        );
-        c(
-            &mut registry,
-            "sender_connections_success",
-            "SenderConnections-Success: sender connections that became tunnels",
-            &m.sender_success,
-        );
-        c(
-            &mut registry,
-            "sender_connections_client_error",
-            "SenderConnections-ClientError: sender connections refused with 4xx",
-            &m.sender_client_error,
-        );
-        c(
-            &mut registry,
-            "sender_connections_server_error",
-            "SenderConnections-ServerError: sender connections refused with 5xx",
-            &m.sender_server_error,
-        );
-        c(
-            &mut registry,
-            "listener_disconnects",
-            "ListenerDisconnects: listener control channels that ended",
-            &m.listener_disconnects,
-        );
-        c(
-            &mut registry,
-            "sender_disconnects",
-            "SenderDisconnects: tunnels that ended",
-            &m.sender_disconnects,
-        );
-        c(
-            &mut registry,
-            "bytes_transferred",
-            "BytesTransferred: tunnel payload bytes, both directions, counted when a tunnel closes",
-            &m.bytes_transferred,
-        );
-        registry.register(
-            "active_listeners",
-            "ActiveListeners: listeners connected now",
-            m.active_listeners.clone(),
-        );
-        registry.register(
-            "active_connections",
-            "ActiveConnections: tunnels open now",
-            m.active_connections.clone(),
-        );
+        let counters: [(&str, &str, &Counters); 10] = [
+            ("listener_connections_success", "ListenerConnections-Success: listener control channels opened", &m.listener_success),
+            ("listener_connections_client_error", "ListenerConnections-ClientError: listener connections refused with 4xx", &m.listener_client_error),
+            ("listener_connections_server_error", "ListenerConnections-ServerError: listener connections refused with 5xx", &m.listener_server_error),
+            ("sender_connections_success", "SenderConnections-Success: sender connections that became tunnels", &m.sender_success),
+            ("sender_connections_client_error", "SenderConnections-ClientError: sender connections refused with 4xx", &m.sender_client_error),
+            ("sender_connections_server_error", "SenderConnections-ServerError: sender connections refused with 5xx", &m.sender_server_error),
+            ("standby_pairings", "Sender connections joined to a socket their listener had parked (hyco extension)", &m.standby_pairings),
+            ("listener_disconnects", "ListenerDisconnects: listener control channels that ended", &m.listener_disconnects),
+            ("sender_disconnects", "SenderDisconnects: tunnels that ended", &m.sender_disconnects),
+            ("bytes_transferred", "BytesTransferred: tunnel payload bytes, both directions, counted when a tunnel closes", &m.bytes_transferred),
+        ];
+        for (name, help, family) in counters {
+            registry.register(name, help, family.clone());
+        }
+        let gauges: [(&str, &str, &Gauges); 3] = [
+            (
+                "active_listeners",
+                "ActiveListeners: listeners connected now",
+                &m.active_listeners,
+            ),
+            (
+                "active_connections",
+                "ActiveConnections: tunnels open now",
+                &m.active_connections,
+            ),
+            (
+                "standby_sockets",
+                "Sockets listeners keep parked for senders now (hyco extension)",
+                &m.standby_sockets,
+            ),
+        ];
+        for (name, help, family) in gauges {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "sender_connect_latency_seconds",
             "Time from a sender's upgrade request to its tunnel being open",

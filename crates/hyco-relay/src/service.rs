@@ -186,7 +186,7 @@ impl Ask {
                 query,
                 accept_key,
             },
-            Action::Listen | Action::Connect => Ask::Socket(Socket {
+            Action::Listen | Action::Connect | Action::Standby => Ask::Socket(Socket {
                 action,
                 entity: Entity::resolve(shared.store.snapshot(), &segments),
                 query,
@@ -241,7 +241,7 @@ impl<'a> Rights<'a> {
             }
             Ask::Socket(s) => {
                 let needs: &'static [Need] = match s.action {
-                    Action::Listen => &[Need::Listen],
+                    Action::Listen | Action::Standby => &[Need::Listen],
                     _ if !sender_needs_token(&s.entity) => return None,
                     _ => &[Need::Send],
                 };
@@ -362,19 +362,32 @@ async fn socket(
         return Err(s.entity.missing());
     };
     let (hc_key, hc_name) = (hc_key.to_owned(), hc.name.clone());
-    if s.action == Action::Listen {
+    if matches!(s.action, Action::Listen | Action::Standby) {
         let token = crate::auth::find_token(s.query.token.as_deref(), req.headers())
             .ok()
             .flatten()
             .unwrap_or_default()
             .to_owned();
+        let expiry = grant.map_or(u64::MAX, |g| g.expiry);
+        if s.action == Action::Standby {
+            let route = crate::standby::Route {
+                accept_key: s.accept_key,
+                hc_key,
+                hc_name,
+                host: host_of(&req),
+                listener_id: s.query.id.clone(),
+                expiry,
+                token,
+            };
+            return crate::standby::open(shared, peer, req, route);
+        }
         let route = crate::listen::Route {
             accept_key: s.accept_key,
             hc_key,
             hc_name,
             host: host_of(&req),
             listener_id: s.query.id.clone(),
-            expiry: grant.map_or(u64::MAX, |g| g.expiry),
+            expiry,
             token,
         };
         return crate::listen::listen(shared, peer, req, route);

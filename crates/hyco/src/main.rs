@@ -210,6 +210,13 @@ struct RelayArgs {
     /// with any other Host get 421 (a defence against DNS rebinding).
     #[arg(long = "status-host", value_name = "NAME")]
     status_hosts: Vec<String>,
+    /// hyco extensions offered to hyco agents (advertised on 101s; Microsoft's clients never
+    /// use them): `all`, `none`, or a list of `standby` (listeners park sockets, a new
+    /// connection needs no rendezvous round trip) and `early-data` (a sender's first bytes
+    /// ride with its upgrade). See docs/design-notes.md.
+    #[arg(long, env = "HYCO_EXTENSIONS", default_value = "all", value_name = "LIST",
+        value_parser = hyco_relay::extensions_from_list)]
+    extensions: hyco_proto::ext::Extensions,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -489,6 +496,7 @@ async fn relay(a: RelayArgs) -> Result<()> {
     cfg.limits.ipv6_prefix = a.ipv6_prefix;
     cfg.limits.max_tunnels = tunnel_limit("relay", a.max_tunnels);
     cfg.drain_grace = Duration::from_secs(a.drain_grace);
+    cfg.extensions = a.extensions;
     cfg.cluster = cluster_config(&a.cluster, bound.port())?;
     let relay = hyco_relay::Relay::prepare(cfg)
         .await

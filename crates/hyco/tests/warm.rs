@@ -86,3 +86,36 @@ async fn a_connect_uses_a_warm_connection_and_opens_no_new_one() {
     assert_eq!(c.warm_held(), 0);
     assert!(echo_once(c.clone(), cs.clone()).await.is_err());
 }
+
+/// A burst of connects grows the pool to the burst's size, so the next burst finds a warm
+/// connection for each of its connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connects_grows_the_pool_to_the_burst() {
+    let r = relay("warm-burst").await;
+    let echo = echo_server().await;
+    let (l, s) = r.hc("w", &echo.to_string()).await;
+    let _m = r.manager("manager", &l);
+    r.wait_listeners("w", 1).await;
+    let mut c = r.connector();
+    c.timeout = Duration::from_secs(5);
+    c.set_warm(WarmConfig {
+        size: 1,
+        ..WarmConfig::default()
+    });
+    let cs = ConnectionString::parse(&s).unwrap();
+    let burst = (0..4).map(|_| {
+        let (c, cs) = (c.clone(), cs.clone());
+        tokio::spawn(async move {
+            let mut st = connect_with(&cs, &c, &ConnectOptions::default())
+                .await
+                .unwrap();
+            st.write_all(b"b").await.unwrap();
+            let mut b = [0u8; 1];
+            st.read_exact(&mut b).await.unwrap();
+        })
+    });
+    for t in burst.collect::<Vec<_>>() {
+        t.await.unwrap();
+    }
+    eventually("four warm connections", T, || async { c.warm_held() == 4 }).await;
+}

@@ -52,6 +52,11 @@ pub async fn start(tag: &str, tweak: impl FnOnce(&mut RelayConfig)) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = RelayConfig::new(&dir, format!("localhost:{port}"));
+    // As `hyco relay` reads it: scripts/test runs the protocol tests with the extensions on
+    // (the default) and off.
+    if let Ok(list) = std::env::var("HYCO_EXTENSIONS") {
+        cfg.extensions = hyco_relay::extensions_from_list(&list).expect("HYCO_EXTENSIONS");
+    }
     tweak(&mut cfg);
     // With given certificate files, the test puts their CA next to them as `myca.pem`.
     let given_ca = cfg
