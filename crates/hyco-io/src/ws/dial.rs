@@ -438,7 +438,13 @@ impl Connector {
             return Ok(c);
         };
         tokio::time::timeout(self.timeout, async {
-            let tls = match self.take_warm(&target) {
+            // Early data cannot be sent again on a fresh connection once written, so a warm
+            // connection the relay has closed meanwhile (restart, deadline) is left out here
+            // rather than found dead after the fact, as a classic connect does.
+            let tls = match self
+                .take_warm(&target)
+                .and_then(|mut t| (!closed_by_peer(&mut t)).then_some(t))
+            {
                 Some(tls) => tls,
                 None => self.dial(&target).await?,
             };
@@ -484,6 +490,20 @@ impl Connector {
     pub fn early_data_for(&self, host: &str, port: u16) -> Option<u32> {
         self.early.get(&(host.to_ascii_lowercase(), port))
     }
+}
+
+/// Whether the peer has closed `tls` already (its FIN, reset or close_notify is in): one read
+/// that does not wait. TLS records without data (session tickets) are taken in on the way.
+fn closed_by_peer(tls: &mut ClientTls) -> bool {
+    use tokio::io::AsyncRead as _;
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut probe = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut probe);
+    // A warm connection has nothing to read: end of stream, an error, or bytes the relay had
+    // no reason to send all mean it is not fit for a request.
+    !std::pin::Pin::new(tls)
+        .poll_read(&mut cx, &mut buf)
+        .is_pending()
 }
 
 impl Connector {
