@@ -131,10 +131,10 @@ impl fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    pub(crate) fn standby(command: AcceptCommand, ws: HybridStream) -> Incoming {
+    fn standby(command: AcceptCommand, ws: Box<HybridStream>) -> Incoming {
         Incoming {
             command,
-            kind: Kind::Standby(Box::new(ws)),
+            kind: Kind::Standby(ws),
         }
     }
 
@@ -486,7 +486,16 @@ impl Actor {
             entity: entity.to_owned(),
             listener_id: self.id.clone(),
             token_lifetime: self.opts.token_lifetime,
-            tx: self.tx.clone(),
+            deliver: {
+                let tx = self.tx.clone();
+                std::sync::Arc::new(move |command, ws| match tx.try_reserve() {
+                    Ok(place) => {
+                        place.send(Incoming::standby(command, ws));
+                        Ok(())
+                    }
+                    Err(_) => Err(ws),
+                })
+            },
             gate: self.opts.standby_gate.clone(),
         };
         debug!(hc = %entity, max, "parking standby sockets");

@@ -29,14 +29,18 @@ use hyco_io::backoff::Backoff;
 use hyco_io::tunnels::{TunnelGate, TunnelPermit};
 use hyco_io::ws::{Connector, Message};
 use hyco_io::CancellationToken;
-use hyco_proto::control::ListenerCommand;
+use hyco_proto::control::{AcceptCommand, ListenerCommand};
 use hyco_proto::ConnectionString;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::listener::Incoming;
 use crate::{mint_token, ClientError, HybridStream};
+
+/// Hands a joined sender (the relay's `accept` and the socket, now its tunnel) to the
+/// listener's owner; gives the socket back when the owner cannot take it now.
+pub(crate) type Deliver =
+    Arc<dyn Fn(AcceptCommand, Box<HybridStream>) -> Result<(), Box<HybridStream>> + Send + Sync>;
 
 /// The window over which the busiest second is remembered.
 const WINDOW_SECS: u64 = 60;
@@ -108,7 +112,7 @@ pub(crate) struct Ctx {
     pub(crate) entity: String,
     pub(crate) listener_id: String,
     pub(crate) token_lifetime: Duration,
-    pub(crate) tx: mpsc::Sender<Incoming>,
+    pub(crate) deliver: Deliver,
     pub(crate) gate: Option<Arc<TunnelGate>>,
 }
 
@@ -287,12 +291,11 @@ async fn park(
     // From here the socket is a tunnel: the application's own limits count it.
     drop(permit);
     let _ = events.send(Event::Used);
-    let incoming = Incoming::standby(command, ws);
-    if let Err(e) = ctx.tx.try_send(incoming) {
-        let incoming = match e {
-            mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
-        };
-        let _ = incoming.reject(503, "The listener is busy.").await;
+    if let Err(mut ws) = (ctx.deliver)(command, Box::new(ws)) {
+        // As on the control channel: a listener not keeping up refuses with 503.
+        if ws.send_close(4503, "The listener is busy.").await.is_ok() {
+            ws.finish_close(Duration::from_secs(2)).await;
+        }
     }
 }
 
