@@ -65,6 +65,18 @@ pub async fn run_forward_limited(
     Ok(())
 }
 
+/// The relay's refusal behind a stream error (early data: the 101 comes after the connect).
+fn refusal(e: &std::io::Error) -> Option<ClientError> {
+    let c = e.get_ref()?.downcast_ref::<hyco_io::ws::ConnectError>()?;
+    match c {
+        hyco_io::ws::ConnectError::Rejected { status, reason, .. } => Some(ClientError::Rejected {
+            status: *status,
+            reason: reason.clone(),
+        }),
+        _ => None,
+    }
+}
+
 async fn accept_loop(
     rule: ForwardRule,
     connector: Connector,
@@ -100,7 +112,10 @@ async fn accept_loop(
         tracker.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let mut ws = match connect_with(&cs, &connector, &ConnectOptions::default()).await {
+            // Early data: the app's first bytes go out behind the upgrade request; a refusal
+            // comes back as the pump's error, and resets the app's connection all the same.
+            let opts = ConnectOptions { early_data: true, ..ConnectOptions::default() };
+            let mut ws = match connect_with(&cs, &connector, &opts).await {
                 Ok(ws) => ws,
                 Err(e) => {
                     warn!(role = "sender", hc = %hc, peer = %peer, error = %e, "tunnel not opened");
@@ -111,7 +126,14 @@ async fn accept_loop(
             let r = pump(&mut tcp, &mut ws).await;
             let (up, down, outcome) = match r {
                 Ok((u, d)) => (u, d, "closed".to_owned()),
-                Err(e) => (0, 0, format!("aborted: {e}")),
+                Err(e) => match refusal(&e) {
+                    // Refused after early data: said as a connect refusal would have been.
+                    Some(refused) => {
+                        warn!(role = "sender", hc = %hc, peer = %peer, error = %refused, "tunnel not opened");
+                        return;
+                    }
+                    None => (0, 0, format!("aborted: {e}")),
+                },
             };
             info!(role = "sender", hc = %hc, peer = %peer, bytes_out = up, bytes_in = down,
                 duration_ms = started.elapsed().as_millis() as u64, outcome = %outcome, "tunnel closed");

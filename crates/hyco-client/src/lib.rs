@@ -18,6 +18,7 @@
 pub mod forward;
 pub mod http;
 pub mod listener;
+mod standby;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -273,6 +274,13 @@ pub struct ConnectOptions {
     pub headers: Vec<(String, String)>,
     /// Path suffix and query after the entity, e.g. `/room7?lang=en`.
     pub path_suffix: Option<String>,
+    /// Send early data when the relay accepts it (the `early-data` extension, learnt by the
+    /// connector from an earlier connect's 101): the stream is returned before the relay's
+    /// answer, and the first writes go out right behind the upgrade request. A refusal then
+    /// surfaces as an `io::Error` of a later read or write of the stream, wrapping
+    /// [`ConnectError::Rejected`], instead of as this function's error. Off by default: a
+    /// refusal is this function's error, as with Azure.
+    pub early_data: bool,
 }
 
 /// Opens a sender connection with options from the environment.
@@ -308,7 +316,12 @@ pub async fn connect_with(
     if let Some((t, _)) = &token {
         headers.push(("ServiceBusAuthorization", t.as_str()));
     }
-    Ok(connector.connect(&url, &headers).await?.ws)
+    let connected = if opts.early_data {
+        connector.connect_early(&url, &headers).await?
+    } else {
+        connector.connect(&url, &headers).await?
+    };
+    Ok(connected.ws)
 }
 
 /// Reads the entity description (any right works; the manager uses its Listen key).

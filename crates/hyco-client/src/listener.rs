@@ -39,7 +39,20 @@ pub struct ListenerOptions {
     pub fast_retries: Option<(Duration, Duration)>,
     /// Token lifetime.
     pub token_lifetime: Duration,
+    /// Most sockets parked at the relay for senders to be joined to at once (the `standby`
+    /// extension). The pool starts at 2 and aims at twice the most senders that arrived in any
+    /// one second of the last minute, replacing used sockets at once and letting the ones the
+    /// relay retires go when fewer are wanted. Used only when the relay advertises `standby`,
+    /// never above the relay's own `max`; 0: never.
+    pub standby_max: usize,
+    /// When set, each parked socket holds a place under this tunnel limit while parked, taken
+    /// only while a tenth of the limit stays free for real tunnels (`hyco manager` passes its
+    /// `--max-tunnels` gate: each parked socket is a descriptor).
+    pub standby_gate: Option<std::sync::Arc<hyco_io::tunnels::TunnelGate>>,
 }
+
+/// [`ListenerOptions::standby_max`] by default.
+pub const DEFAULT_STANDBY_MAX: usize = 16;
 
 impl Default for ListenerOptions {
     fn default() -> Self {
@@ -51,6 +64,8 @@ impl Default for ListenerOptions {
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             fast_retries: Some(hyco_io::backoff::FAST_RETRIES),
             token_lifetime: ClientOptions::default().token_lifetime,
+            standby_max: DEFAULT_STANDBY_MAX,
+            standby_gate: None,
         }
     }
 }
@@ -95,24 +110,79 @@ impl fmt::Display for ListenerStatus {
 pub struct Incoming {
     /// The relay's `accept` command.
     pub command: AcceptCommand,
-    connector: Connector,
+    kind: Kind,
+}
+
+/// How the tunnel to an [`Incoming`] sender is (or gets) open.
+enum Kind {
+    /// An `accept` on the control channel: the rendezvous address is to be dialled.
+    Rendezvous(Connector),
+    /// A parked socket the relay joined the sender to: already the tunnel.
+    Standby(Box<HybridStream>),
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("id", &self.command.id)
+            .field("standby", &self.is_standby())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Incoming {
+    pub(crate) fn standby(command: AcceptCommand, ws: HybridStream) -> Incoming {
+        Incoming {
+            command,
+            kind: Kind::Standby(Box::new(ws)),
+        }
+    }
+
     /// The connection id.
     pub fn id(&self) -> &str {
         &self.command.id
     }
 
-    /// Opens the rendezvous: the tunnel to the sender.
+    /// Whether the sender came through a parked socket (the tunnel is open already).
+    pub fn is_standby(&self) -> bool {
+        matches!(self.kind, Kind::Standby(_))
+    }
+
+    /// Opens the rendezvous: the tunnel to the sender. For a sender joined through a parked
+    /// socket, that socket is the tunnel, returned at once.
     pub async fn accept(self) -> Result<HybridStream, ClientError> {
-        Ok(self.connector.connect(&self.command.address, &[]).await?.ws)
+        match self.kind {
+            Kind::Rendezvous(connector) => {
+                Ok(connector.connect(&self.command.address, &[]).await?.ws)
+            }
+            Kind::Standby(ws) => Ok(*ws),
+        }
     }
 
     /// Refuses the sender with a status and reason it will see. The relay's 410 means done.
+    /// On a parked socket the refusal is a Close with code 4000 + status (a status outside
+    /// 400..=599 is sent as 500).
     pub async fn reject(self, status: u16, reason: &str) -> Result<(), ClientError> {
+        let connector = match self.kind {
+            Kind::Rendezvous(c) => c,
+            Kind::Standby(mut ws) => {
+                let status = if (400..=599).contains(&status) {
+                    status
+                } else {
+                    500
+                };
+                ws.send_close(4000 + status, reason).await.map_err(|e| {
+                    ClientError::Connect(hyco_io::ws::ConnectError::Connect {
+                        addr: "the relay".into(),
+                        source: e,
+                    })
+                })?;
+                ws.finish_close(Duration::from_secs(2)).await;
+                return Ok(());
+            }
+        };
         let url = hyco_proto::address::reject_url(&self.command.address, status, reason);
-        match self.connector.connect(&url, &[]).await {
+        match connector.connect(&url, &[]).await {
             Err(hyco_io::ws::ConnectError::Rejected { status: 410, .. }) => Ok(()),
             Err(e) => Err(e.into()),
             Ok(_) => Err(ClientError::Rejected {
@@ -286,12 +356,15 @@ impl Actor {
             mint_token(&self.cs, self.opts.token_lifetime)?.ok_or_else(|| {
                 ClientError::ConnectionString("a listener needs a key or a signature".into())
             })?;
-        let mut ws = self
+        let connected = self
             .connector
             .connect(&url, &[("ServiceBusAuthorization", token.as_str())])
-            .await?
-            .ws;
+            .await?;
+        let mut ws = connected.ws;
         info!(hc = %entity, listener_id = %self.id, "listener connected");
+        // Parked sockets, when the relay offers them: the pool lives as long as this session
+        // (dropped, whichever way the session ends, it retires them).
+        let pool = self.standby_pool(entity, connected.extensions.standby);
         let _ = self.status.send(ListenerStatus::Connected {
             since: SystemTime::now(),
         });
@@ -332,7 +405,10 @@ impl Actor {
                             }
                         }
                         Ok(ListenerCommand::Accept(command)) => {
-                            let incoming = Incoming { command, connector: self.connector.clone() };
+                            if let Some(p) = &pool {
+                                p.arrival();
+                            }
+                            let incoming = Incoming { command, kind: Kind::Rendezvous(self.connector.clone()) };
                             if let Err(e) = self.tx.try_send(incoming) {
                                 let incoming = match e {
                                     mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
@@ -393,6 +469,30 @@ impl Actor {
 }
 
 impl Actor {
+    /// The standby pool for a session whose relay advertised `standby` (and `standby_max` > 0).
+    fn standby_pool(
+        &self,
+        entity: &str,
+        offer: Option<hyco_proto::ext::StandbyParams>,
+    ) -> Option<crate::standby::Pool> {
+        let advertised = usize::try_from(offer?.max).unwrap_or(usize::MAX);
+        let max = self.opts.standby_max.min(advertised);
+        if max == 0 {
+            return None;
+        }
+        let ctx = crate::standby::Ctx {
+            cs: self.cs.clone(),
+            connector: self.connector.clone(),
+            entity: entity.to_owned(),
+            listener_id: self.id.clone(),
+            token_lifetime: self.opts.token_lifetime,
+            tx: self.tx.clone(),
+            gate: self.opts.standby_gate.clone(),
+        };
+        debug!(hc = %entity, max, "parking standby sockets");
+        Some(crate::standby::Pool::start(ctx, max, &self.stop))
+    }
+
     fn dispatch(&self, req: RelayedRequest) {
         dispatch_to(self.http.as_ref(), req);
     }

@@ -35,6 +35,7 @@ pub mod tunnels;
 /// WebSocket framing, endpoints and handshakes.
 pub mod ws {
     pub mod dial;
+    pub mod early;
     pub mod frame;
     pub mod handshake;
     pub mod https;

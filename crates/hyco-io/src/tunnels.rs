@@ -70,6 +70,16 @@ pub struct TunnelGate {
     limit: Gauge,
 }
 
+impl std::fmt::Debug for TunnelGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelGate")
+            .field("role", &self.role)
+            .field("max", &self.max)
+            .field("open", &self.open())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One open tunnel's place under the limit; released on drop, however the tunnel ends.
 pub struct TunnelPermit {
     gate: Arc<TunnelGate>,

@@ -63,6 +63,11 @@ pub struct ManagerConfig {
     /// After shutdown, how long open bridges (tunnels and HTTP-mode requests) may finish before
     /// they are cut (`--drain-grace`, `drain_grace_secs`).
     pub drain_grace: Duration,
+    /// Most sockets each listener parks at a relay that offers standby sockets
+    /// (`--standby-max`, [`ListenerOptions::standby_max`]; 0: none). Each is a descriptor, and
+    /// counts against [`ManagerConfig::max_tunnels`] while parked, only while a tenth of that
+    /// limit stays free for tunnels.
+    pub standby_max: usize,
 }
 
 /// The range `--token-lifetime` accepts: at least 2 s (renewal comes at half the life), at
@@ -85,6 +90,7 @@ impl Default for ManagerConfig {
             http: HttpSettings::default(),
             hc_options: HashMap::new(),
             drain_grace: Duration::from_secs(hyco_io::tunnels::DRAIN_GRACE_SECS),
+            standby_max: hyco_client::listener::DEFAULT_STANDBY_MAX,
         }
     }
 }

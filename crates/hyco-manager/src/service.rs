@@ -68,6 +68,8 @@ pub struct Manager {
     /// drain grace is over.
     bridges: TaskTracker,
     drain_grace: Duration,
+    /// [`crate::ManagerConfig::standby_max`].
+    standby_max: usize,
 }
 
 /// What `test` found, step by step.
@@ -132,6 +134,7 @@ impl Manager {
             tasks: TaskTracker::new(),
             bridges: TaskTracker::new(),
             drain_grace: cfg.drain_grace,
+            standby_max: cfg.standby_max,
         });
         for (i, cs) in cfg.connections.into_iter().enumerate() {
             let options = cs
@@ -242,6 +245,9 @@ impl Manager {
         st.set_listener(ListenerStatus::Connecting);
         let opts = ListenerOptions {
             token_lifetime: self.token_lifetime,
+            standby_max: self.standby_max,
+            // Parked sockets are descriptors: they count against --max-tunnels.
+            standby_gate: Some(Arc::clone(&self.gate)),
             ..ListenerOptions::default()
         };
         self.tasks.spawn(supervise(

@@ -272,6 +272,11 @@ struct ManagerRunArgs {
     #[arg(long, value_name = "SECS",
         value_parser = clap::value_parser!(u64).range(hyco_io::tunnels::DRAIN_GRACE_RANGE))]
     drain_grace: Option<u64>,
+    /// Most sockets each listener keeps parked at a relay that offers them (the standby
+    /// extension: a sender is joined to one at once); they count against --max-tunnels.
+    /// 0: never park.
+    #[arg(long, value_name = "N", env = "HYCO_STANDBY_MAX", default_value_t = 16)]
+    standby_max: usize,
     #[command(flatten)]
     http: ManagerHttpArgs,
     #[command(flatten)]
@@ -710,6 +715,7 @@ async fn manager(
     }
     cfg.token_lifetime = Duration::from_secs(a.token_lifetime);
     cfg.max_tunnels = tunnel_limit("manager", a.max_tunnels);
+    cfg.standby_max = a.standby_max;
     let dir = state.ensure()?;
     let socket = state.socket();
     let control = hyco_manager::control::bind(&socket)

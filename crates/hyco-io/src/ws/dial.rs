@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::early::{EarlyCache, Pending};
 use super::handshake::accept_key;
 use super::relay_addrs::{AddrFailure, RelayAddrs};
 use super::stream::{Role, WsConfig, WsStream};
@@ -168,6 +169,9 @@ pub struct Connected {
     pub ws: WsStream<ClientTls>,
     /// The sub-protocol the server chose.
     pub protocol: Option<String>,
+    /// What the 101 advertised in `Hyco-Extensions` (nothing for a relay without extensions,
+    /// and for an early-data connect, whose 101 is read later by the stream).
+    pub extensions: hyco_proto::ext::Extensions,
 }
 
 /// Dials relays: TCP (with `TCP_NODELAY`), directly or through an HTTP proxy's `CONNECT`
@@ -185,6 +189,8 @@ pub struct Connector {
     relay: Option<Arc<RelayAddrs>>,
     /// TCP + TLS done ahead of need ([`Connector::set_warm`]), shared by the clones.
     warm: Option<Arc<WarmPool>>,
+    /// The relays that accept early data ([`Connector::connect_early`]), shared by the clones.
+    early: Arc<EarlyCache>,
 }
 
 /// The TLS client, and the proxy if connections go through one.
@@ -207,6 +213,7 @@ impl Connector {
             ws: WsConfig::default(),
             relay: None,
             warm: None,
+            early: Arc::default(),
         }
     }
 
@@ -384,6 +391,12 @@ impl Connector {
             .get(header::SEC_WEBSOCKET_PROTOCOL)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let extensions = resp
+            .headers()
+            .get(hyco_proto::ext::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(hyco_proto::ext::Extensions::parse)
+            .unwrap_or_default();
         let upgraded = hyper::upgrade::on(resp).await?;
         let parts = upgraded
             .downcast::<TokioIo<ClientTls>>()
@@ -394,7 +407,82 @@ impl Connector {
             self.ws,
             &parts.read_buf,
         );
-        Ok(Connected { ws, protocol })
+        Ok(Connected {
+            ws,
+            protocol,
+            extensions,
+        })
+    }
+
+    /// Like [`Connector::connect`], but may send early data ([`super::early`]): when the relay
+    /// at this `host:port` advertised `early-data` on an earlier connect of this connector (or
+    /// a clone), the upgrade request is written and the stream returned at once, its response
+    /// still pending. Writes then go out right behind the request, up to the advertised number
+    /// of bytes before the 101; a refusal (or a bad 101) surfaces as an `io::Error` of the
+    /// stream's first read or a later write, wrapping [`ConnectError::Rejected`] (or
+    /// [`ConnectError::BadHandshake`]). The response is awaited at most [`Connector::timeout`].
+    ///
+    /// Otherwise this is a classic connect, and its 101 teaches the connector whether the relay
+    /// accepts early data. A 101 in early mode without `early-data` makes the next connect
+    /// classic again.
+    pub async fn connect_early(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Connected, ConnectError> {
+        let target = Target::parse(url)?;
+        let key = (target.host.to_ascii_lowercase(), target.port);
+        let Some(budget) = self.early.get(&key) else {
+            let c = self.connect(url, headers).await?;
+            self.early.learn(&key, &c.extensions);
+            return Ok(c);
+        };
+        tokio::time::timeout(self.timeout, async {
+            let tls = match self.take_warm(&target) {
+                Some(tls) => tls,
+                None => self.dial(&target).await?,
+            };
+            self.upgrade_early(tls, &target, headers, budget, key).await
+        })
+        .await
+        .map_err(|_| ConnectError::Timeout(self.timeout))?
+    }
+
+    /// Writes the upgrade request on `tls` and returns the stream with its response pending.
+    async fn upgrade_early(
+        &self,
+        mut tls: ClientTls,
+        t: &Target,
+        headers: &[(&str, &str)],
+        budget: u32,
+        key: super::warm::Key,
+    ) -> Result<Connected, ConnectError> {
+        use tokio::io::AsyncWriteExt as _;
+        let key_raw: [u8; 16] = rand::random();
+        let ws_key = base64::engine::general_purpose::STANDARD.encode(key_raw);
+        let head = super::early::request_head(t, &ws_key, headers)?;
+        let io_err = |source| ConnectError::Connect {
+            addr: super::relay_addrs::authority(&t.host, t.port),
+            source,
+        };
+        tls.write_all(&head).await.map_err(io_err)?;
+        tls.flush().await.map_err(io_err)?;
+        let pending = Pending::new(
+            accept_key(ws_key.as_bytes()),
+            usize::try_from(budget).unwrap_or(usize::MAX),
+            self.timeout,
+            Some((Arc::clone(&self.early), key)),
+        );
+        Ok(Connected {
+            ws: WsStream::with_pending_response(tls, self.ws, pending),
+            protocol: None,
+            extensions: hyco_proto::ext::Extensions::default(),
+        })
+    }
+
+    /// Whether a connect to `host:port` would send early data (the relay advertised it).
+    pub fn early_data_for(&self, host: &str, port: u16) -> Option<u32> {
+        self.early.get(&(host.to_ascii_lowercase(), port))
     }
 }
 

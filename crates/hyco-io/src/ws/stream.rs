@@ -20,6 +20,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::early::Pending;
 use super::frame::{
     apply_mask, close_payload, mask_copy, parse_close, FrameError, FrameHeader, OpCode,
 };
@@ -176,6 +177,9 @@ pub struct WsStream<S> {
     /// A transport error met by a read that had already returned payload: reported by the
     /// next read.
     read_err: Option<io::Error>,
+    /// Early data (`super::early`): the upgrade response has not been read yet. Reads read it
+    /// first; writes let only its budget of bytes out before it.
+    pending: Option<Box<Pending>>,
 }
 
 impl<S> std::fmt::Debug for WsStream<S> {
@@ -215,6 +219,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             sent_close: false,
             frames: 0,
             read_err: None,
+            pending: None,
+        }
+    }
+
+    /// A client endpoint whose upgrade request went out and whose response has not been read:
+    /// see [`super::early`].
+    pub fn with_pending_response(io: S, cfg: WsConfig, pending: Pending) -> Self {
+        let mut s = Self::new(io, Role::Client, cfg);
+        s.pending = Some(Box::new(pending));
+        s
+    }
+
+    /// Whether the upgrade response is still to be read (early data).
+    pub fn response_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Reads the pending upgrade response, if any; the bytes behind it go into the read buffer.
+    /// Ready with how many did.
+    fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(p) = self.pending.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        let rest = ready!(p.poll_response(&mut self.io, cx))?;
+        self.pending = None;
+        // Nothing was read into `rbuf` while the response was pending.
+        if rest.len() > self.rbuf.len() - self.rend {
+            let mut grown = vec![0u8; self.rend + rest.len()].into_boxed_slice();
+            grown[..self.rend].copy_from_slice(&self.rbuf[..self.rend]);
+            self.rbuf = grown;
+        }
+        self.rbuf[self.rend..self.rend + rest.len()].copy_from_slice(&rest);
+        self.rend += rest.len();
+        Poll::Ready(Ok(rest.len()))
+    }
+
+    /// How many bytes may be written to the transport now: all of them, but while the upgrade
+    /// response is pending only what is left of the early-data budget; with none left, waits
+    /// for (and reads) the response.
+    fn poll_write_cap(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        match &self.pending {
+            None => Poll::Ready(Ok(usize::MAX)),
+            Some(p) if p.failure().is_some() => Poll::Ready(Err(p
+                .failure()
+                .unwrap_or_else(|| io::Error::other("refused")))),
+            Some(p) if p.budget() > 0 => Poll::Ready(Ok(p.budget())),
+            Some(_) => {
+                ready!(self.poll_response(cx))?;
+                Poll::Ready(Ok(usize::MAX))
+            }
+        }
+    }
+
+    /// A write failed: while the response is pending, the relay's answer (a refusal it sent
+    /// before it closed) explains it better than the broken pipe.
+    fn write_failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        if self.pending.is_some() {
+            if let Poll::Ready(Err(answer)) = self.poll_response(cx) {
+                return answer;
+            }
+        }
+        e
+    }
+
+    /// Counts bytes written while the response is pending.
+    fn wrote(&mut self, n: usize) {
+        if let Some(p) = self.pending.as_mut() {
+            p.spent(n);
         }
     }
 
@@ -258,6 +330,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     // === reading ===
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.pending.is_some() {
+            let n = ready!(self.poll_response(cx))?;
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
         if self.rstart == self.rend {
             self.rstart = 0;
             self.rend = 0;
@@ -592,13 +670,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     fn poll_flush_wbuf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.dpos < self.dlen {
+            let cap = ready!(self.poll_write_cap(cx))?;
             let Some(buf) = self.dbuf.get() else {
                 return Poll::Ready(Err(io::Error::other("frame buffer missing")));
             };
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &buf[self.dpos..self.dlen]))?;
+            let end = self.dlen.min(self.dpos.saturating_add(cap));
+            let n = match ready!(Pin::new(&mut self.io).poll_write(cx, &buf[self.dpos..end])) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.write_failed(cx, e))),
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.wrote(n);
             self.dpos += n;
             if self.dpos == self.dlen {
                 self.dbuf.release();
@@ -614,10 +698,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                     _ => return Poll::Ready(Ok(())),
                 }
             }
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            let cap = ready!(self.poll_write_cap(cx))?;
+            let end = self.wbuf.len().min(self.wpos.saturating_add(cap));
+            let n = match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..end]))
+            {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.write_failed(cx, e))),
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.wrote(n);
             self.wpos += n;
         }
     }
