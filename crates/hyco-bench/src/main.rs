@@ -199,9 +199,17 @@ async fn open_echo(t: &Target) -> Result<Box<dyn Duplex>> {
             s.set_nodelay(true)?;
             Box::new(s)
         }
+        // Early data on, as `hyco forward` has it: the library's user opts in.
         Target::Library { echo, connector } => Box::new(
-            hyco_client::connect_with(echo, connector, &hyco_client::ConnectOptions::default())
-                .await?,
+            hyco_client::connect_with(
+                echo,
+                connector,
+                &hyco_client::ConnectOptions {
+                    early_data: true,
+                    ..hyco_client::ConnectOptions::default()
+                },
+            )
+            .await?,
         ),
     })
 }

@@ -148,22 +148,29 @@ async fn sequential(t: &Target, n: usize, spacing: Duration) -> Value {
 }
 
 /// `bursts` times, 8 new connections at once; bursts start `spacing` apart (or when the
-/// previous one is done).
+/// previous one is done). One burst before them is reported apart as `cold`: it meets pools
+/// (warm connections, standby sockets) sized for one connection at a time, which then adapt.
 async fn bursts(t: &Target, bursts: usize, spacing: Duration) -> Value {
     let (mut ms, mut failures, mut errors) = (Vec::new(), 0, Vec::new());
+    let mut cold = (Vec::new(), 0, Vec::new());
     let start = Instant::now();
-    for i in 0..bursts {
+    for i in 0..=bursts {
         tokio::time::sleep_until(start + spacing * i as u32).await;
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..BURST {
             let t = t.clone();
             set.spawn(async move { ttfb_bounded(&t).await });
         }
+        let (ms, failures, errors) = if i == 0 {
+            (&mut cold.0, &mut cold.1, &mut cold.2)
+        } else {
+            (&mut ms, &mut failures, &mut errors)
+        };
         while let Some(r) = set.join_next().await {
             match r.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(x) => ms.push(x),
                 Err(e) => {
-                    failures += 1;
+                    *failures += 1;
                     if errors.len() < 5 {
                         errors.push(format!("{e:#}"));
                     }
@@ -171,7 +178,9 @@ async fn bursts(t: &Target, bursts: usize, spacing: Duration) -> Value {
             }
         }
     }
-    summary(ms, failures, errors)
+    let mut v = summary(ms, failures, errors);
+    v["cold"] = summary(cold.0, cold.1, cold.2);
+    v
 }
 
 async fn measure(name: &str, t: &Target, plan: &Plan) -> Value {
