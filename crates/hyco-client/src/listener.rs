@@ -171,12 +171,16 @@ impl Incoming {
                 } else {
                     500
                 };
-                ws.send_close(4000 + status, reason).await.map_err(|e| {
-                    ClientError::Connect(hyco_io::ws::ConnectError::Connect {
-                        addr: "the relay".into(),
-                        source: e,
-                    })
-                })?;
+                // The socket is gone (the relay or the network dropped it): said as a failed
+                // connect to the relay would be.
+                ws.send_close(4000 + status, reason)
+                    .await
+                    .map_err(|source| {
+                        let addr = hyco_io::ws::dial::Target::parse(&self.command.address)
+                            .map(|t| format!("{}:{}", t.host, t.port))
+                            .unwrap_or_default();
+                        ClientError::Connect(hyco_io::ws::ConnectError::Connect { addr, source })
+                    })?;
                 ws.finish_close(Duration::from_secs(2)).await;
                 return Ok(());
             }

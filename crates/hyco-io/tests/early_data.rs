@@ -31,6 +31,8 @@ enum Answer {
     BadKey,
     /// Waits for the first early bytes, then a 101 whose head never ends (32 KiB of headers).
     Endless,
+    /// Reads what comes and never answers.
+    Silent,
 }
 
 /// What the server saw on one connection.
@@ -114,7 +116,7 @@ async fn serve(
     let want = match answer {
         Answer::Classic => 0,
         Answer::Early { .. } => BUDGET,
-        Answer::Refuse | Answer::BadKey | Answer::Endless => 1,
+        Answer::Refuse | Answer::BadKey | Answer::Endless | Answer::Silent => 1,
     };
     while early.len() < want {
         let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut chunk))
@@ -149,6 +151,10 @@ async fn serve(
                 .await
                 .unwrap();
             let _ = tls.shutdown().await;
+        }
+        Answer::Silent => {
+            // Until the client goes.
+            while matches!(tls.read(&mut chunk).await, Ok(n) if n > 0) {}
         }
         Answer::Endless => {
             let mut head = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
@@ -364,4 +370,28 @@ async fn an_endless_response_head_is_cut_at_16_kib() {
         ),
         "{e}"
     );
+}
+
+/// A relay that never answers: the stream gives up after the connector's timeout, as a classic
+/// connect would.
+#[tokio::test]
+async fn a_relay_that_never_answers_times_out() {
+    let (port, ca, mut seen) = server(vec![Answer::Classic, Answer::Silent]).await;
+    let mut c = connector(&ca);
+    let url = format!("wss://localhost:{port}/$hc/db?sb-hc-action=connect");
+    drop(c.connect_early(&url, &[]).await.unwrap());
+    seen.recv().await.unwrap();
+    c.timeout = Duration::from_secs(1);
+    let mut ws = c.connect_early(&url, &[]).await.unwrap().ws;
+    ws.write_all(b"x").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), ws.read(&mut [0u8; 16]))
+        .await
+        .expect("the stream's own deadline came first")
+        .unwrap_err();
+    assert!(
+        matches!(connect_error(&e), ConnectError::Timeout(d) if *d == Duration::from_secs(1)),
+        "{e}"
+    );
+    drop(ws);
+    assert_eq!(seen.recv().await.unwrap().before_answer.len(), 2 + 4 + 1);
 }
