@@ -352,6 +352,52 @@ mod tests {
         assert_eq!(a.target_at(1000, usize::MAX), (u32::MAX as usize) * 2);
     }
 
+    /// The pool's guard: a session that ends (the pool dropped) takes its sockets with it, even
+    /// one still in its handshake, while the listener itself (the parent token) lives on.
+    #[tokio::test]
+    async fn dropping_the_pool_closes_its_sockets() {
+        use tokio::io::AsyncReadExt;
+        const T: Duration = Duration::from_secs(10);
+        // A "relay" that takes connections and never answers their TLS hello.
+        let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = relay.local_addr().unwrap().port();
+        let ctx = Ctx {
+            cs: ConnectionString::parse(&format!(
+                "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=s;SharedAccessKey=a2V5;EntityPath=hc"
+            ))
+            .unwrap(),
+            connector: crate::ClientOptions::default().connector().unwrap(),
+            entity: "hc".into(),
+            listener_id: "l1".into(),
+            token_lifetime: Duration::from_secs(60),
+            deliver: Arc::new(|_, ws| Err(ws)),
+            gate: None,
+        };
+        let parent = CancellationToken::new();
+        let pool = Pool::start(ctx, 4, &parent);
+        // It starts at 2: both arrive and send their hello.
+        let mut socks = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = tokio::time::timeout(T, relay.accept())
+                .await
+                .unwrap()
+                .unwrap();
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).await.unwrap();
+            assert_eq!(hello[0], 0x16, "a TLS handshake record");
+            socks.push(s);
+        }
+        drop(pool);
+        for mut s in socks {
+            let mut rest = Vec::new();
+            tokio::time::timeout(T, s.read_to_end(&mut rest))
+                .await
+                .expect("the socket closed with its pool, not at the connect deadline")
+                .unwrap();
+        }
+        assert!(!parent.is_cancelled());
+    }
+
     #[test]
     fn parked_sockets_leave_a_tenth_of_the_tunnel_limit_free() {
         let gate = TunnelGate::new("test", 20);
