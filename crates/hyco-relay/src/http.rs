@@ -301,7 +301,9 @@ pub(crate) async fn handle(
         Delivery::Whole(cmd, bytes) => (cmd, ResponseBody::Whole(bytes)),
         Delivery::Streamed(cmd, rx) => (cmd, ResponseBody::Streamed(rx)),
     };
-    info!(
+    // One line per request is an access log: DEBUG, so a busy HTTP endpoint does not spend
+    // its CPU on formatting (failures are logged where they happen, at INFO or above).
+    debug!(
         event = "HttpRequestRelayed",
         hc = %route.hc_name,
         id = %out.id,
