@@ -362,12 +362,14 @@ fn request_message(
         })
         .to_json()
     };
-    // On a rendezvous a body is always announced and sent, an empty one as an empty final
-    // frame: Java's listener reads one there whatever `body` says.
-    let rendezvous_json = full(true);
-    if rendezvous_json.len() > MAX_COMMAND {
-        return Err(RelayError::HeadersTooLarge);
-    }
+    // The full request is one JSON, at most a listener's command buffer, wherever it goes.
+    let fits = |json: String| {
+        if json.len() > MAX_COMMAND {
+            Err(RelayError::HeadersTooLarge)
+        } else {
+            Ok(json)
+        }
+    };
     let (tx, rx) = oneshot::channel();
     let (listener, remote) = match choice {
         Target::Local(l) => (l.conn_id, false),
@@ -378,12 +380,15 @@ fn request_message(
     let (msg, pending) = match &out.inline_body {
         Some(b) if !remote => (
             ControlMsg::Request {
-                json: full(!b.is_empty()),
+                json: fits(full(!b.is_empty()))?,
                 body: (!b.is_empty()).then(|| b.clone()),
             },
             None,
         ),
         _ => {
+            // On a rendezvous a body is always announced and sent, an empty one as an empty
+            // final frame: Java's listener reads one there whatever `body` says.
+            let rendezvous_json = fits(full(true))?;
             let short = ListenerCommand::Request(RequestCommand {
                 address,
                 id: out.id.clone(),
