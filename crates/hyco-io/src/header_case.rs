@@ -270,6 +270,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_is_written_with_the_listeners_spelling() {
+        // The second time from what `recorded` remembered of the first.
+        for _ in 0..2 {
+            response_is_written_with_the_listeners_spelling().await;
+        }
+    }
+
+    async fn response_is_written_with_the_listeners_spelling() {
         let mut resp = Response::new(Empty::<Bytes>::new());
         resp.headers_mut()
             .append("content-type", HeaderValue::from_static("text/plain"));
