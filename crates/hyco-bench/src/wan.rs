@@ -750,6 +750,20 @@ fn print(r: &Value) {
             s["failures"].as_u64().unwrap_or(0) + b["failures"].as_u64().unwrap_or(0),
         );
     }
+    let cold: Vec<String> = ORDER
+        .iter()
+        .filter_map(|c| {
+            let v = &r["ttfb"][*c]["burst"]["cold"];
+            v.is_object()
+                .then(|| format!("{c} {}/{}", f(&v["p50_ms"]), f(&v["max_ms"])))
+        })
+        .collect();
+    if !cold.is_empty() {
+        println!(
+            "first (cold) burst, not in the figures above, p50/max ms: {}",
+            cold.join(", ")
+        );
+    }
     if r["pgbench"].as_object().is_some_and(|o| !o.is_empty()) {
         println!("\npgbench select-only, 8 clients, loopback; ratios to rathole-TLS");
         println!(

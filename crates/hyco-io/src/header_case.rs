@@ -28,6 +28,7 @@
 //! round trips of a connect.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response};
@@ -97,7 +98,48 @@ pub async fn recorded(names: &[&str]) -> Option<http::Extensions> {
         return None;
     }
     head.extend_from_slice(b"\r\n");
-    parse_with_server(head).await
+    if let Some(ext) = RECORDED.get(&head) {
+        return Some(ext);
+    }
+    let ext = parse_with_server(head.clone()).await?;
+    RECORDED.put(head, &ext);
+    Some(ext)
+}
+
+/// Heads up to this long are remembered by [`recorded`] (a usual response's names take a few
+/// hundred bytes).
+const REMEMBERED_HEAD: usize = 4 * 1024;
+/// How many heads [`recorded`] remembers: far more than the distinct sets of names a few
+/// services answer with, and at most about 2 × 256 × 4 KiB of memory.
+const REMEMBERED: usize = 256;
+
+/// The extensions [`recorded`] made for each probe head, so that a listener answering with
+/// the same names again and again (every response of one service) costs one pass of hyper's
+/// codec, not one per response. Full: forgotten all at once, and filled again.
+static RECORDED: Remembered = Remembered(Mutex::new(None));
+
+struct Remembered(Mutex<Option<HashMap<Vec<u8>, http::Extensions>>>);
+
+impl Remembered {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashMap<Vec<u8>, http::Extensions>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, head: &[u8]) -> Option<http::Extensions> {
+        self.lock().as_ref()?.get(head).cloned()
+    }
+
+    fn put(&self, head: Vec<u8>, ext: &http::Extensions) {
+        if head.len() > REMEMBERED_HEAD {
+            return;
+        }
+        let mut g = self.lock();
+        let map = g.get_or_insert_with(HashMap::new);
+        if map.len() >= REMEMBERED {
+            map.clear();
+        }
+        map.insert(head, ext.clone());
+    }
 }
 
 /// hyper's client writes `probe` into a pipe; the bytes of its head come back.
@@ -228,6 +270,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_is_written_with_the_listeners_spelling() {
+        // The second time from what `recorded` remembered of the first.
+        for _ in 0..2 {
+            response_is_written_with_the_listeners_spelling().await;
+        }
+    }
+
+    async fn response_is_written_with_the_listeners_spelling() {
         let mut resp = Response::new(Empty::<Bytes>::new());
         resp.headers_mut()
             .append("content-type", HeaderValue::from_static("text/plain"));

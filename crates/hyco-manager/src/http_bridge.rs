@@ -49,7 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::allow::EndpointPolicy;
 use crate::endpoint::{self, Endpoint};
@@ -172,7 +172,8 @@ impl HttpBridge {
                 status
             }
         };
-        info!(role = "listener", hc, id = %id, endpoint = %target, method = %method, status,
+        // An access log line: DEBUG (failures are warned about above).
+        debug!(role = "listener", hc, id = %id, endpoint = %target, method = %method, status,
             bytes = done.bytes, duration_ms = started.elapsed().as_millis() as u64, "request served");
     }
 

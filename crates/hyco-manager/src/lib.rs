@@ -430,13 +430,15 @@ pub(crate) async fn supervise(
                     // A request in flight holds a rendezvous and an endpoint connection: it
                     // counts against the tunnel limit like a tunnel.
                     let permit = dialing.gate.try_acquire();
-                    dialing.bridges.spawn(async move {
+                    // Boxed: a request's state is kilobytes, and a task's future is moved
+                    // by value on its way into the task and when it ends.
+                    dialing.bridges.spawn(Box::pin(async move {
                         let Some(_permit) = permit else {
                             http_bridge::at_tunnel_limit(req, &st).await;
                             return;
                         };
                         http_bridge::dispatch(&http, req, &st).await
-                    });
+                    }));
                     continue;
                 }
                 None => return,

@@ -301,7 +301,9 @@ pub(crate) async fn handle(
         Delivery::Whole(cmd, bytes) => (cmd, ResponseBody::Whole(bytes)),
         Delivery::Streamed(cmd, rx) => (cmd, ResponseBody::Streamed(rx)),
     };
-    info!(
+    // One line per request is an access log: DEBUG, so a busy HTTP endpoint does not spend
+    // its CPU on formatting (failures are logged where they happen, at INFO or above).
+    debug!(
         event = "HttpRequestRelayed",
         hc = %route.hc_name,
         id = %out.id,
@@ -360,12 +362,14 @@ fn request_message(
         })
         .to_json()
     };
-    // On a rendezvous a body is always announced and sent, an empty one as an empty final
-    // frame: Java's listener reads one there whatever `body` says.
-    let rendezvous_json = full(true);
-    if rendezvous_json.len() > MAX_COMMAND {
-        return Err(RelayError::HeadersTooLarge);
-    }
+    // The full request is one JSON, at most a listener's command buffer, wherever it goes.
+    let fits = |json: String| {
+        if json.len() > MAX_COMMAND {
+            Err(RelayError::HeadersTooLarge)
+        } else {
+            Ok(json)
+        }
+    };
     let (tx, rx) = oneshot::channel();
     let (listener, remote) = match choice {
         Target::Local(l) => (l.conn_id, false),
@@ -376,12 +380,15 @@ fn request_message(
     let (msg, pending) = match &out.inline_body {
         Some(b) if !remote => (
             ControlMsg::Request {
-                json: full(!b.is_empty()),
+                json: fits(full(!b.is_empty()))?,
                 body: (!b.is_empty()).then(|| b.clone()),
             },
             None,
         ),
         _ => {
+            // On a rendezvous a body is always announced and sent, an empty one as an empty
+            // final frame: Java's listener reads one there whatever `body` says.
+            let rendezvous_json = fits(full(true))?;
             let short = ListenerCommand::Request(RequestCommand {
                 address,
                 id: out.id.clone(),

@@ -771,11 +771,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         text: &str,
         body: Option<&[u8]>,
     ) -> io::Result<()> {
-        self.send_text(text).await?;
-        match body {
-            Some(b) => self.send_binary(b).await,
-            None => Ok(()),
+        // Both frames in one write (one TLS record when they fit): a request or response is
+        // one message to its reader, and two flushes cost a second record and system call.
+        if self.sent_close {
+            return Err(closed_for_writing());
         }
+        poll_fn(|cx| self.poll_flush_wbuf(cx)).await?;
+        self.queue_frame(OpCode::Text, true, text.as_bytes());
+        if let Some(b) = body {
+            self.queue_frame(OpCode::Binary, true, b);
+        }
+        poll_fn(|cx| self.poll_flush_all(cx)).await
     }
 
     /// Sends a ping.

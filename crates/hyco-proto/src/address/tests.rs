@@ -266,6 +266,14 @@ fn reasons_and_ids() {
         new_connection_id([0; 16]),
         "00000000-0000-0000-0000-000000000000"
     );
+    // Each byte's high digit first, in byte order.
+    assert_eq!(
+        new_connection_id([
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54,
+            0x32, 0x10
+        ]),
+        "01234567-89ab-cdef-fedc-ba9876543210"
+    );
     assert!(is_guid(&id));
     assert!(is_guid("1c048eb5-77c4-4b85-96fd-fa526801af35_G0"));
     assert!(is_guid("1C048EB5-77C4-4B85-96FD-FA526801AF35_G21"));
