@@ -152,10 +152,8 @@ async fn senders_are_joined_through_parked_sockets_and_the_pool_refills() {
     // arrivals (8, or at least 4 should the moment straddle a second).
     let mut held = Vec::new();
     for _ in 0..4 {
-        let s = connect_with(&sender_cs, &env.connector, &ConnectOptions::default())
-            .await
-            .unwrap();
-        let l = next(&mut rx).await.accept().await.unwrap();
+        // The pool may not have refilled yet: then the classic rendezvous runs.
+        let (s, l, _) = pair(&sender_cs, &env, &ConnectOptions::default(), &mut rx).await;
         held.push((s, l));
     }
     eventually(|| async { parked_now(&env, "hc10").await >= 4.0 }).await;
@@ -205,15 +203,14 @@ async fn early_data_goes_out_before_the_101_once_the_relay_said_so() {
     };
     // The first connect is classic; its 101 says the relay takes early data.
     assert_eq!(env.connector.early_data_for("localhost", env.port), None);
-    let mut s = connect_with(&sender_cs, &env.connector, &early)
-        .await
-        .unwrap();
+    // (Side by side with the accept: before the pool has parked a socket, the classic
+    // rendezvous runs, and its connect completes only once the listener accepted.)
+    let (mut s, mut l, _) = pair(&sender_cs, &env, &early, &mut rx).await;
     assert!(!s.response_pending());
     assert!(env
         .connector
         .early_data_for("localhost", env.port)
         .is_some());
-    let mut l = next(&mut rx).await.accept().await.unwrap();
     echo(&mut s, &mut l).await;
 
     // Now the connect returns before the relay answered, and the first bytes go with it.
