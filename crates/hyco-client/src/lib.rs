@@ -278,8 +278,11 @@ pub struct ConnectOptions {
     /// connector from an earlier connect's 101): the stream is returned before the relay's
     /// answer, and the first writes go out right behind the upgrade request. A refusal then
     /// surfaces as an `io::Error` of a later read or write of the stream, wrapping
-    /// [`ConnectError::Rejected`], instead of as this function's error. Off by default: a
-    /// refusal is this function's error, as with Azure.
+    /// [`ConnectError::Rejected`], instead of as this function's error. The request also says
+    /// `Hyco-Extensions: standby`, so a hyco relay may join it to a socket its listener parked
+    /// (no rendezvous round trip); a listener's refusal then comes as a WebSocket Close
+    /// `4000 + status` after the 101. Off by default: a refusal is this function's error, as
+    /// with Azure.
     pub early_data: bool,
 }
 
@@ -315,6 +318,9 @@ pub async fn connect_with(
         .collect();
     if let Some((t, _)) = &token {
         headers.push(("ServiceBusAuthorization", t.as_str()));
+    }
+    if opts.early_data {
+        headers.push((hyco_proto::ext::HEADER, hyco_proto::ext::STANDBY));
     }
     let connected = if opts.early_data {
         connector.connect_early(&url, &headers).await?

@@ -88,6 +88,22 @@ impl Extensions {
         ext
     }
 
+    /// Whether a header value names `token` among its items (parameters aside). A sender's
+    /// `Hyco-Extensions: standby` says it may be joined to a parked socket (so a listener's
+    /// refusal may reach it as a Close after its 101, not as a status).
+    pub fn names(v: &str, token: &str) -> bool {
+        truncate(v, MAX_VALUE)
+            .split(',')
+            .take(MAX_ITEMS)
+            .any(|item| {
+                item.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case(token)
+            })
+    }
+
     /// Whether nothing is advertised.
     pub fn is_empty(&self) -> bool {
         self.standby.is_none() && self.early_data.is_none()
@@ -129,6 +145,23 @@ fn number(s: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_finds_an_item_by_its_token_only() {
+        assert!(Extensions::names("standby", STANDBY));
+        assert!(Extensions::names(
+            " early-data;max=1 , Standby ;x=y",
+            STANDBY
+        ));
+        assert!(!Extensions::names("standbyx, early-data", STANDBY));
+        assert!(!Extensions::names("x;standby", STANDBY));
+        assert!(!Extensions::names("", STANDBY));
+        let long = format!("{},standby", "a,".repeat(MAX_VALUE));
+        assert!(
+            !Extensions::names(&long, STANDBY),
+            "only the first bytes are read"
+        );
+    }
 
     const BOTH: Extensions = Extensions {
         standby: Some(StandbyParams {

@@ -48,6 +48,7 @@ fn connect_headers(headers: &http::HeaderMap, drop_authorization: bool) -> Vec<(
             || matches!(
                 n,
                 "servicebusauthorization"
+                    | "hyco-extensions"
                     | "sec-websocket-extensions"
                     | "microsoft-relay-allowedlisteners"
                     | "microsoft-relay-disallowedlisteners"
@@ -91,11 +92,7 @@ pub(crate) async fn connect(
         },
         permit: tunnel_permit,
     };
-    // A sender that asks for a sub-protocol gets the listener's answer to it: a rendezvous.
-    let tunnel = if req
-        .headers()
-        .contains_key(http::header::SEC_WEBSOCKET_PROTOCOL)
-    {
+    let tunnel = if !joins_parked_sockets(req.headers()) {
         tunnel
     } else {
         let accept_for = |l: &ListenerEntry| {
@@ -155,6 +152,19 @@ pub(crate) async fn connect(
             ))
         }
     }
+}
+
+/// Whether a sender may be joined to a parked socket: it said so (`Hyco-Extensions:
+/// standby`: a hyco agent, which takes a listener's refusal as a Close after its 101), and it
+/// asks for no sub-protocol (only a listener's rendezvous can answer that). Microsoft's
+/// senders say nothing, and keep the protocol's rendezvous and its refusals by status.
+fn joins_parked_sockets(headers: &http::HeaderMap) -> bool {
+    !headers.contains_key(http::header::SEC_WEBSOCKET_PROTOCOL)
+        && headers
+            .get_all(hyco_proto::ext::HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| hyco_proto::ext::Extensions::names(v, hyco_proto::ext::STANDBY))
 }
 
 /// Offers the sender until a listener answers (accepts or rejects) or none is left. A listener

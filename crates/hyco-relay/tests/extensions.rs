@@ -63,6 +63,14 @@ async fn next(rx: &mut mpsc::Receiver<Incoming>) -> Incoming {
         .unwrap()
 }
 
+/// A hyco sender: early data, and a parked socket may take it.
+fn hyco_sender() -> ConnectOptions {
+    ConnectOptions {
+        early_data: true,
+        ..ConnectOptions::default()
+    }
+}
+
 /// A sender's connect and the listener's accept side by side (a classic connect completes only
 /// once the listener accepted); returns the two ends and whether it came by a parked socket.
 async fn pair(
@@ -118,7 +126,7 @@ async fn senders_are_joined_through_parked_sockets_and_the_pool_refills() {
     eventually(|| async { parked_now(&env, "hc10").await == 2.0 }).await;
 
     let sender_cs = cs(&env, "hc10");
-    let mut s = connect_with(&sender_cs, &env.connector, &ConnectOptions::default())
+    let mut s = connect_with(&sender_cs, &env.connector, &hyco_sender())
         .await
         .unwrap();
     let inc = next(&mut rx).await;
@@ -130,9 +138,18 @@ async fn senders_are_joined_through_parked_sockets_and_the_pool_refills() {
     echo(&mut l, &mut s).await;
     // The used socket is replaced at once (the tunnel stays open meanwhile).
     eventually(|| async { parked_now(&env, "hc10").await == 2.0 }).await;
+    // A sender that does not take parked sockets (the library's default, Microsoft's
+    // clients) gets the classic rendezvous although two are parked.
+    let (mut ms, mut ml, standby) =
+        pair(&sender_cs, &env, &ConnectOptions::default(), &mut rx).await;
+    assert!(
+        !standby,
+        "a sender that did not opt in was joined to a parked socket"
+    );
+    echo(&mut ms, &mut ml).await;
 
     // A refusal is a 4000 + status Close, which the sender sees.
-    let mut s2 = connect_with(&sender_cs, &env.connector, &ConnectOptions::default())
+    let mut s2 = connect_with(&sender_cs, &env.connector, &hyco_sender())
         .await
         .unwrap();
     let inc = next(&mut rx).await;
@@ -140,7 +157,7 @@ async fn senders_are_joined_through_parked_sockets_and_the_pool_refills() {
     inc.reject(403, "not today").await.unwrap();
     assert_eq!(close_seen(&mut s2).await, Some((4403, "not today".into())));
     // A status outside 400..=599 is sent as 500.
-    let mut s3 = connect_with(&sender_cs, &env.connector, &ConnectOptions::default())
+    let mut s3 = connect_with(&sender_cs, &env.connector, &hyco_sender())
         .await
         .unwrap();
     next(&mut rx).await.reject(302, "moved").await.unwrap();
@@ -153,7 +170,7 @@ async fn senders_are_joined_through_parked_sockets_and_the_pool_refills() {
     let mut held = Vec::new();
     for _ in 0..4 {
         // The pool may not have refilled yet: then the classic rendezvous runs.
-        let (s, l, _) = pair(&sender_cs, &env, &ConnectOptions::default(), &mut rx).await;
+        let (s, l, _) = pair(&sender_cs, &env, &hyco_sender(), &mut rx).await;
         held.push((s, l));
     }
     eventually(|| async { parked_now(&env, "hc10").await >= 4.0 }).await;

@@ -98,10 +98,13 @@ fn connect_head(env: &Env, hc: &str, token: &str) -> String {
     format!(
         "GET /$hc/{hc}?sb-hc-action=connect&sb-hc-id=early HTTP/1.1\r\nHost: localhost:{}\r\n\
          Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\nServiceBusAuthorization: {token}\r\n\r\n",
+         Sec-WebSocket-Version: 13\r\nHyco-Extensions: standby\r\nServiceBusAuthorization: {token}\r\n\r\n",
         env.port
     )
 }
+
+/// What a hyco sender adds to its connect: it may be joined to a parked socket.
+const HYCO_SENDER: (&str, &str) = ("Hyco-Extensions", "standby");
 
 /// One masked binary frame (a client's).
 fn client_frame(payload: &[u8]) -> Vec<u8> {
@@ -129,7 +132,10 @@ async fn a_sender_is_joined_to_a_parked_socket_without_a_rendezvous() {
     parked(&env, "hc1", 1.0).await;
     let mut second = park(&env, "hc1").await;
     parked(&env, "hc1", 2.0).await;
-    let mut s = env.connect("hc1", &[("X-Tenant", "blue")]).await.unwrap();
+    let mut s = env
+        .connect("hc1", &[("X-Tenant", "blue"), HYCO_SENDER])
+        .await
+        .unwrap();
     s.ws.write_all(b"hello").await.unwrap();
     s.ws.shutdown().await.unwrap();
     // The oldest parked socket takes it: the accept first, then the sender's bytes.
@@ -165,8 +171,44 @@ async fn a_sender_is_joined_to_a_parked_socket_without_a_rendezvous() {
     ctl.ws.send_ping(b"x").await.unwrap();
     let quiet = tokio::time::timeout(Duration::from_millis(300), ctl.ws.recv()).await;
     assert!(quiet.is_err(), "control channel got {quiet:?}");
-    // The second is still parked and takes the next sender.
-    let mut s2 = env.connect("hc1", &[]).await.unwrap();
+    // A sender that did not say it takes a parked socket (Microsoft's clients) gets the
+    // protocol's rendezvous, and a listener's refusal as its status, although one is parked.
+    let microsoft = tokio::spawn({
+        let c = env.connector.clone();
+        let url = env.url("hc1", "connect", "");
+        let t = env.token(Some("hc1"), now() + 600);
+        async move {
+            c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        }
+    });
+    match tokio::time::timeout(T, ctl.ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Text(t) => {
+            let ListenerCommand::Accept(a) = ListenerCommand::parse(&t).unwrap() else {
+                panic!("{t}")
+            };
+            assert!(a.address.contains("sb-hc-rv="), "{}", a.address);
+            let reject = hyco_proto::address::reject_url(&a.address, 503, "busy");
+            let e = env
+                .connector
+                .connect(&reject, &[])
+                .await
+                .map(|_| ())
+                .unwrap_err();
+            assert_eq!(e.status(), Some(410));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(microsoft.await.unwrap().status(), Some(503));
+    assert_eq!(parked_now(&env, "hc1").await, 1.0);
+    // The second is still parked and takes the next hyco sender.
+    let mut s2 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
     s2.ws.write_all(b"again").await.unwrap();
     accept_on(&mut second).await;
     let mut buf = [0u8; 5];
@@ -433,7 +475,7 @@ async fn a_listener_refuses_a_joined_sender_with_a_close_it_sees() {
     let _ctl = env.listen("hc1").await;
     let mut p = park(&env, "hc1").await;
     parked(&env, "hc1", 1.0).await;
-    let mut s = env.connect("hc1", &[]).await.unwrap();
+    let mut s = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
     accept_on(&mut p).await;
     p.ws.send_close(4503, "The listener is busy.")
         .await
