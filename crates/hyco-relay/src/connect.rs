@@ -64,12 +64,10 @@ pub(crate) async fn connect(
     mut req: Request<Incoming>,
     route: Route,
 ) -> Result<Response<Body>, RelayError> {
-    // Refused while descriptors remain to say so (issue 15 §5); held until the splice ends.
-    let Some(tunnel_permit) = shared.tunnel_gate.try_acquire() else {
-        return Err(RelayError::Unavailable(
-            "ServerBusy: the relay is at its tunnel limit (--max-tunnels); retry later.",
-        ));
-    };
+    // A parked socket holds a tunnel permit already, which its tunnel keeps; any other tunnel
+    // takes one here, refused while descriptors remain to say so (issue 15 §5).
+    let standby = joins_parked_sockets(req.headers()) && shared.cfg.extensions.standby.is_some();
+    let tunnel_permit = if standby { None } else { Some(permit(shared)?) };
     let started = Instant::now();
     let mut headers = connect_headers(req.headers(), route.authorization_used);
     hyco_io::header_case::Spelling::of(&req)
@@ -92,7 +90,7 @@ pub(crate) async fn connect(
         },
         permit: tunnel_permit,
     };
-    let tunnel = if !joins_parked_sockets(req.headers()) {
+    let mut tunnel = if !standby {
         tunnel
     } else {
         let accept_for = |l: &ListenerEntry| {
@@ -115,6 +113,9 @@ pub(crate) async fn connect(
             Err(tunnel) => tunnel,
         }
     };
+    if tunnel.permit.is_none() {
+        tunnel.permit = Some(permit(shared)?);
+    }
     let (listener_id, outcome) =
         rendezvous(shared, peer, offers, &route, &headers, &conn_id).await?;
     let hc_name = &route.hc_name;
@@ -152,6 +153,16 @@ pub(crate) async fn connect(
             ))
         }
     }
+}
+
+/// A tunnel permit, or the sender's 503 at the tunnel limit.
+fn permit(shared: &Shared) -> Result<hyco_io::tunnels::TunnelPermit, RelayError> {
+    shared
+        .tunnel_gate
+        .try_acquire()
+        .ok_or(RelayError::Unavailable(
+            "ServerBusy: the relay is at its tunnel limit (--max-tunnels); retry later.",
+        ))
 }
 
 /// Whether a sender may be joined to a parked socket: it said so (`Hyco-Extensions:

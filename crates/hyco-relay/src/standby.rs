@@ -207,7 +207,8 @@ struct Socket {
     route: Route,
     ttl: Duration,
     max: usize,
-    /// The descriptor it holds, counted against `--max-tunnels`.
+    /// The descriptor it holds, counted against `--max-tunnels`; once a sender is joined, the
+    /// permit of their tunnel (the sender takes none of its own).
     _permit: TunnelPermit,
 }
 

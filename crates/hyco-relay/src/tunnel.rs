@@ -24,8 +24,9 @@ pub(crate) struct Joining {
     pub(crate) sender: OnUpgrade,
     /// What the tunnel is known by.
     pub(crate) start: TunnelStart,
-    /// Its tunnel permit, held until the splice ends.
-    pub(crate) permit: hyco_io::tunnels::TunnelPermit,
+    /// Its tunnel permit, held until the splice ends (`None` when a parked socket's permit
+    /// is the tunnel's).
+    pub(crate) permit: Option<hyco_io::tunnels::TunnelPermit>,
 }
 
 /// What a tunnel is known by before it opens.

@@ -485,3 +485,53 @@ async fn a_listener_refuses_a_joined_sender_with_a_close_it_sees() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A parked socket holds a tunnel permit, and the tunnel a sender is joined to it by keeps
+/// that one: at the relay's tunnel limit, hyco senders still get the parked sockets, one permit
+/// per tunnel, and everyone else gets 503 at once.
+#[tokio::test]
+async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
+    let env = start("standby-permits", |c| c.limits.max_tunnels = 2).await;
+    let _ctl = env.listen("hc1").await;
+    let mut a = park(&env, "hc1").await;
+    parked(&env, "hc1", 1.0).await;
+    let mut b = park(&env, "hc1").await;
+    parked(&env, "hc1", 2.0).await;
+    // The gate is full of parked sockets: a third is refused, as is a sender that cannot
+    // take one.
+    let e = env
+        .connector
+        .connect(
+            &standby_url(&env, "hc1", LISTENER),
+            &[(
+                "ServiceBusAuthorization",
+                &env.token(Some("hc1"), now() + 600),
+            )],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    let e = env.connect("hc1", &[]).await.map(|_| ()).unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    // Hyco senders are joined to the parked sockets, which carry their data.
+    let mut s1 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
+    let mut s2 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
+    for (s, p) in [(&mut s1, &mut a), (&mut s2, &mut b)] {
+        s.ws.write_all(b"one").await.unwrap();
+        accept_on(p).await;
+        let mut buf = [0u8; 3];
+        tokio::time::timeout(T, p.ws.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf, b"one");
+    }
+    // Two tunnels, two permits: the next sender has neither a parked socket nor a permit.
+    let e = env
+        .connect("hc1", &[HYCO_SENDER])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+}
