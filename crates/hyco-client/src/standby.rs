@@ -188,7 +188,7 @@ async fn run(
             while live < target {
                 let permit = match &ctx.gate {
                     None => None,
-                    Some(g) => match try_acquire_spare(g) {
+                    Some(g) => match g.try_acquire_spare() {
                         Some(p) => Some(p),
                         None => {
                             // The tunnel limit is near: park nothing now, look again later.
@@ -221,16 +221,6 @@ async fn run(
             _ = cancel.cancelled() => return,
         }
     }
-}
-
-/// A place under `gate` for a parked socket, only while a tenth of its limit stays free: a
-/// parked socket must never be why a real tunnel is refused (and it is no refusal itself).
-fn try_acquire_spare(gate: &Arc<TunnelGate>) -> Option<TunnelPermit> {
-    let spare = gate.max().div_ceil(10);
-    if gate.open().saturating_add(spare) >= gate.max() {
-        return None;
-    }
-    gate.try_acquire()
 }
 
 /// Opens one parked socket and waits on it for a sender (or its retirement).
@@ -402,7 +392,7 @@ mod tests {
     fn parked_sockets_leave_a_tenth_of_the_tunnel_limit_free() {
         let gate = TunnelGate::new("test", 20);
         let mut held = Vec::new();
-        while let Some(p) = try_acquire_spare(&gate) {
+        while let Some(p) = gate.try_acquire_spare() {
             held.push(p);
             assert!(held.len() <= 20);
         }

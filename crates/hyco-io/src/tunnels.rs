@@ -148,6 +148,21 @@ impl TunnelGate {
         None
     }
 
+    /// A place for something held ahead of need (a parked standby socket), only while a tenth
+    /// of the limit stays free for real tunnels: such a place must never be why a tunnel is
+    /// refused, and its own refusal is none (not counted, not logged).
+    pub fn try_acquire_spare(self: &Arc<Self>) -> Option<TunnelPermit> {
+        let spare = self.max.div_ceil(10);
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n.saturating_add(spare) < self.max).then_some(n + 1)
+            });
+        taken.is_ok().then(|| TunnelPermit {
+            gate: Arc::clone(self),
+        })
+    }
+
     /// The limit.
     pub fn max(&self) -> usize {
         self.max

@@ -167,9 +167,11 @@ pub(crate) fn open(
             "This listener has the most standby sockets the relay keeps (standby;max).",
         ));
     }
-    let Some(permit) = shared.tunnel_gate.try_acquire() else {
+    // Parked sockets take no more than nine tenths of the tunnel limit: the rest is for
+    // senders, so parking never makes a sender wait for a permit a parked socket holds.
+    let Some(permit) = shared.tunnel_gate.try_acquire_spare() else {
         return Err(RelayError::Unavailable(
-            "ServerBusy: the relay is at its tunnel limit (--max-tunnels); retry later.",
+            "ServerBusy: the relay is near its tunnel limit (--max-tunnels) and parks no more sockets.",
         ));
     };
     let on_upgrade = hyper::upgrade::on(&mut req);

@@ -487,18 +487,18 @@ async fn a_listener_refuses_a_joined_sender_with_a_close_it_sees() {
 }
 
 /// A parked socket holds a tunnel permit, and the tunnel a sender is joined to it by keeps
-/// that one: at the relay's tunnel limit, hyco senders still get the parked sockets, one permit
-/// per tunnel, and everyone else gets 503 at once.
+/// that one; parked sockets leave a tenth of the limit to senders. At the relay's tunnel limit,
+/// hyco senders still get the parked sockets, one permit per tunnel, and everyone else gets 503
+/// at once.
 #[tokio::test]
 async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
-    let env = start("standby-permits", |c| c.limits.max_tunnels = 2).await;
-    let _ctl = env.listen("hc1").await;
+    let env = start("standby-permits", |c| c.limits.max_tunnels = 3).await;
+    let mut ctl = env.listen("hc1").await;
     let mut a = park(&env, "hc1").await;
     parked(&env, "hc1", 1.0).await;
     let mut b = park(&env, "hc1").await;
     parked(&env, "hc1", 2.0).await;
-    // The gate is full of parked sockets: a third is refused, as is a sender that cannot
-    // take one.
+    // The last tenth (one permit) is not for parked sockets.
     let e = env
         .connector
         .connect(
@@ -512,6 +512,31 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
         .map(|_| ())
         .unwrap_err();
     assert_eq!(e.status(), Some(503), "{e}");
+    // A classic tunnel takes it.
+    let classic = tokio::spawn({
+        let c = env.connector.clone();
+        let url = env.url("hc1", "connect", "");
+        let t = env.token(Some("hc1"), now() + 600);
+        async move {
+            c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
+                .await
+        }
+    });
+    let _rendezvous = match tokio::time::timeout(T, ctl.ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Text(t) => {
+            let ListenerCommand::Accept(acc) = ListenerCommand::parse(&t).unwrap() else {
+                panic!("{t}")
+            };
+            env.connector.connect(&acc.address, &[]).await.unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    let _classic = classic.await.unwrap().unwrap();
+    // The gate is full: a sender that cannot take a parked socket gets 503.
     let e = env.connect("hc1", &[]).await.map(|_| ()).unwrap_err();
     assert_eq!(e.status(), Some(503), "{e}");
     // Hyco senders are joined to the parked sockets, which carry their data.
@@ -527,7 +552,7 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
             .unwrap();
         assert_eq!(&buf, b"one");
     }
-    // Two tunnels, two permits: the next sender has neither a parked socket nor a permit.
+    // Three tunnels, three permits: the next sender has neither a parked socket nor a permit.
     let e = env
         .connect("hc1", &[HYCO_SENDER])
         .await
