@@ -152,15 +152,24 @@ impl TunnelGate {
     /// of the limit stays free for real tunnels: such a place must never be why a tunnel is
     /// refused, and its own refusal is none (not counted, not logged).
     pub fn try_acquire_spare(self: &Arc<Self>) -> Option<TunnelPermit> {
-        let spare = self.max.div_ceil(10);
         let taken = self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n.saturating_add(spare) < self.max).then_some(n + 1)
+                self.spare_after(n).then_some(n + 1)
             });
         taken.is_ok().then(|| TunnelPermit {
             gate: Arc::clone(self),
         })
+    }
+
+    /// Whether [`TunnelGate::try_acquire_spare`] would give a place now.
+    pub fn has_spare(&self) -> bool {
+        self.spare_after(self.open())
+    }
+
+    /// Whether one more place leaves a tenth of the limit free, with `open` taken.
+    fn spare_after(&self, open: usize) -> bool {
+        open.saturating_add(self.max.div_ceil(10)) < self.max
     }
 
     /// The limit.

@@ -169,11 +169,9 @@ pub(crate) fn open(
     }
     // Parked sockets take no more than nine tenths of the tunnel limit: the rest is for
     // senders, so parking never makes a sender wait for a permit a parked socket holds.
-    let Some(permit) = shared.tunnel_gate.try_acquire_spare() else {
-        return Err(RelayError::Unavailable(
-            "ServerBusy: the relay is near its tunnel limit (--max-tunnels) and parks no more sockets.",
-        ));
-    };
+    if !shared.tunnel_gate.has_spare() {
+        return Err(RelayError::TooMany(NEAR_LIMIT));
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let resp = crate::advertise(shared, switching_protocols(&route.accept_key, None));
     let socket = Socket {
@@ -182,7 +180,6 @@ pub(crate) fn open(
         route,
         ttl: Duration::from_secs(u64::from(params.ttl_secs)),
         max,
-        _permit: permit,
     };
     shared.tracker.spawn(async move {
         match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
@@ -199,6 +196,10 @@ pub(crate) fn open(
     Ok(resp)
 }
 
+/// Why no socket is parked near the tunnel limit.
+const NEAR_LIMIT: &str =
+    "The relay is near its tunnel limit (--max-tunnels) and parks no more sockets now.";
+
 /// Why a parked socket is closed when its listener sends anything before it is paired.
 const SILENT: &str = "A standby socket stays silent until a sender is joined to it.";
 
@@ -209,9 +210,6 @@ struct Socket {
     route: Route,
     ttl: Duration,
     max: usize,
-    /// The descriptor it holds, counted against `--max-tunnels`; once a sender is joined, the
-    /// permit of their tunnel (the sender takes none of its own).
-    _permit: TunnelPermit,
 }
 
 /// How a parked socket's wait ended.
@@ -226,6 +224,14 @@ impl Socket {
     /// Waits in the pool until a sender is joined (then runs the tunnel) or something retires
     /// the socket.
     async fn park(self, mut io: ServerTls) {
+        // The descriptor it holds, counted against `--max-tunnels`, taken only once the socket
+        // is in the pool (a sender that finds none parked is never short of a permit a socket
+        // on its way holds); once a sender is joined, the permit of their tunnel (the sender
+        // takes none of its own).
+        let Some(permit) = self.shared.tunnel_gate.try_acquire_spare() else {
+            close(&mut io, 1013, NEAR_LIMIT).await;
+            return;
+        };
         let (tx, mut rx) = oneshot::channel();
         let Some(parked) = self.shared.standby.push(self.entry.conn_id, tx, self.max) else {
             close(
@@ -243,7 +249,7 @@ impl Socket {
         drop(parked);
         drop(gauge);
         let retired = match (waited, rx.try_recv()) {
-            (Ok(pair), _) | (Err(_), Ok(pair)) => return self.serve(io, pair).await,
+            (Ok(pair), _) | (Err(_), Ok(pair)) => return self.serve(io, pair, permit).await,
             (Err(retired), Err(_)) => retired,
         };
         match retired {
@@ -324,7 +330,7 @@ impl Socket {
     }
 
     /// A sender was joined: the `accept` goes out first, then the two are spliced.
-    async fn serve(self, mut io: ServerTls, pair: Pair) {
+    async fn serve(self, mut io: ServerTls, pair: Pair, parked_permit: TunnelPermit) {
         let Pair {
             accept,
             sender:
@@ -350,7 +356,7 @@ impl Socket {
             return;
         }
         let span = tracing::info_span!("tunnel", hc = %self.route.hc_name, id = %start.id, listener_id = %self.entry.listener_id, peer = %start.peer, standby = true);
-        let _permit = permit;
+        let _permits = (parked_permit, permit);
         tracing::Instrument::instrument(
             run_tunnel(
                 &self.shared,

@@ -498,7 +498,7 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
     parked(&env, "hc1", 1.0).await;
     let mut b = park(&env, "hc1").await;
     parked(&env, "hc1", 2.0).await;
-    // The last tenth (one permit) is not for parked sockets.
+    // The last tenth (one permit) is not for parked sockets: 429, as past the listener's cap.
     let e = env
         .connector
         .connect(
@@ -511,7 +511,7 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
         .await
         .map(|_| ())
         .unwrap_err();
-    assert_eq!(e.status(), Some(503), "{e}");
+    assert_eq!(e.status(), Some(429), "{e}");
     // A classic tunnel takes it.
     let classic = tokio::spawn({
         let c = env.connector.clone();
