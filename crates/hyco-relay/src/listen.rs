@@ -19,7 +19,7 @@ use crate::error::{Body, RelayError};
 use crate::registry::ListenerEntry;
 use crate::{ServerTls, Shared};
 
-/// An authorized listen.
+/// An authorized listen (or standby socket: [`crate::standby`]).
 pub(crate) struct Route {
     /// `Sec-WebSocket-Accept` for the 101.
     pub(crate) accept_key: String,

@@ -368,28 +368,19 @@ async fn socket(
             .flatten()
             .unwrap_or_default()
             .to_owned();
-        let expiry = grant.map_or(u64::MAX, |g| g.expiry);
-        if s.action == Action::Standby {
-            let route = crate::standby::Route {
-                accept_key: s.accept_key,
-                hc_key,
-                hc_name,
-                host: host_of(&req),
-                listener_id: s.query.id.clone(),
-                expiry,
-                token,
-            };
-            return crate::standby::open(shared, peer, req, route);
-        }
+        // A control channel and a standby socket are authorized alike, by a Listen token.
         let route = crate::listen::Route {
             accept_key: s.accept_key,
             hc_key,
             hc_name,
             host: host_of(&req),
             listener_id: s.query.id.clone(),
-            expiry,
+            expiry: grant.map_or(u64::MAX, |g| g.expiry),
             token,
         };
+        if s.action == Action::Standby {
+            return crate::standby::open(shared, peer, req, route);
+        }
         return crate::listen::listen(shared, peer, req, route);
     }
     let authorization_used =

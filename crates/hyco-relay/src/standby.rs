@@ -29,6 +29,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info};
 
 use crate::error::{Body, RelayError};
+use crate::listen::Route;
 use crate::metrics::{GaugeUnit, Hc};
 use crate::registry::ListenerEntry;
 use crate::tunnel::{run_tunnel, Joining, ListenerSide};
@@ -113,24 +114,6 @@ impl Drop for Place {
             }
         }
     }
-}
-
-/// An authorized `sb-hc-action=standby`.
-pub(crate) struct Route {
-    /// `Sec-WebSocket-Accept` for the 101.
-    pub(crate) accept_key: String,
-    /// Registry key of the hybrid connection.
-    pub(crate) hc_key: String,
-    /// Its name as created.
-    pub(crate) hc_name: String,
-    /// The Host the request came in with (the token is re-checked against it).
-    pub(crate) host: String,
-    /// The listener whose control channel the socket belongs to.
-    pub(crate) listener_id: Option<String>,
-    /// Expiry of the token that authorized it…
-    pub(crate) expiry: u64,
-    /// …and the token, to re-check when keys change. Never logged.
-    pub(crate) token: String,
 }
 
 /// Parks a listener's socket: 101, then it waits in its listener's pool for a sender.

@@ -87,20 +87,22 @@ async fn pair(
     (s.unwrap(), l.0, l.1)
 }
 
+/// Reads exactly `buf.len()` bytes, within 10 s.
+async fn fill(s: &mut HybridStream, buf: &mut [u8]) {
+    tokio::time::timeout(T, s.read_exact(buf))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// `a` says `ping`, `b` answers `pong`.
 async fn echo(a: &mut HybridStream, b: &mut HybridStream) {
     a.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
-    tokio::time::timeout(T, b.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    fill(b, &mut buf).await;
     assert_eq!(&buf, b"ping");
     b.write_all(b"pong").await.unwrap();
-    tokio::time::timeout(T, a.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    fill(a, &mut buf).await;
     assert_eq!(&buf, b"pong");
 }
 
@@ -239,17 +241,11 @@ async fn early_data_goes_out_before_the_101_once_the_relay_said_so() {
     assert!(s.response_pending(), "written before the 101 was read");
     let mut l = next(&mut rx).await.accept().await.unwrap();
     let mut buf = [0u8; 11];
-    tokio::time::timeout(T, l.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    fill(&mut l, &mut buf).await;
     assert_eq!(&buf, b"early bytes");
     l.write_all(b"pong").await.unwrap();
     let mut back = [0u8; 4];
-    tokio::time::timeout(T, s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    fill(&mut s, &mut back).await;
     assert_eq!(&back, b"pong");
     assert!(!s.response_pending());
 

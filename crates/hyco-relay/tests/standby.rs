@@ -32,6 +32,33 @@ async fn park_with(env: &Env, hc: &str, token: &str) -> Connected {
         .unwrap()
 }
 
+/// Why the relay refuses to park a socket for `listener` with a fresh Listen token.
+async fn park_refused(env: &Env, listener: &str) -> hyco_io::ws::ConnectError {
+    let t = env.token(Some("hc1"), now() + 600);
+    env.connector
+        .connect(
+            &standby_url(env, "hc1", listener),
+            &[("ServiceBusAuthorization", t.as_str())],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err()
+}
+
+/// A sender that did not say it takes parked sockets (as Microsoft's clients), connecting in
+/// a task: a classic connect completes only once the listener answered.
+fn classic_sender(
+    env: &Env,
+) -> tokio::task::JoinHandle<Result<Connected, hyco_io::ws::ConnectError>> {
+    let c = env.connector.clone();
+    let url = env.url("hc1", "connect", "");
+    let t = env.token(Some("hc1"), now() + 600);
+    tokio::spawn(async move {
+        c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
+            .await
+    })
+}
+
 async fn park(env: &Env, hc: &str) -> Connected {
     park_with(env, hc, &env.token(Some(hc), now() + 600)).await
 }
@@ -49,7 +76,8 @@ async fn parked(env: &Env, hc: &str, n: f64) {
     eventually(|| async { parked_now(env, hc).await == n }).await;
 }
 
-/// The `accept` a parked socket gets when a sender is joined to it.
+/// The `accept` a parked socket gets when a sender is joined to it (or a control channel when
+/// one is offered).
 async fn accept_on(s: &mut Connected) -> AcceptCommand {
     match tokio::time::timeout(T, s.ws.recv()).await.unwrap().unwrap() {
         Message::Text(t) => match ListenerCommand::parse(&t).unwrap() {
@@ -173,39 +201,19 @@ async fn a_sender_is_joined_to_a_parked_socket_without_a_rendezvous() {
     assert!(quiet.is_err(), "control channel got {quiet:?}");
     // A sender that did not say it takes a parked socket (Microsoft's clients) gets the
     // protocol's rendezvous, and a listener's refusal as its status, although one is parked.
-    let microsoft = tokio::spawn({
-        let c = env.connector.clone();
-        let url = env.url("hc1", "connect", "");
-        let t = env.token(Some("hc1"), now() + 600);
-        async move {
-            c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
-                .await
-                .map(|_| ())
-                .unwrap_err()
-        }
-    });
-    match tokio::time::timeout(T, ctl.ws.recv())
+    let microsoft = classic_sender(&env);
+    let a = accept_on(&mut ctl).await;
+    assert!(a.address.contains("sb-hc-rv="), "{}", a.address);
+    let reject = hyco_proto::address::reject_url(&a.address, 503, "busy");
+    let e = env
+        .connector
+        .connect(&reject, &[])
         .await
-        .unwrap()
-        .unwrap()
-    {
-        Message::Text(t) => {
-            let ListenerCommand::Accept(a) = ListenerCommand::parse(&t).unwrap() else {
-                panic!("{t}")
-            };
-            assert!(a.address.contains("sb-hc-rv="), "{}", a.address);
-            let reject = hyco_proto::address::reject_url(&a.address, 503, "busy");
-            let e = env
-                .connector
-                .connect(&reject, &[])
-                .await
-                .map(|_| ())
-                .unwrap_err();
-            assert_eq!(e.status(), Some(410));
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(microsoft.await.unwrap().status(), Some(503));
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(410));
+    let e = microsoft.await.unwrap().map(|_| ()).unwrap_err();
+    assert_eq!(e.status(), Some(503));
     assert_eq!(parked_now(&env, "hc1").await, 1.0);
     // The second is still parked and takes the next hyco sender.
     let mut s2 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
@@ -216,30 +224,10 @@ async fn a_sender_is_joined_to_a_parked_socket_without_a_rendezvous() {
     assert_eq!(&buf, b"again");
     parked(&env, "hc1", 0.0).await;
     // With none parked, the classic rendezvous: the accept comes on the control channel.
-    let sender = tokio::spawn({
-        let c = env.connector.clone();
-        let url = env.url("hc1", "connect", "");
-        let t = env.token(Some("hc1"), now() + 600);
-        async move {
-            c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
-                .await
-                .map(|_| ())
-        }
-    });
-    match tokio::time::timeout(T, ctl.ws.recv())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Message::Text(t) => {
-            let ListenerCommand::Accept(a) = ListenerCommand::parse(&t).unwrap() else {
-                panic!("{t}")
-            };
-            assert!(a.address.contains("sb-hc-rv="));
-            env.connector.connect(&a.address, &[]).await.unwrap();
-        }
-        other => panic!("{other:?}"),
-    }
+    let sender = classic_sender(&env);
+    let a = accept_on(&mut ctl).await;
+    assert!(a.address.contains("sb-hc-rv="));
+    env.connector.connect(&a.address, &[]).await.unwrap();
     sender.await.unwrap().unwrap();
 }
 
@@ -262,18 +250,7 @@ async fn the_extensions_are_advertised_on_101s_and_refused_when_off() {
     })
     .await;
     let _ctl = off.listen("hc1").await;
-    let e = off
-        .connector
-        .connect(
-            &standby_url(&off, "hc1", LISTENER),
-            &[(
-                "ServiceBusAuthorization",
-                &off.token(Some("hc1"), now() + 600),
-            )],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let e = park_refused(&off, LISTENER).await;
     assert_eq!(e.status(), Some(400), "{e}");
     let t = off.token(Some("hc1"), now() + 600);
     let listen_head = format!(
@@ -397,17 +374,7 @@ async fn early_data_waits_for_a_classic_rendezvous_too() {
             String::from_utf8_lossy(&buf[..n]).into_owned()
         }
     });
-    let a = match tokio::time::timeout(T, ctl.ws.recv())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Message::Text(t) => match ListenerCommand::parse(&t).unwrap() {
-            ListenerCommand::Accept(a) => a,
-            other => panic!("{other:?}"),
-        },
-        other => panic!("{other:?}"),
-    };
+    let a = accept_on(&mut ctl).await;
     let mut r = env.connector.connect(&a.address, &[]).await.unwrap();
     let mut buf = [0u8; 14];
     tokio::time::timeout(T, r.ws.read_exact(&mut buf))
@@ -499,42 +466,12 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
     let mut b = park(&env, "hc1").await;
     parked(&env, "hc1", 2.0).await;
     // The last tenth (one permit) is not for parked sockets: 429, as past the listener's cap.
-    let e = env
-        .connector
-        .connect(
-            &standby_url(&env, "hc1", LISTENER),
-            &[(
-                "ServiceBusAuthorization",
-                &env.token(Some("hc1"), now() + 600),
-            )],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let e = park_refused(&env, LISTENER).await;
     assert_eq!(e.status(), Some(429), "{e}");
     // A classic tunnel takes it.
-    let classic = tokio::spawn({
-        let c = env.connector.clone();
-        let url = env.url("hc1", "connect", "");
-        let t = env.token(Some("hc1"), now() + 600);
-        async move {
-            c.connect(&url, &[("ServiceBusAuthorization", t.as_str())])
-                .await
-        }
-    });
-    let _rendezvous = match tokio::time::timeout(T, ctl.ws.recv())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Message::Text(t) => {
-            let ListenerCommand::Accept(acc) = ListenerCommand::parse(&t).unwrap() else {
-                panic!("{t}")
-            };
-            env.connector.connect(&acc.address, &[]).await.unwrap()
-        }
-        other => panic!("{other:?}"),
-    };
+    let classic = classic_sender(&env);
+    let acc = accept_on(&mut ctl).await;
+    let _rendezvous = env.connector.connect(&acc.address, &[]).await.unwrap();
     let _classic = classic.await.unwrap().unwrap();
     // The gate is full: a sender that cannot take a parked socket gets 503.
     let e = env.connect("hc1", &[]).await.map(|_| ()).unwrap_err();
