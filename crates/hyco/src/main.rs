@@ -875,6 +875,8 @@ mod tests {
         "HYCO_RELAY_ADDRS",
         "HYCO_WARM_CONNECTIONS",
         "HYCO_STATE_DIR",
+        "HYCO_EXTENSIONS",
+        "HYCO_STANDBY_MAX",
     ];
 
     fn each_command(c: &clap::Command, f: &mut impl FnMut(&clap::Command)) {
