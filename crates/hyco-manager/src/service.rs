@@ -246,8 +246,10 @@ impl Manager {
         let opts = ListenerOptions {
             token_lifetime: self.token_lifetime,
             standby_max: self.standby_max,
-            // Parked sockets are descriptors: they count against --max-tunnels.
-            standby_gate: Some(Arc::clone(&self.gate)),
+            // Parked sockets (at most --standby-max, one descriptor each) come out of the
+            // descriptor reserve, not --max-tunnels: a permit held by a parked socket would be
+            // one a sender on the classic path is refused for.
+            standby_gate: None,
             ..ListenerOptions::default()
         };
         self.tasks.spawn(supervise(
