@@ -251,6 +251,16 @@ mod tests {
 
     const T: Duration = Duration::from_secs(30);
 
+    /// Everything `r` yields up to its end, within `T`.
+    async fn read_all(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(T, r.read_to_end(&mut got))
+            .await
+            .expect("within the time")
+            .expect("read");
+        got
+    }
+
     #[tokio::test]
     async fn keeps_the_order_of_many_small_writes_both_ways() {
         let link = DelayLink::start(
@@ -280,11 +290,7 @@ mod tests {
             }
             w.shutdown().await.expect("shutdown");
         });
-        let mut got = Vec::new();
-        tokio::time::timeout(T, r.read_to_end(&mut got))
-            .await
-            .expect("within the time")
-            .expect("read");
+        let got = read_all(&mut r).await;
         writer.await.expect("writer");
         assert_eq!(got.len(), data.len(), "every byte came back, and the EOF");
         assert!(got == data, "in the order sent");
@@ -335,11 +341,7 @@ mod tests {
             w.write_all(&sent).await.expect("write");
             w.shutdown().await.expect("shutdown");
         });
-        let mut got = Vec::new();
-        tokio::time::timeout(T, r.read_to_end(&mut got))
-            .await
-            .expect("within the time")
-            .expect("read");
+        let got = read_all(&mut r).await;
         writer.await.expect("writer");
         let took = t0.elapsed();
         assert!(got == data, "all bytes, in order");

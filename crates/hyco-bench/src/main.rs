@@ -1076,11 +1076,7 @@ fn print_table(v: &Value) {
             .iter()
             .filter(|(n, _)| *n != "http_mode" && *n != "cluster")
         {
-            let f = |x: &Value| {
-                x.as_f64()
-                    .map(|x| format!("{x:.2}"))
-                    .unwrap_or_else(|| "-".into())
-            };
+            let f = stats::cell;
             println!(
                 "{:<12} {:>10} {:>7} {:>10} {:>7} {:>9} {:>10} {:>10} {:>9} {:>10} {:>12}",
                 name,

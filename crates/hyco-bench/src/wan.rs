@@ -713,11 +713,7 @@ fn chart(r: &Value) -> String {
 }
 
 fn print(r: &Value) {
-    let f = |x: &Value| {
-        x.as_f64()
-            .map(|x| format!("{x:.2}"))
-            .unwrap_or_else(|| "-".into())
-    };
+    let f = crate::stats::cell;
     println!(
         "\nWAN: two links of {} ms one way; new connection, time to first byte (ms); ratios to direct",
         r["delay_ms_one_way"]
