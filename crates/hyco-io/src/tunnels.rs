@@ -126,6 +126,16 @@ impl TunnelGate {
     /// A place for one more tunnel, or `None` at the limit (the first refusal of an episode
     /// is logged).
     pub fn try_acquire(self: &Arc<Self>) -> Option<TunnelPermit> {
+        self.try_acquire_or(|| None)
+    }
+
+    /// [`TunnelGate::try_acquire`], but at the limit `reclaim` may first give back a place
+    /// something held ahead of need (a parked standby socket, which yields to a real tunnel);
+    /// only when it has none is the tunnel refused (counted and logged).
+    pub fn try_acquire_or(
+        self: &Arc<Self>,
+        reclaim: impl FnOnce() -> Option<TunnelPermit>,
+    ) -> Option<TunnelPermit> {
         let taken = self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -135,6 +145,9 @@ impl TunnelGate {
             return Some(TunnelPermit {
                 gate: Arc::clone(self),
             });
+        }
+        if let Some(p) = reclaim() {
+            return Some(p);
         }
         self.refused.inc();
         if !self.refusing.swap(true, Ordering::AcqRel) {

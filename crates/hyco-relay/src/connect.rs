@@ -155,11 +155,12 @@ pub(crate) async fn connect(
     }
 }
 
-/// A tunnel permit, or the sender's 503 at the tunnel limit.
+/// A tunnel permit, or the sender's 503 at the tunnel limit. At the limit a socket parked
+/// ahead of need (standby, any listener) gives its permit up first.
 fn permit(shared: &Shared) -> Result<hyco_io::tunnels::TunnelPermit, RelayError> {
     shared
         .tunnel_gate
-        .try_acquire()
+        .try_acquire_or(|| shared.standby.reclaim())
         .ok_or(RelayError::Unavailable(
             "ServerBusy: the relay is at its tunnel limit (--max-tunnels); retry later.",
         ))

@@ -9,7 +9,9 @@
 //! A parked socket is bound to the control channel of its listener (gone with it), to its
 //! hybrid connection and to its Listen token: the token's expiry, a key regeneration or the
 //! hybrid connection's deletion retire it, and so does its time to live. It holds a tunnel
-//! permit (one descriptor) while parked and counts against its listener's cap.
+//! permit (one descriptor) while parked and counts against its listener's cap; at the tunnel
+//! limit it yields that permit to a sender that found no socket of its own listener parked
+//! ([`Pools::reclaim`]): a socket held ahead of need never costs a real tunnel its place.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -41,10 +43,21 @@ pub(crate) struct Pair {
     accept: String,
     /// The sender.
     sender: Joining,
+    /// The permit the socket held while parked, now its tunnel's.
+    permit: TunnelPermit,
 }
 
-/// A listener's parked sockets, oldest first, each by its id and the way to hand it a sender.
-type Parked = VecDeque<(u64, oneshot::Sender<Pair>)>;
+/// One parked socket in its listener's pool: its id, the way to hand it a sender, and the
+/// tunnel permit it holds (kept here, so that it can be handed to a sender at the limit
+/// without waiting for the socket's task).
+struct Entry {
+    id: u64,
+    tx: oneshot::Sender<Pair>,
+    permit: TunnelPermit,
+}
+
+/// A listener's parked sockets, oldest first.
+type Parked = VecDeque<Entry>;
 
 /// The parked sockets of every listener of this node, by the listener's relay-internal id.
 #[derive(Default)]
@@ -64,14 +77,28 @@ impl Pools {
     }
 
     /// The oldest socket the listener has parked, out of the pool.
-    fn take(&self, listener: u64) -> Option<oneshot::Sender<Pair>> {
+    fn take(&self, listener: u64) -> Option<Entry> {
         let mut g = self.lock();
         let list = g.get_mut(&listener)?;
-        let tx = list.pop_front().map(|(_, tx)| tx);
+        let entry = list.pop_front();
         if list.is_empty() {
             g.remove(&listener);
         }
-        tx
+        entry
+    }
+
+    /// At the tunnel limit: the permit of the oldest socket of the listener with the most
+    /// parked, which leaves the pool and is closed by its task (1001, [`YIELDED`]). `None`
+    /// when nothing is parked.
+    pub(crate) fn reclaim(&self) -> Option<TunnelPermit> {
+        let mut g = self.lock();
+        let (&listener, _) = g.iter().max_by_key(|(_, list)| list.len())?;
+        let entry = g.get_mut(&listener)?.pop_front();
+        if g.get(&listener).is_some_and(VecDeque::is_empty) {
+            g.remove(&listener);
+        }
+        // Dropping `tx` tells the socket's task it was given up.
+        entry.map(|e| e.permit)
     }
 
     /// Parks under `listener` unless it has `max` already; the place is given back when the
@@ -80,6 +107,7 @@ impl Pools {
         self: &Arc<Self>,
         listener: u64,
         tx: oneshot::Sender<Pair>,
+        permit: TunnelPermit,
         max: usize,
     ) -> Option<Place> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -88,7 +116,7 @@ impl Pools {
         if list.len() >= max {
             return None;
         }
-        list.push_back((id, tx));
+        list.push_back(Entry { id, tx, permit });
         Some(Place {
             pools: Arc::clone(self),
             listener,
@@ -108,7 +136,7 @@ impl Drop for Place {
     fn drop(&mut self) {
         let mut g = self.pools.lock();
         if let Some(list) = g.get_mut(&self.listener) {
-            list.retain(|(id, _)| *id != self.id);
+            list.retain(|e| e.id != self.id);
             if list.is_empty() {
                 g.remove(&self.listener);
             }
@@ -183,6 +211,10 @@ pub(crate) fn open(
 const NEAR_LIMIT: &str =
     "The relay is near its tunnel limit (--max-tunnels) and parks no more sockets now.";
 
+/// Why a parked socket is closed when a sender of another listener needed its permit.
+const YIELDED: &str =
+    "The relay is at its tunnel limit and gave this standby socket's place to a sender.";
+
 /// Why a parked socket is closed when its listener sends anything before it is paired.
 const SILENT: &str = "A standby socket stays silent until a sender is joined to it.";
 
@@ -212,11 +244,15 @@ impl Socket {
         // on its way holds); once a sender is joined, the permit of their tunnel (the sender
         // takes none of its own).
         let Some(permit) = self.shared.tunnel_gate.try_acquire_spare() else {
-            close(&mut io, 1013, NEAR_LIMIT).await;
+            close(&mut io, 1001, NEAR_LIMIT).await;
             return;
         };
         let (tx, mut rx) = oneshot::channel();
-        let Some(parked) = self.shared.standby.push(self.entry.conn_id, tx, self.max) else {
+        let Some(parked) = self
+            .shared
+            .standby
+            .push(self.entry.conn_id, tx, permit, self.max)
+        else {
             close(
                 &mut io,
                 1008,
@@ -232,7 +268,7 @@ impl Socket {
         drop(parked);
         drop(gauge);
         let retired = match (waited, rx.try_recv()) {
-            (Ok(pair), _) | (Err(_), Ok(pair)) => return self.serve(io, pair, permit).await,
+            (Ok(pair), _) | (Err(_), Ok(pair)) => return self.serve(io, pair).await,
             (Err(retired), Err(_)) => retired,
         };
         match retired {
@@ -267,7 +303,8 @@ impl Socket {
         loop {
             tokio::select! {
                 biased;
-                pair = &mut *rx => return pair.map_err(|_| Retired::ByListener(None)),
+                // Only `reclaim` drops the other end without a sender.
+                pair = &mut *rx => return pair.map_err(|_| Retired::Close(1001, YIELDED)),
                 _ = self.entry.tx.closed() => {
                     return Err(Retired::Close(1001, "The listener's control channel closed."))
                 }
@@ -313,8 +350,9 @@ impl Socket {
     }
 
     /// A sender was joined: the `accept` goes out first, then the two are spliced.
-    async fn serve(self, mut io: ServerTls, pair: Pair, parked_permit: TunnelPermit) {
+    async fn serve(self, mut io: ServerTls, pair: Pair) {
         let Pair {
+            permit: parked_permit,
             accept,
             sender:
                 Joining {
@@ -400,10 +438,11 @@ pub(crate) fn join(
     while !with_parked.is_empty() {
         let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..with_parked.len());
         let l = with_parked.swap_remove(i);
-        while let Some(tx) = shared.standby.take(l.conn_id) {
+        while let Some(Entry { tx, permit, .. }) = shared.standby.take(l.conn_id) {
             let pair = Pair {
                 accept: accept_for(&l),
                 sender,
+                permit,
             };
             match tx.send(pair) {
                 Ok(()) => {

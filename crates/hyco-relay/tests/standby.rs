@@ -454,17 +454,19 @@ async fn a_listener_refuses_a_joined_sender_with_a_close_it_sees() {
 }
 
 /// A parked socket holds a tunnel permit, and the tunnel a sender is joined to it by keeps
-/// that one; parked sockets leave a tenth of the limit to senders. At the relay's tunnel limit,
-/// hyco senders still get the parked sockets, one permit per tunnel, and everyone else gets 503
-/// at once.
+/// that one; parked sockets leave a tenth of the limit to senders. At the relay's tunnel
+/// limit a hyco sender still gets its listener's parked socket (one permit per tunnel); a
+/// sender with none to take gets the permit of a socket parked for another hybrid connection,
+/// which is closed with 1001 (going away; 1013 is not a code RFC 6455 lets a peer send); with nothing parked, 503 at once.
 #[tokio::test]
 async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
     let env = start("standby-permits", |c| c.limits.max_tunnels = 3).await;
     let mut ctl = env.listen("hc1").await;
+    let _ctl10 = env.listen("hc10").await;
     let mut a = park(&env, "hc1").await;
     parked(&env, "hc1", 1.0).await;
-    let mut b = park(&env, "hc1").await;
-    parked(&env, "hc1", 2.0).await;
+    let mut b = park(&env, "hc10").await;
+    parked(&env, "hc10", 1.0).await;
     // The last tenth (one permit) is not for parked sockets: 429, as past the listener's cap.
     let e = park_refused(&env, LISTENER).await;
     assert_eq!(e.status(), Some(429), "{e}");
@@ -473,23 +475,28 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
     let acc = accept_on(&mut ctl).await;
     let _rendezvous = env.connector.connect(&acc.address, &[]).await.unwrap();
     let _classic = classic.await.unwrap().unwrap();
-    // The gate is full: a sender that cannot take a parked socket gets 503.
-    let e = env.connect("hc1", &[]).await.map(|_| ()).unwrap_err();
-    assert_eq!(e.status(), Some(503), "{e}");
-    // Hyco senders are joined to the parked sockets, which carry their data.
+    // The gate is full. A hyco sender is joined to its listener's parked socket, which
+    // carries its data.
     let mut s1 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
-    let mut s2 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
-    for (s, p) in [(&mut s1, &mut a), (&mut s2, &mut b)] {
-        s.ws.write_all(b"one").await.unwrap();
-        accept_on(p).await;
-        let mut buf = [0u8; 3];
-        tokio::time::timeout(T, p.ws.read_exact(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&buf, b"one");
-    }
-    // Three tunnels, three permits: the next sender has neither a parked socket nor a permit.
+    s1.ws.write_all(b"one").await.unwrap();
+    accept_on(&mut a).await;
+    let mut buf = [0u8; 3];
+    tokio::time::timeout(T, a.ws.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"one");
+    // hc1 has nothing parked now: a classic sender takes the permit of hc10's parked socket,
+    // which is told why it goes.
+    let classic = classic_sender(&env);
+    let acc = accept_on(&mut ctl).await;
+    let _rendezvous2 = env.connector.connect(&acc.address, &[]).await.unwrap();
+    let _classic2 = classic.await.unwrap().unwrap();
+    let (code, reason) = close_of(&mut b).await.unwrap();
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains("tunnel limit"), "{reason}");
+    parked(&env, "hc10", 0.0).await;
+    // Three tunnels, three permits, nothing parked: the next sender gets 503 at once.
     let e = env
         .connect("hc1", &[HYCO_SENDER])
         .await
