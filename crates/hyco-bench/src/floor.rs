@@ -24,44 +24,120 @@ use tokio::task::JoinSet;
 /// The plaintext of one record.
 const RECORD: usize = 16 * 1024;
 
+/// Seals 16 KiB records with AES-128-GCM in `$provider` (ring and aws-lc-rs share the API)
+/// for about `$secs` of wall clock; bytes per CPU second of this thread (see [`seal_rate`]).
+macro_rules! seal_loop {
+    ($provider:ident, $secs:expr) => {{
+        use $provider::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+        let key = LessSafeKey::new(
+            UnboundKey::new(&AES_128_GCM, &[7u8; 16]).map_err(|_| anyhow::anyhow!("AES key"))?,
+        );
+        let mut record = vec![0x5au8; RECORD];
+        let t0 = tokio::time::Instant::now();
+        let cpu0 = thread_cpu_ns();
+        let mut sealed = 0u64;
+        let mut seq = 0u64;
+        while t0.elapsed().as_secs_f64() < $secs {
+            for _ in 0..64 {
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&seq.to_be_bytes());
+                // As a TLS 1.3 record: the 5-byte header is the additional data.
+                let tag = key
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from([23u8, 3, 3, 0x40, 0x11]),
+                        &mut record,
+                    )
+                    .map_err(|_| anyhow::anyhow!("seal"))?;
+                let _ = std::hint::black_box(tag);
+                seq += 1;
+                sealed += RECORD as u64;
+            }
+        }
+        let secs = cpu_secs_since(cpu0, t0);
+        anyhow::Ok(sealed as f64 / secs)
+    }};
+}
+
+/// One side's X25519 work in a TLS 1.3 handshake (a key pair, then the shared secret) in
+/// `$provider`: microseconds of this thread's CPU each, over about `$secs`.
+macro_rules! x25519_loop {
+    ($provider:ident, $secs:expr, $agree:expr) => {{
+        use $provider::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519};
+        let rng = $provider::rand::SystemRandom::new();
+        let peer = EphemeralPrivateKey::generate(&X25519, &rng)
+            .and_then(|k| k.compute_public_key())
+            .map_err(|_| anyhow::anyhow!("X25519 key"))?;
+        let peer = UnparsedPublicKey::new(&X25519, peer.as_ref().to_vec());
+        let t0 = tokio::time::Instant::now();
+        let cpu0 = thread_cpu_ns();
+        let mut n = 0u64;
+        while t0.elapsed().as_secs_f64() < $secs {
+            for _ in 0..32 {
+                let key = EphemeralPrivateKey::generate(&X25519, &rng)
+                    .map_err(|_| anyhow::anyhow!("X25519 key"))?;
+                let public = key
+                    .compute_public_key()
+                    .map_err(|_| anyhow::anyhow!("X25519"))?;
+                let _ = std::hint::black_box(public);
+                $agree(key, &peer)?;
+                n += 1;
+            }
+        }
+        anyhow::Ok(cpu_secs_since(cpu0, t0) / n as f64 * 1e6)
+    }};
+}
+
 /// Bytes per second of CPU time one thread seals 16 KiB records with AES-128-GCM in ring
 /// (the crate and cipher of hyco's TLS: `hyco_io::tls` puts TLS13_AES_128_GCM_SHA256 first),
 /// sealing for about `secs`. Per second on the CPU (the thread's run time from
 /// `/proc/thread-self/schedstat`), not of the wall clock: the cores are shared, and the floor is
 /// about CPU per byte. The wall clock when the kernel does not keep that figure.
 pub fn seal_rate(secs: f64) -> Result<f64> {
-    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_128_GCM, &[7u8; 16]).map_err(|_| anyhow::anyhow!("AES key"))?,
-    );
-    let mut record = vec![0x5au8; RECORD];
-    let t0 = tokio::time::Instant::now();
-    let cpu0 = thread_cpu_ns();
-    let mut sealed = 0u64;
-    let mut seq = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
-        for _ in 0..64 {
-            let mut nonce = [0u8; 12];
-            nonce[4..].copy_from_slice(&seq.to_be_bytes());
-            // As a TLS 1.3 record: the 5-byte header is the additional data.
-            let tag = key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from([23u8, 3, 3, 0x40, 0x11]),
-                    &mut record,
-                )
-                .map_err(|_| anyhow::anyhow!("seal"))?;
-            let _ = std::hint::black_box(tag);
-            seq += 1;
-            sealed += RECORD as u64;
-        }
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let secs = match (cpu0, thread_cpu_ns()) {
-        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
-        _ => wall,
+    seal_loop!(ring, secs)
+}
+
+/// The two crypto providers rustls offers, on this CPU: AES-128-GCM bytes sealed per CPU
+/// second (every byte of a tunnel is sealed and opened twice) and the CPU of one side's
+/// X25519 in a handshake (every new tunnel costs two resumed handshakes, each two sides).
+/// hyco uses the one this shows ahead for bulk; docs/BENCHMARKS.md, "Crypto provider".
+pub fn providers(secs: f64) -> Result<serde_json::Value> {
+    let ring_agree = |k, p: &ring::agreement::UnparsedPublicKey<Vec<u8>>| {
+        ring::agreement::agree_ephemeral(k, p, |s| {
+            let _ = std::hint::black_box(s.len());
+        })
+        .map_err(|_| anyhow::anyhow!("X25519 agree"))
     };
-    Ok(sealed as f64 / secs)
+    let lc_agree = |k, p: &aws_lc_rs::agreement::UnparsedPublicKey<Vec<u8>>| {
+        aws_lc_rs::agreement::agree_ephemeral(k, p, (), |s| {
+            let _ = std::hint::black_box(s.len());
+            Ok(())
+        })
+        .map_err(|_| anyhow::anyhow!("X25519 agree"))
+    };
+    let round = |x: f64, digits: i32| {
+        let m = 10f64.powi(digits);
+        (x * m).round() / m
+    };
+    Ok(serde_json::json!({
+        "ring": {
+            "seal_gb_per_s": round(seal_loop!(ring, secs)? / 1e9, 2),
+            "x25519_us": round(x25519_loop!(ring, secs, ring_agree)?, 1),
+        },
+        "aws-lc-rs": {
+            "seal_gb_per_s": round(seal_loop!(aws_lc_rs, secs)? / 1e9, 2),
+            "x25519_us": round(x25519_loop!(aws_lc_rs, secs, lc_agree)?, 1),
+        },
+    }))
+}
+
+/// Seconds of this thread's CPU since `cpu0` (from [`thread_cpu_ns`]), else of the wall
+/// clock since `t0`.
+fn cpu_secs_since(cpu0: Option<u64>, t0: tokio::time::Instant) -> f64 {
+    match (cpu0, thread_cpu_ns()) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
+        _ => t0.elapsed().as_secs_f64(),
+    }
 }
 
 /// Nanoseconds this thread has run on a CPU (the first field of its schedstat).
@@ -174,6 +250,15 @@ mod tests {
     fn seals_some() {
         let r = seal_rate(0.05).expect("seal");
         assert!(r > 0.0);
+    }
+
+    #[test]
+    fn compares_both_providers() {
+        let v = providers(0.02).expect("providers");
+        for p in ["ring", "aws-lc-rs"] {
+            assert!(v[p]["seal_gb_per_s"].as_f64().expect("seal") > 0.0, "{v}");
+            assert!(v[p]["x25519_us"].as_f64().expect("x25519") > 0.0, "{v}");
+        }
     }
 
     #[tokio::test]

@@ -318,7 +318,7 @@ async fn concurrent(t: &Target, n: usize, pids: &[(&'static str, u32)]) -> Resul
 }
 
 /// CPU time (user + system) `pid` has used, in clock ticks (`/proc/<pid>/stat`).
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields counted here come after its ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -328,7 +328,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat`.
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

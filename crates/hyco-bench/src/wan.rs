@@ -424,7 +424,7 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         eprintln!("wan: pgbench direct …");
         pgb.insert(
             "direct".into(),
-            pgbench_pair(pg, pg.port, plan.pg_secs).await,
+            pgbench_pair(pg, pg.port, plan.pg_secs, &[]).await,
         );
     }
 
@@ -477,11 +477,19 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         }
         if let (Some(pg), true) = (&pg, a.wants("hyco")) {
             eprintln!("wan: pgbench hyco …");
-            let _manager = relay
+            let manager = relay
                 .manager(&a.hyco, &scratch.join("pg-manager"), "pg", relay.port)
                 .await?;
-            let (_fwd, port) = relay.forward(&a.hyco, "pg", relay.port).await?;
-            pgb.insert("hyco".into(), pgbench_pair(pg, port, plan.pg_secs).await);
+            let (fwd, port) = relay.forward(&a.hyco, "pg", relay.port).await?;
+            let pids = [
+                ("relay", relay.proc.pid().unwrap_or(0)),
+                ("manager", manager.pid().unwrap_or(0)),
+                ("forward", fwd.pid().unwrap_or(0)),
+            ];
+            pgb.insert(
+                "hyco".into(),
+                pgbench_pair(pg, port, plan.pg_secs, &pids).await,
+            );
         }
         if plan.floor_secs > 0 && a.wants("hyco") {
             eprintln!("wan: bulk floor …");
@@ -519,10 +527,15 @@ pub async fn run(a: &crate::Args, scratch: &Path) -> Result<()> {
         if let Some(pg) = &pg {
             eprintln!("wan: pgbench rathole-tls …");
             match rathole_tls(bin, &scratch.join("pg-rathole"), pg_addr, None).await {
-                Ok((_procs, _, port)) => {
+                Ok((procs, _, port)) => {
+                    let pids: Vec<_> = ["server", "client"]
+                        .into_iter()
+                        .zip(&procs)
+                        .map(|(n, p)| (n, p.pid().unwrap_or(0)))
+                        .collect();
                     pgb.insert(
                         "rathole-tls".into(),
-                        pgbench_pair(pg, port, plan.pg_secs).await,
+                        pgbench_pair(pg, port, plan.pg_secs, &pids).await,
                     );
                 }
                 Err(e) => {
@@ -581,6 +594,10 @@ async fn bulk_floor(
     let me = [("plain-relays", std::process::id())];
     let mut out = serde_json::Map::new();
     out.insert("seal_gb_per_s".into(), json!((seal / 1e7).round() / 100.0));
+    out.insert(
+        "providers".into(),
+        tokio::task::spawn_blocking(|| crate::floor::providers(1.0)).await??,
+    );
     out.insert("aead_ms_per_gb".into(), json!(aead_ms.round()));
     for streams in [1u32, 8] {
         let (rbps, relays) = iperf_cpu(iperf3, first.port(), streams, secs, &me).await;
@@ -626,17 +643,50 @@ async fn iperf_cpu(
     (bps, cpu)
 }
 
-/// pgbench `-C` and held, through `port`.
-async fn pgbench_pair(pg: &Postgres, port: u16, secs: u64) -> Value {
+/// pgbench `-C` and held, through `port`, with the CPU each transaction cost: the tunnel's
+/// processes `pids` each, and the whole machine (PostgreSQL's backends and pgbench included).
+async fn pgbench_pair(pg: &Postgres, port: u16, secs: u64, pids: &[(&str, u32)]) -> Value {
     let mut v = serde_json::Map::new();
     for (k, new_conn) in [("new_connection", true), ("held", false)] {
-        let r = pg
+        let before: Vec<_> = pids.iter().map(|(_, p)| crate::cpu_ticks(*p)).collect();
+        let machine_before = machine_busy_ticks();
+        let mut r = pg
             .select_only(port, new_conn, secs)
             .await
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        let per_tick_ms = 1000.0 / crate::clock_ticks();
+        if let Some(n) = r["transactions"].as_f64().filter(|n| *n > 0.0) {
+            let ms_per_txn =
+                |ticks: u64| (ticks as f64 * per_tick_ms / n * 1000.0).round() / 1000.0;
+            let mut by = serde_json::Map::new();
+            for ((name, pid), b) in pids.iter().zip(before) {
+                if let (Some(b), Some(a)) = (b, crate::cpu_ticks(*pid)) {
+                    by.insert((*name).into(), json!(ms_per_txn(a.saturating_sub(b))));
+                }
+            }
+            r["tunnel_cpu_ms_per_txn"] = Value::Object(by);
+            if let (Some(b), Some(a)) = (machine_before, machine_busy_ticks()) {
+                r["machine_cpu_ms_per_txn"] = json!(ms_per_txn(a.saturating_sub(b)));
+            }
+        }
         v.insert(k.into(), r);
     }
     Value::Object(v)
+}
+
+/// Busy clock ticks of every CPU together (`/proc/stat`: all but idle and iowait).
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal …
+    let all: u64 = f.iter().take(8).sum();
+    Some(all.saturating_sub(*f.get(3)?).saturating_sub(*f.get(4)?))
 }
 
 /// `tps_ratio` to rathole-TLS in every configuration.
@@ -761,11 +811,33 @@ fn print(r: &Value) {
         );
     }
     if r["pgbench"].as_object().is_some_and(|o| !o.is_empty()) {
-        println!("\npgbench select-only, 8 clients, loopback; ratios to rathole-TLS");
         println!(
-            "{:<12} {:>10} {:>7} {:>10} | {:>10} {:>7} {:>10}",
-            "config", "-C tps", "ratio", "lat ms", "held tps", "ratio", "lat ms"
+            "\npgbench select-only, 8 clients, loopback; ratios to rathole-TLS; CPU ms per \
+             transaction: the tunnel's processes, and the whole machine (PostgreSQL included)"
         );
+        println!(
+            "{:<12} {:>10} {:>7} {:>8} {:>8} {:>8} | {:>10} {:>7} {:>8} {:>8} {:>8}",
+            "config",
+            "-C tps",
+            "ratio",
+            "lat ms",
+            "tunnel",
+            "machine",
+            "held tps",
+            "ratio",
+            "lat ms",
+            "tunnel",
+            "machine"
+        );
+        let tunnel_cpu = |m: &Value| -> Value {
+            m["tunnel_cpu_ms_per_txn"]
+                .as_object()
+                .filter(|o| !o.is_empty())
+                .map_or(Value::Null, |o| {
+                    let sum: f64 = o.values().filter_map(Value::as_f64).sum();
+                    json!((sum * 1000.0).round() / 1000.0)
+                })
+        };
         for c in ["direct", "hyco", "rathole-tls"] {
             let v = &r["pgbench"][c];
             if v.is_null() {
@@ -773,14 +845,18 @@ fn print(r: &Value) {
             }
             let (n, h) = (&v["new_connection"], &v["held"]);
             println!(
-                "{:<12} {:>10} {:>7} {:>10} | {:>10} {:>7} {:>10}",
+                "{:<12} {:>10} {:>7} {:>8} {:>8} {:>8} | {:>10} {:>7} {:>8} {:>8} {:>8}",
                 c,
                 f(&n["tps"]),
                 f(&n["tps_ratio_to_rathole_tls"]),
                 f(&n["latency_ms"]),
+                f(&tunnel_cpu(n)),
+                f(&n["machine_cpu_ms_per_txn"]),
                 f(&h["tps"]),
                 f(&h["tps_ratio_to_rathole_tls"]),
                 f(&h["latency_ms"]),
+                f(&tunnel_cpu(h)),
+                f(&h["machine_cpu_ms_per_txn"]),
             );
             for e in [&n["error"], &h["error"], &v["error"]] {
                 if let Some(e) = e.as_str() {
@@ -811,6 +887,15 @@ fn print(r: &Value) {
                 f(&v["hyco_over_floor"]),
             );
         }
+        let p = &fl["providers"];
+        println!(
+            "crypto providers on this CPU: AES-128-GCM sealed per CPU second ring {} GB, aws-lc-rs {} GB; \
+             X25519 (one side of a handshake) ring {} µs, aws-lc-rs {} µs",
+            f(&p["ring"]["seal_gb_per_s"]),
+            f(&p["aws-lc-rs"]["seal_gb_per_s"]),
+            f(&p["ring"]["x25519_us"]),
+            f(&p["aws-lc-rs"]["x25519_us"]),
+        );
     }
     let m = &r["machine_before"];
     println!(
