@@ -195,7 +195,11 @@ pub(crate) fn open(
     shared.tracker.spawn(async move {
         match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
             Ok(Ok(parts)) if parts.read_buf.is_empty() => {
-                socket.park(parts.io.into_inner()).await;
+                // The empty `read_buf` is a slice of hyper's read buffer: dropped here, not
+                // kept (with that buffer) for the socket's and its tunnel's whole life.
+                let io = parts.io.into_inner();
+                drop(parts.read_buf);
+                socket.park(io).await;
             }
             Ok(Ok(parts)) => {
                 let mut io = parts.io.into_inner();
@@ -372,19 +376,24 @@ impl Socket {
         let n = header.encode(&mut head);
         frame.extend_from_slice(&head[..n]);
         frame.extend_from_slice(accept.as_bytes());
+        drop(accept);
         if let Err(e) = write_all(&mut io, &frame).await {
             info!(hc = %self.route.hc_name, listener_id = %self.entry.listener_id, error = %e, "standby socket failed as a sender was joined to it");
             return;
         }
         let span = tracing::info_span!("tunnel", hc = %self.route.hc_name, id = %start.id, listener_id = %self.entry.listener_id, peer = %start.peer, standby = true);
+        // Not held for the tunnel's life: the frame, the route (token, query) and the entry.
+        drop(frame);
+        let Socket {
+            shared,
+            entry,
+            route,
+            ..
+        } = self;
+        drop((entry, route));
         let _permits = (parked_permit, permit);
         tracing::Instrument::instrument(
-            run_tunnel(
-                &self.shared,
-                start,
-                sender,
-                ListenerSide::Parked(Box::new(io)),
-            ),
+            run_tunnel(&shared, start, sender, ListenerSide::Parked(Box::new(io))),
             span,
         )
         .await;
