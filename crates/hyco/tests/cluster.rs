@@ -228,8 +228,18 @@ async fn first_echo(cs: &str, c: &Connector, since: Instant, tries: u32) -> Opti
 
 /// Sends `len` random bytes through a sender connection for `cs` and checks the echo.
 async fn lib_echo(cs: &str, connector: &Connector, len: usize) -> Result<(), String> {
+    lib_echo_with(cs, connector, len, &ConnectOptions::default()).await
+}
+
+/// [`lib_echo`] with these connect options.
+async fn lib_echo_with(
+    cs: &str,
+    connector: &Connector,
+    len: usize,
+    opts: &ConnectOptions,
+) -> Result<(), String> {
     let cs = ConnectionString::parse(cs).map_err(|e| e.to_string())?;
-    let s = connect_with(&cs, connector, &ConnectOptions::default())
+    let s = connect_with(&cs, connector, opts)
         .await
         .map_err(|e| e.to_string())?;
     let (mut r, mut w) = tokio::io::split(s);
@@ -326,6 +336,46 @@ async fn a_sender_on_each_node_reaches_a_listener_on_every_other_node() {
         status.contains("\"node\":\"n2\"") && status.contains("\"nodes\":3")
     })
     .await;
+}
+
+/// Standby sockets belong to a node: the manager parks them on the node of its control
+/// channel, where a hyco sender is joined to one; a hyco sender on another node gets the
+/// classic rendezvous through the cluster (docs/design-notes.md, "Connect in one round
+/// trip"), and that node keeps no parked socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_sockets_serve_their_node_and_other_nodes_rendezvous() {
+    let (_base, _redis, nodes) = cluster("cluster-standby", 2).await;
+    let echo = echo_server().await;
+    let (_m, connector, same, cross) = listener_on_n1(&nodes, &echo.to_string()).await;
+    eventually("the manager parks sockets on n1", T, || async {
+        metric(&nodes[0].status, "hyco_standby_sockets").await >= 1
+    })
+    .await;
+    // Senders that take parked sockets, as `hyco forward`.
+    let hyco_sender = ConnectOptions {
+        early_data: true,
+        ..ConnectOptions::default()
+    };
+    lib_echo_with(&same, &connector, 64 * 1024, &hyco_sender)
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&nodes[0].status, "hyco_standby_pairings").await,
+        1,
+        "the sender on n1 was joined to a parked socket"
+    );
+    let dispatched = metric(&nodes[1].status, "hyco_cluster_dispatched").await;
+    lib_echo_with(&cross, &connector, 64 * 1024, &hyco_sender)
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&nodes[1].status, "hyco_cluster_dispatched").await,
+        dispatched + 1,
+        "the sender on n2 went through the cluster's rendezvous"
+    );
+    assert_eq!(metric(&nodes[1].status, "hyco_standby_pairings").await, 0);
+    assert_eq!(metric(&nodes[1].status, "hyco_standby_sockets").await, 0);
+    assert_eq!(metric(&nodes[0].status, "hyco_standby_pairings").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
