@@ -88,6 +88,16 @@ async fn accept_on(s: &mut Connected) -> AcceptCommand {
     }
 }
 
+/// Reads `want` from a socket's stream, within `T`.
+async fn reads(s: &mut Connected, want: &[u8]) {
+    let mut buf = vec![0u8; want.len()];
+    tokio::time::timeout(T, s.ws.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf, want);
+}
+
 /// The Close a socket gets, with nothing before it.
 async fn close_of(s: &mut Connected) -> Option<(u16, String)> {
     match tokio::time::timeout(T, s.ws.recv()).await.unwrap() {
@@ -336,12 +346,7 @@ async fn early_data_reaches_the_listener_only_behind_an_authorized_upgrade() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let a = accept_on(&mut p).await;
     assert_eq!(a.id, "early");
-    let mut buf = [0u8; 5];
-    tokio::time::timeout(T, p.ws.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"early");
+    reads(&mut p, b"early").await;
 }
 
 #[tokio::test]
@@ -376,12 +381,7 @@ async fn early_data_waits_for_a_classic_rendezvous_too() {
     });
     let a = accept_on(&mut ctl).await;
     let mut r = env.connector.connect(&a.address, &[]).await.unwrap();
-    let mut buf = [0u8; 14];
-    tokio::time::timeout(T, r.ws.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"before the 101");
+    reads(&mut r, b"before the 101").await;
     assert!(sender.await.unwrap().starts_with("HTTP/1.1 101"));
 }
 
@@ -480,12 +480,7 @@ async fn a_tunnel_through_a_parked_socket_costs_one_permit() {
     let mut s1 = env.connect("hc1", &[HYCO_SENDER]).await.unwrap();
     s1.ws.write_all(b"one").await.unwrap();
     accept_on(&mut a).await;
-    let mut buf = [0u8; 3];
-    tokio::time::timeout(T, a.ws.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"one");
+    reads(&mut a, b"one").await;
     // hc1 has nothing parked now: a classic sender takes the permit of hc10's parked socket,
     // which is told why it goes.
     let classic = classic_sender(&env);
