@@ -28,7 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::bufpool;
-use crate::ws::frame::{apply_mask, close_payload, parse_close, FrameError, FrameHeader, OpCode};
+use crate::ws::frame::{
+    apply_mask, close_payload, parse_close, server_frame, FrameError, FrameHeader, OpCode,
+};
 
 /// Largest payload of a data frame the splice writes: Java's client refuses larger frames
 /// (`ClientWebSocket.java` sets a 64 KiB message buffer, and Jetty checks each frame against it).
@@ -211,7 +213,7 @@ where
                 side: reader_side.other(),
             },
             DirError::Protocol(error) => {
-                let frame = control_frame(OpCode::Close, &close_payload(error.close_code(), ""));
+                let frame = server_frame(OpCode::Close, &close_payload(error.close_code(), ""));
                 let _ = tokio::time::timeout(grace, async {
                     match reader_side {
                         Side::A => send_and_shut(&mut aw, &frame).await,
@@ -231,19 +233,6 @@ where
 async fn send_and_shut<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) {
     let _ = w.write_all(frame).await;
     let _ = w.shutdown().await;
-}
-
-fn control_frame(op: OpCode, payload: &[u8]) -> Vec<u8> {
-    let h = FrameHeader {
-        fin: true,
-        opcode: op,
-        mask: None,
-        len: payload.len() as u64,
-    };
-    let mut out = vec![0u8; h.encoded_len() + payload.len()];
-    let n = h.encode(&mut out);
-    out[n..].copy_from_slice(payload);
-    out
 }
 
 async fn write_timed<W: AsyncWrite + Unpin>(
@@ -355,7 +344,7 @@ where
             biased;
             _ = their_pong.notify.notified(), if at_boundary => {
                 if let Some(p) = their_pong.take() {
-                    write_timed(d.w, &control_frame(OpCode::Pong, &p), cfg.write_timeout).await?;
+                    write_timed(d.w, &server_frame(OpCode::Pong, &p), cfg.write_timeout).await?;
                 }
                 continue;
             }
@@ -468,7 +457,7 @@ impl<W: AsyncWrite + Unpin> Direction<'_, W> {
                     .map_err(DirError::Protocol)?
                     .map_or(1005, |(c, _)| c);
                 self.close_code.store(u32::from(code), Ordering::Relaxed);
-                let frame = control_frame(OpCode::Close, payload);
+                let frame = server_frame(OpCode::Close, payload);
                 write_timed(self.w, &frame, self.cfg.write_timeout).await?;
                 let _ = self.w.flush().await;
                 return Ok(Step::Closed);

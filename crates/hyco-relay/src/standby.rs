@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyco_io::tunnels::TunnelPermit;
-use hyco_io::ws::frame::{close_payload, FrameHeader, OpCode};
+use hyco_io::ws::frame::{close_payload, server_frame, OpCode};
 use hyco_io::ws::handshake::switching_protocols;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -365,17 +365,7 @@ impl Socket {
                     permit,
                 },
         } = pair;
-        let mut frame = Vec::with_capacity(accept.len() + 10);
-        let header = FrameHeader {
-            fin: true,
-            opcode: OpCode::Text,
-            mask: None,
-            len: accept.len() as u64,
-        };
-        let mut head = [0u8; 14];
-        let n = header.encode(&mut head);
-        frame.extend_from_slice(&head[..n]);
-        frame.extend_from_slice(accept.as_bytes());
+        let frame = server_frame(OpCode::Text, accept.as_bytes());
         drop(accept);
         if let Err(e) = write_all(&mut io, &frame).await {
             info!(hc = %self.route.hc_name, listener_id = %self.entry.listener_id, error = %e, "standby socket failed as a sender was joined to it");
@@ -408,17 +398,7 @@ async fn write_all(io: &mut ServerTls, bytes: &[u8]) -> std::io::Result<()> {
 /// A server Close frame with `code` and `reason`, then the end of the socket (bounded: a
 /// listener that stopped reading does not hold the task).
 async fn close(io: &mut ServerTls, code: u16, reason: &str) {
-    let payload = close_payload(code, reason);
-    let header = FrameHeader {
-        fin: true,
-        opcode: OpCode::Close,
-        mask: None,
-        len: payload.len() as u64,
-    };
-    let mut frame = [0u8; 14];
-    let n = header.encode(&mut frame);
-    let mut bytes = frame[..n].to_vec();
-    bytes.extend_from_slice(&payload);
+    let bytes = server_frame(OpCode::Close, &close_payload(code, reason));
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         write_all(io, &bytes).await?;
         io.shutdown().await

@@ -308,6 +308,20 @@ pub fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
+/// A whole unmasked frame (a server's), FIN set: `op` and `payload`.
+pub fn server_frame(op: OpCode, payload: &[u8]) -> Vec<u8> {
+    let h = FrameHeader {
+        fin: true,
+        opcode: op,
+        mask: None,
+        len: payload.len() as u64,
+    };
+    let mut out = vec![0u8; h.encoded_len() + payload.len()];
+    let n = h.encode(&mut out);
+    out[n..].copy_from_slice(payload);
+    out
+}
+
 /// Builds a Close payload: code plus a reason cut to fit the 125-byte control frame limit on a
 /// character boundary.
 pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
