@@ -125,7 +125,11 @@ async fn accept_loop(
             };
             let r = pump(&mut tcp, &mut ws).await;
             let (up, down, outcome) = match r {
-                Ok((u, d)) => (u, d, "closed".to_owned()),
+                Ok((u, d)) => {
+                    // A normal end keeps the relay connection for the next tunnel (`reuse`).
+                    ws.recycle();
+                    (u, d, "closed".to_owned())
+                }
                 Err(e) => match refusal(&e) {
                     // Refused after early data: said as a connect refusal would have been.
                     Some(refused) => {

@@ -281,10 +281,15 @@ pub struct ConnectOptions {
     /// [`ConnectError::Rejected`], instead of as this function's error. The request also says
     /// `Hyco-Extensions: standby`, so a hyco relay may join it to a socket its listener parked
     /// (no rendezvous round trip); a listener's refusal then comes as a WebSocket Close
-    /// `4000 + status` after the 101. Off by default: a refusal is this function's error, as
-    /// with Azure.
+    /// `4000 + status` after the 101. It says `reuse` too: a stream that ends normally (both
+    /// Closes 1000) and is then given to [`HybridStream::recycle`] goes back to the connector's
+    /// warm pool, and the next connect skips TCP and TLS (see the `reuse` extension in
+    /// `hyco_proto::ext`). Off by default: a refusal is this function's error, as with Azure.
     pub early_data: bool,
 }
+
+/// What a sender with [`ConnectOptions::early_data`] asks for in `Hyco-Extensions`.
+const SENDER_EXTENSIONS: &str = "standby, reuse";
 
 /// Opens a sender connection with options from the environment.
 pub async fn connect(cs: &ConnectionString) -> Result<HybridStream, ClientError> {
@@ -320,10 +325,12 @@ pub async fn connect_with(
         headers.push(("ServiceBusAuthorization", t.as_str()));
     }
     if opts.early_data {
-        headers.push((hyco_proto::ext::HEADER, hyco_proto::ext::STANDBY));
+        headers.push((hyco_proto::ext::HEADER, SENDER_EXTENSIONS));
     }
     let connected = if opts.early_data {
-        connector.connect_early(&url, &headers).await?
+        let mut c = connector.connect_early(&url, &headers).await?;
+        connector.lend_for_reuse(&url, &mut c);
+        c
     } else {
         connector.connect(&url, &headers).await?
     };

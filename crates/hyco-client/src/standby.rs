@@ -17,17 +17,26 @@
 //! 429: the relay's cap; 401/403) or any other failure stops the growth for a jittered backoff
 //! (1 s doubling to 30 s, reset by the next socket parked).
 //!
+//! # Reuse
+//! When the relay offered `reuse` (on the socket's 101, which the socket's request asked for),
+//! a tunnel both peers closed with 1000 leaves the socket parked at the relay again, and the
+//! owner gives the stream back ([`crate::HybridStream::recycle`]): it waits for the next
+//! `accept` here with no new TCP, TLS or upgrade. While lent to a tunnel it counts as one of
+//! the pool's for [`RETURN_GRACE`]; one still out after that is replaced, and one that comes
+//! back to a full pool is closed.
+//!
 //! A parked socket sends nothing (no ping, no frame) until the relay's `accept` arrives on it;
 //! with a [`TunnelGate`] given, each holds a place under it while parked, taken only while a
 //! tenth of the gate's limit stays free for real tunnels.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyco_io::backoff::Backoff;
 use hyco_io::tunnels::{TunnelGate, TunnelPermit};
-use hyco_io::ws::{Connector, Message};
+use hyco_io::ws::{Connector, Message, Recycle, Role, WsStream};
 use hyco_io::CancellationToken;
 use hyco_proto::control::{AcceptCommand, ListenerCommand};
 use hyco_proto::ConnectionString;
@@ -47,6 +56,12 @@ const WINDOW_SECS: u64 = 60;
 
 /// The smallest pool.
 const MIN_POOL: usize = 2;
+
+/// How long a socket lent to a tunnel counts as one of the pool's (see the module docs).
+const RETURN_GRACE: Duration = Duration::from_secs(1);
+
+/// Loan ids, unique in the process.
+static NEXT_LOAN: AtomicU64 = AtomicU64::new(0);
 
 /// Arrivals per second over the last [`WINDOW_SECS`].
 pub(crate) struct Arrivals {
@@ -160,8 +175,12 @@ impl Pool {
 enum Event {
     /// The relay answered 101.
     Parked,
-    /// A sender was joined through it.
-    Used,
+    /// A sender was joined through it; with a loan id when the socket may come back.
+    Used(Option<u64>),
+    /// A lent socket, back after its tunnel and parked at the relay again.
+    Back(u64, Box<HybridStream>),
+    /// A lent socket that will not come back.
+    Gone(u64),
     /// The relay closed it before a sender came (ttl, token, shutdown).
     Retired,
     /// It could not be opened, or was lost.
@@ -177,37 +196,66 @@ async fn run(
 ) {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut live = 0usize;
+    // Sockets lent to tunnels and still counted in `live`, with when they were lent.
+    let mut lent: HashMap<u64, Instant> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut hold_until: Option<Instant> = None;
     loop {
         if hold_until.is_some_and(|t| Instant::now() >= t) {
             hold_until = None;
         }
+        // A loan out longer than the grace stops counting: its place is filled below.
+        let before = lent.len();
+        lent.retain(|_, at| at.elapsed() < RETURN_GRACE);
+        live = live.saturating_sub(before - lent.len());
         if hold_until.is_none() {
             let target = arrivals.target(max);
             while live < target {
-                let permit = match &ctx.gate {
-                    None => None,
-                    Some(g) => match g.try_acquire_spare() {
-                        Some(p) => Some(p),
-                        None => {
-                            // The tunnel limit is near: park nothing now, look again later.
-                            hold_until = Some(Instant::now() + Duration::from_secs(1));
-                            break;
-                        }
-                    },
+                let Some(permit) = place(&ctx, &mut hold_until) else {
+                    break;
                 };
                 live += 1;
                 tokio::spawn(park(ctx.clone(), permit, ev_tx.clone(), cancel.clone()));
             }
         }
         let hold = hold_until;
+        let grace_end = lent.values().min().map(|at| *at + RETURN_GRACE);
         tokio::select! {
             ev = ev_rx.recv() => match ev {
                 Some(Event::Parked) => backoff.reset(),
-                Some(Event::Used) => {
-                    live = live.saturating_sub(1);
+                Some(Event::Used(loan)) => {
+                    match loan {
+                        Some(id) => { lent.insert(id, Instant::now()); }
+                        None => live = live.saturating_sub(1),
+                    }
                     arrivals.record();
+                }
+                Some(Event::Back(id, ws)) => {
+                    // Still counted: parked again. Past its grace (replaced already): kept
+                    // only while the pool wants more.
+                    let counted = lent.remove(&id).is_some();
+                    let permit = if counted || live < arrivals.target(max) {
+                        place(&ctx, &mut hold_until)
+                    } else {
+                        None
+                    };
+                    match permit {
+                        Some(permit) => {
+                            if !counted {
+                                live += 1;
+                            }
+                            tokio::spawn(wait_for_sender(ctx.clone(), *ws, true, permit, ev_tx.clone(), cancel.clone()));
+                        }
+                        // Closed by dropping it: the relay retires a parked socket whose
+                        // listener went away.
+                        None if counted => live = live.saturating_sub(1),
+                        None => {}
+                    }
+                }
+                Some(Event::Gone(id)) => {
+                    if lent.remove(&id).is_some() {
+                        live = live.saturating_sub(1);
+                    }
                 }
                 Some(Event::Retired) => live = live.saturating_sub(1),
                 Some(Event::Failed) => {
@@ -218,7 +266,49 @@ async fn run(
             },
             _ = wake.notified() => {}
             _ = tokio::time::sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {}
+            _ = tokio::time::sleep_until(grace_end.unwrap_or_else(Instant::now)), if grace_end.is_some() => {}
             _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// A place under the gate for one more parked socket (`Some(None)` without a gate); `None`
+/// near the tunnel limit, which holds the pool's growth for a second.
+fn place(ctx: &Ctx, hold_until: &mut Option<Instant>) -> Option<Option<TunnelPermit>> {
+    match &ctx.gate {
+        None => Some(None),
+        Some(g) => match g.try_acquire_spare() {
+            Some(p) => Some(Some(p)),
+            None => {
+                *hold_until = Some(Instant::now() + Duration::from_secs(1));
+                None
+            }
+        },
+    }
+}
+
+/// A socket lent to a tunnel: back to the pool after a normal end, or counted out when dropped.
+struct Lent {
+    id: u64,
+    events: mpsc::UnboundedSender<Event>,
+    cfg: hyco_io::ws::WsConfig,
+    /// Set once given back, so the drop says nothing more.
+    back: bool,
+}
+
+impl Recycle<hyco_io::tls::ClientTls> for Lent {
+    fn give_back(mut self: Box<Self>, io: hyco_io::tls::ClientTls, rest: Vec<u8>) {
+        // `rest` may hold the relay's next `accept` already.
+        let ws = WsStream::with_prefix(io, Role::Client, self.cfg, &rest);
+        self.back = true;
+        let _ = self.events.send(Event::Back(self.id, Box::new(ws)));
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if !self.back {
+            let _ = self.events.send(Event::Gone(self.id));
         }
     }
 }
@@ -234,8 +324,8 @@ async fn park(
         r = open(&ctx) => r,
         _ = cancel.cancelled() => return,
     };
-    let mut ws = match opened {
-        Ok(ws) => ws,
+    let (ws, reuse) = match opened {
+        Ok(x) => x,
         Err(e) => {
             debug!(hc = %ctx.entity, listener_id = %ctx.listener_id, error = %e, "standby socket not parked");
             let _ = events.send(Event::Failed);
@@ -243,6 +333,18 @@ async fn park(
         }
     };
     let _ = events.send(Event::Parked);
+    wait_for_sender(ctx, ws, reuse, permit, events, cancel).await;
+}
+
+/// Waits on a parked socket for the relay's `accept`, then hands the tunnel to the owner.
+async fn wait_for_sender(
+    ctx: Ctx,
+    mut ws: HybridStream,
+    reuse: bool,
+    permit: Option<TunnelPermit>,
+    events: mpsc::UnboundedSender<Event>,
+    cancel: CancellationToken,
+) {
     // Parked: nothing is sent on it until the relay's `accept`.
     let msg = tokio::select! {
         m = ws.recv() => m,
@@ -280,7 +382,16 @@ async fn park(
     };
     // From here the socket is a tunnel: the application's own limits count it.
     drop(permit);
-    let _ = events.send(Event::Used);
+    let loan = reuse.then(|| NEXT_LOAN.fetch_add(1, Ordering::Relaxed));
+    if let Some(id) = loan {
+        ws.set_recycle(Box::new(Lent {
+            id,
+            events: events.clone(),
+            cfg: ctx.connector.ws,
+            back: false,
+        }));
+    }
+    let _ = events.send(Event::Used(loan));
     if let Err(mut ws) = (ctx.deliver)(command, Box::new(ws)) {
         // As on the control channel: a listener not keeping up refuses with 503.
         if ws.send_close(4503, "The listener is busy.").await.is_ok() {
@@ -289,8 +400,9 @@ async fn park(
     }
 }
 
-/// The upgrade `sb-hc-action=standby` with the listener's id and a Listen token.
-async fn open(ctx: &Ctx) -> Result<HybridStream, ClientError> {
+/// The upgrade `sb-hc-action=standby` with the listener's id and a Listen token (asking for
+/// `reuse`); the socket, and whether the relay offered `reuse` on its 101.
+async fn open(ctx: &Ctx) -> Result<(HybridStream, bool), ClientError> {
     let url = hyco_proto::address::ws_url(
         &ctx.cs.endpoint.host_port(),
         &ctx.entity,
@@ -301,11 +413,17 @@ async fn open(ctx: &Ctx) -> Result<HybridStream, ClientError> {
     let (token, _) = mint_token(&ctx.cs, ctx.token_lifetime)?.ok_or_else(|| {
         ClientError::ConnectionString("a listener needs a key or a signature".into())
     })?;
-    Ok(ctx
+    let c = ctx
         .connector
-        .connect(&url, &[("ServiceBusAuthorization", token.as_str())])
-        .await?
-        .ws)
+        .connect(
+            &url,
+            &[
+                ("ServiceBusAuthorization", token.as_str()),
+                (hyco_proto::ext::HEADER, hyco_proto::ext::REUSE),
+            ],
+        )
+        .await?;
+    Ok((c.ws, c.extensions.reuse))
 }
 
 #[cfg(test)]

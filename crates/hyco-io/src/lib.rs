@@ -46,7 +46,7 @@ pub mod ws {
     pub use dial::{ConnectError, Connected, Connector};
     pub use https::HttpAnswer;
     pub use relay_addrs::{AddrFailure, RelayAddrs};
-    pub use stream::{Message, Part, Role, WsConfig, WsError, WsStream};
+    pub use stream::{Message, Part, Recycle, Role, WsConfig, WsError, WsStream};
 }
 
 pub use tokio_util::sync::CancellationToken;

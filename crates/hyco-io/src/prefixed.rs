@@ -16,6 +16,28 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// Puts `front` back before what is still unread of the prefix: what a reader (hyper, the
+    /// splice) read from this stream and did not consume. Same type, however often it is done.
+    pub fn unread(mut self, front: &[u8]) -> Self {
+        if !front.is_empty() {
+            let mut v = Vec::with_capacity(front.len() + self.prefix.len());
+            v.extend_from_slice(front);
+            v.extend_from_slice(&self.prefix);
+            self.prefix = bytes::Bytes::from(v);
+        }
+        self
+    }
+
+    /// Bytes still to be read before the stream's own.
+    pub fn unread_len(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// The stream itself, for what does not read (a socket option, a peer address).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {

@@ -148,6 +148,46 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let (end, kept) = splice_keep(a, b, cfg, counters).await;
+    if let Some(mut k) = kept {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            let _ = tokio::join!(k.a.shutdown(), k.b.shutdown());
+        })
+        .await;
+    }
+    end
+}
+
+/// Both connections after both Close frames went through, for a caller that keeps them (the
+/// `reuse` extension): each with the bytes its peer sent after its Close, which belong to
+/// whatever the connection carries next.
+pub struct Kept<A, B> {
+    /// Peer A's connection.
+    pub a: A,
+    /// What A sent after its Close.
+    pub a_rest: Vec<u8>,
+    /// Peer B's connection.
+    pub b: B,
+    /// What B sent after its Close.
+    pub b_rest: Vec<u8>,
+}
+
+/// How long the end of a splice may take (a Close for a rule breaker, the shutdowns).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// [`splice`], but a splice that ended with both Closes ([`SpliceEnd::Closed`]) gives both
+/// connections back, open, instead of shutting them down. However else it ends they are
+/// closed as [`splice`] closes them, and `None` comes back.
+pub async fn splice_keep<A, B>(
+    a: A,
+    b: B,
+    cfg: SpliceConfig,
+    counters: &Counters,
+) -> (SpliceEnd, Option<Kept<A, B>>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let pong_a = PongSlot::default();
@@ -170,63 +210,76 @@ where
             (&counters.b_to_a, &counters.b_close),
         );
         tokio::pin!(d1, d2);
-        let (mut done1, mut done2) = (false, false);
+        let (mut rest1, mut rest2) = (None, None);
         loop {
             tokio::select! {
-                r = &mut d1, if !done1 => match r {
-                    Ok(()) => done1 = true,
+                r = &mut d1, if rest1.is_none() => match r {
+                    Ok(rest) => rest1 = Some(rest),
                     Err(e) => break Err((Side::A, e)),
                 },
-                r = &mut d2, if !done2 => match r {
-                    Ok(()) => done2 = true,
+                r = &mut d2, if rest2.is_none() => match r {
+                    Ok(rest) => rest2 = Some(rest),
                     Err(e) => break Err((Side::B, e)),
                 },
             }
-            if done1 && done2 {
-                break Ok(());
+            if rest1.is_some() && rest2.is_some() {
+                break Ok((
+                    rest1.take().unwrap_or_default(),
+                    rest2.take().unwrap_or_default(),
+                ));
             }
         }
     };
-    let grace = Duration::from_secs(1);
     match result {
-        Ok(()) => {
-            let _ = tokio::time::timeout(grace, async {
-                let _ = tokio::join!(aw.shutdown(), bw.shutdown());
+        Ok((a_rest, b_rest)) => (
+            SpliceEnd::Closed,
+            Some(Kept {
+                a: ar.unsplit(aw),
+                a_rest,
+                b: br.unsplit(bw),
+                b_rest,
+            }),
+        ),
+        Err((reader_side, e)) => (failed(reader_side, e, &mut aw, &mut bw).await, None),
+    }
+}
+
+/// How a splice that failed ended; a peer that broke the rules gets its Close first.
+async fn failed<WA, WB>(reader_side: Side, e: DirError, aw: &mut WA, bw: &mut WB) -> SpliceEnd
+where
+    WA: AsyncWrite + Unpin,
+    WB: AsyncWrite + Unpin,
+{
+    match e {
+        DirError::Read(error) => SpliceEnd::Aborted {
+            side: reader_side,
+            error,
+        },
+        DirError::Eof => SpliceEnd::Aborted {
+            side: reader_side,
+            error: io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a close frame"),
+        },
+        DirError::Write(error) => SpliceEnd::Aborted {
+            side: reader_side.other(),
+            error,
+        },
+        DirError::Stalled => SpliceEnd::WriteStalled {
+            side: reader_side.other(),
+        },
+        DirError::Protocol(error) => {
+            let frame = server_frame(OpCode::Close, &close_payload(error.close_code(), ""));
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                match reader_side {
+                    Side::A => send_and_shut(aw, &frame).await,
+                    Side::B => send_and_shut(bw, &frame).await,
+                }
             })
             .await;
-            SpliceEnd::Closed
-        }
-        Err((reader_side, e)) => match e {
-            DirError::Read(error) => SpliceEnd::Aborted {
+            SpliceEnd::Protocol {
                 side: reader_side,
                 error,
-            },
-            DirError::Eof => SpliceEnd::Aborted {
-                side: reader_side,
-                error: io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a close frame"),
-            },
-            DirError::Write(error) => SpliceEnd::Aborted {
-                side: reader_side.other(),
-                error,
-            },
-            DirError::Stalled => SpliceEnd::WriteStalled {
-                side: reader_side.other(),
-            },
-            DirError::Protocol(error) => {
-                let frame = server_frame(OpCode::Close, &close_payload(error.close_code(), ""));
-                let _ = tokio::time::timeout(grace, async {
-                    match reader_side {
-                        Side::A => send_and_shut(&mut aw, &frame).await,
-                        Side::B => send_and_shut(&mut bw, &frame).await,
-                    }
-                })
-                .await;
-                SpliceEnd::Protocol {
-                    side: reader_side,
-                    error,
-                }
             }
-        },
+        }
     }
 }
 
@@ -286,7 +339,8 @@ struct Direction<'a, W> {
 
 /// One direction: frames read from `r` (a client, so masked) are written unmasked to `w`.
 /// `my_pong` collects pongs owed to `r`'s peer (written by the other direction); `their_pong`
-/// holds pongs owed to `w`'s peer, which this direction writes between frames.
+/// holds pongs owed to `w`'s peer, which this direction writes between frames. Ends with the
+/// bytes `r` sent after its Close.
 async fn forward<R, W>(
     r: &mut R,
     w: &mut W,
@@ -294,7 +348,7 @@ async fn forward<R, W>(
     my_pong: &PongSlot,
     their_pong: &PongSlot,
     (count, close_code): (&AtomicU64, &AtomicU32),
-) -> Result<(), DirError>
+) -> Result<Vec<u8>, DirError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -317,7 +371,7 @@ where
             match d.step(buf, &mut start, end).await? {
                 Step::Again => {}
                 Step::NeedMore => break,
-                Step::Closed => return Ok(()),
+                Step::Closed => return Ok(buf[start..end].to_vec()),
             }
         }
         // Keep a partial header at the front, then read more.

@@ -490,7 +490,11 @@ async fn bridge(inc: Incoming, target: Endpoint, dialing: &Dialing, st: &HcStatu
             st.bridge_opened(started.elapsed());
             let r = conn.pump(&mut ws).await;
             let (up, down, outcome) = match r {
-                Ok((to_sender, to_endpoint)) => (to_sender, to_endpoint, "closed".to_owned()),
+                Ok((to_sender, to_endpoint)) => {
+                    // A normal end parks the socket at the relay again (`reuse`).
+                    ws.recycle();
+                    (to_sender, to_endpoint, "closed".to_owned())
+                }
                 Err(e) => (0, 0, format!("aborted: {e}")),
             };
             st.bridge_closed(up + down);

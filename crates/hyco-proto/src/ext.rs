@@ -12,6 +12,11 @@
 //!   `accept` command on that socket.
 //! * `early-data;max=N`: a sender may send up to `N` bytes of WebSocket frames right behind its
 //!   upgrade request, before the 101.
+//! * `reuse`: a connection whose upgrade request named `reuse` in its own `Hyco-Extensions`
+//!   outlives its tunnel. When both peers of the tunnel closed with 1000, the relay serves the
+//!   sender's connection as a fresh HTTP/1.1 connection (its next request is a new upgrade,
+//!   authorized anew), and parks the listener's standby socket again; both agents know the same
+//!   rule, so neither waits for a word from the other.
 //!
 //! The header comes from the network: [`Extensions::parse`] never panics, ignores unknown
 //! items and parameters, bounds how much of the value it reads, and drops an item whose
@@ -25,6 +30,9 @@ pub const STANDBY: &str = "standby";
 
 /// The early-data item's token.
 pub const EARLY_DATA: &str = "early-data";
+
+/// The reuse item's token.
+pub const REUSE: &str = "reuse";
 
 /// Longest header value read; the rest is ignored (a real one is under 100 bytes).
 pub const MAX_VALUE: usize = 1024;
@@ -51,6 +59,8 @@ pub struct Extensions {
     pub standby: Option<StandbyParams>,
     /// Early data: the most bytes of frames a sender may send before the 101.
     pub early_data: Option<u32>,
+    /// Connections outlive their tunnels (see the module docs).
+    pub reuse: bool,
 }
 
 impl Extensions {
@@ -83,6 +93,8 @@ impl Extensions {
                 }
             } else if token.eq_ignore_ascii_case(EARLY_DATA) && ext.early_data.is_none() {
                 ext.early_data = max;
+            } else if token.eq_ignore_ascii_case(REUSE) {
+                ext.reuse = true;
             }
         }
         ext
@@ -106,7 +118,7 @@ impl Extensions {
 
     /// Whether nothing is advertised.
     pub fn is_empty(&self) -> bool {
-        self.standby.is_none() && self.early_data.is_none()
+        self.standby.is_none() && self.early_data.is_none() && !self.reuse
     }
 
     /// The header value, or `None` when nothing is advertised (then the header is left out).
@@ -117,6 +129,9 @@ impl Extensions {
         }
         if let Some(n) = self.early_data {
             items.push(format!("{EARLY_DATA};max={n}"));
+        }
+        if self.reuse {
+            items.push(REUSE.to_owned());
         }
         (!items.is_empty()).then(|| items.join(", "))
     }
@@ -169,6 +184,7 @@ mod tests {
             ttl_secs: 60,
         }),
         early_data: Some(65536),
+        reuse: false,
     };
 
     #[test]
@@ -185,9 +201,30 @@ mod tests {
         let only = Extensions {
             standby: None,
             early_data: Some(7),
+            reuse: false,
         };
         assert_eq!(only.to_header().as_deref(), Some("early-data;max=7"));
         assert_eq!(Extensions::parse("early-data;max=7"), only);
+    }
+
+    #[test]
+    fn reuse_is_a_bare_item() {
+        let e = Extensions::parse("standby;max=32;ttl=60, early-data;max=65536, reuse");
+        assert_eq!(
+            e,
+            Extensions {
+                reuse: true,
+                ..BOTH
+            }
+        );
+        assert_eq!(
+            e.to_header().as_deref(),
+            Some("standby;max=32;ttl=60, early-data;max=65536, reuse")
+        );
+        assert!(Extensions::parse(" REUSE ;x=1").reuse);
+        assert!(!Extensions::parse("reuse").is_empty());
+        assert!(Extensions::parse("reused, re-use").is_empty());
+        assert!(Extensions::names("standby, reuse", REUSE));
     }
 
     #[test]

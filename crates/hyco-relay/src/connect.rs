@@ -87,6 +87,7 @@ pub(crate) async fn connect(
             id: conn_id.clone(),
             peer,
             started,
+            reuse: crate::tunnel::asks_reuse(shared, req.headers()),
         },
         permit: tunnel_permit,
     };
@@ -134,25 +135,38 @@ pub(crate) async fn connect(
         }
         Outcome::Accepted { upgrade, protocol } => {
             let span = tracing::info_span!("tunnel", hc = %hc_name, id = %conn_id, listener_id = %listener_id, peer = %peer);
-            let shared2 = Arc::clone(shared);
-            shared.tracker.spawn(
-                async move {
-                    let Joining {
-                        sender,
-                        start,
-                        permit,
-                    } = tunnel;
-                    let _tunnel_permit = permit;
-                    run_tunnel(&shared2, start, sender, ListenerSide::Upgrade(upgrade)).await;
-                }
-                .instrument(span),
-            );
+            spawn_tunnel(shared, tunnel, upgrade, span);
             Ok(crate::advertise(
                 shared,
                 switching_protocols(&route.accept_key, protocol.as_deref()),
             ))
         }
     }
+}
+
+/// The tunnel of a sender and a listener's rendezvous, in a task of its own; it holds the
+/// sender's permit until it ends.
+fn spawn_tunnel(
+    shared: &Arc<Shared>,
+    tunnel: Joining,
+    upgrade: hyper::upgrade::OnUpgrade,
+    span: tracing::Span,
+) {
+    let shared2 = Arc::clone(shared);
+    shared.tracker.spawn(
+        async move {
+            let Joining {
+                sender,
+                start,
+                permit,
+            } = tunnel;
+            let _tunnel_permit = permit;
+            let listener = ListenerSide::Upgrade(upgrade);
+            // A rendezvous socket is not parked again: `false`.
+            run_tunnel(&shared2, start, sender, listener, false).await;
+        }
+        .instrument(span),
+    );
 }
 
 /// A tunnel permit, or the sender's 503 at the tunnel limit. At the limit a socket parked

@@ -37,8 +37,7 @@ use crate::error::{Body, RelayError};
 use crate::registry::ControlMsg;
 use crate::request::{forwarded_headers, host_of, strip_port};
 use crate::select::Target;
-use crate::{ServerTls, Shared};
-use hyco_io::prefixed::Prefixed;
+use crate::{ServerIo, Shared};
 
 /// Largest body sent inline on the control channel (protocol.md §4.7: 64 kB).
 pub(crate) const INLINE_BODY_MAX: u64 = 64 * 1024;
@@ -595,8 +594,8 @@ pub(crate) fn rendezvous(
     let span = tracing::info_span!("request_rendezvous", id = %id);
     shared.tracker.spawn(tracing::Instrument::instrument(
         async move {
-            let io = match upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
-                Ok(Ok(parts)) => Prefixed::new(parts.io.into_inner(), parts.read_buf),
+            let io = match upgrade.await.map(|u| u.downcast::<TokioIo<ServerIo>>()) {
+                Ok(Ok(parts)) => parts.io.into_inner().unread(&parts.read_buf),
                 _ => {
                     debug!("request rendezvous upgrade did not complete");
                     return;

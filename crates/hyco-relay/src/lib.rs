@@ -59,6 +59,10 @@ use tracing::{debug, info, warn};
 /// The relay's side of a TLS connection.
 pub(crate) type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// A client's connection as hyper serves it: TLS, with bytes read ahead put back in front (a
+/// connection that outlived its tunnel, `reuse`, may have sent its next request already).
+pub(crate) type ServerIo = hyco_io::prefixed::Prefixed<ServerTls>;
+
 /// Name of the rule created on first start.
 pub(crate) const ROOT_RULE: &str = "RootManageSharedAccessKey";
 
@@ -223,7 +227,7 @@ pub struct Shared {
 /// each parked at most 60 s (under the idle timeouts of common NATs and load balancers, so a
 /// parked socket is not silently dropped on its way), and 64 KiB of early data (a first
 /// request or handshake of the application's, and less than the TCP window a sender starts
-/// with).
+/// with), and connections that outlive their tunnels.
 pub fn default_extensions() -> hyco_proto::ext::Extensions {
     hyco_proto::ext::Extensions {
         standby: Some(hyco_proto::ext::StandbyParams {
@@ -231,11 +235,12 @@ pub fn default_extensions() -> hyco_proto::ext::Extensions {
             ttl_secs: 60,
         }),
         early_data: Some(64 * 1024),
+        reuse: true,
     }
 }
 
 /// The extensions named in `list`: `all` (the defaults), `none`, or names separated by commas
-/// (`standby`, `early-data`), each with its default parameters. For `--extensions` and
+/// (`standby`, `early-data`, `reuse`), each with its default parameters. For `--extensions` and
 /// `HYCO_EXTENSIONS`.
 pub fn extensions_from_list(list: &str) -> Result<hyco_proto::ext::Extensions, String> {
     let all = default_extensions();
@@ -246,9 +251,10 @@ pub fn extensions_from_list(list: &str) -> Result<hyco_proto::ext::Extensions, S
             "none" => {}
             hyco_proto::ext::STANDBY => chosen.standby = all.standby,
             hyco_proto::ext::EARLY_DATA => chosen.early_data = all.early_data,
+            hyco_proto::ext::REUSE => chosen.reuse = all.reuse,
             _ => {
                 return Err(format!(
-                    "unknown extension '{}': use all, none, standby or early-data",
+                    "unknown extension '{}': use all, none, standby, early-data or reuse",
                     hyco_proto::address::sanitize_reason(name)
                 ))
             }
@@ -664,7 +670,7 @@ async fn serve_connection(
         return;
     };
     let stream = match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => hyco_io::prefixed::Prefixed::new(s, bytes::Bytes::new()),
         Ok(Err(e)) => {
             debug!(peer = %peer, error = %e, "TLS handshake failed");
             return;
@@ -674,6 +680,35 @@ async fn serve_connection(
             return;
         }
     };
+    serve_http(shared, stream, peer, slot, deadline).await;
+}
+
+/// A sender's connection after its tunnel (`reuse`): served as a new HTTP/1.1 connection,
+/// under the same rules as a new one (a handshake slot of its address, its next request head
+/// within `handshake_timeout`), without the TLS handshake.
+pub(crate) fn serve_again(shared: &Arc<Shared>, io: ServerIo, peer: SocketAddr) {
+    let shared2 = Arc::clone(shared);
+    shared.tracker.spawn(async move {
+        let limits = shared2.cfg.limits;
+        let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+        let source = throttle::source_key(peer.ip(), limits.ipv6_prefix);
+        let Some(slot) = HandshakeSlot::acquire(&shared2, source, deadline).await else {
+            debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
+            return;
+        };
+        serve_http(shared2, io, peer, slot, deadline).await;
+    });
+}
+
+/// HTTP/1.1 with upgrades on a connection, its first request head due by `deadline`.
+async fn serve_http(
+    shared: Arc<Shared>,
+    stream: ServerIo,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+    deadline: tokio::time::Instant,
+) {
+    let limits = shared.cfg.limits;
     let (first_tx, mut first_rx) = tokio::sync::oneshot::channel::<()>();
     let pending_first = Arc::new(std::sync::Mutex::new(Some((slot, first_tx))));
     let svc_shared = Arc::clone(&shared);

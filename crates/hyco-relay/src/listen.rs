@@ -17,7 +17,7 @@ use tracing::{debug, info};
 use crate::control::ControlChannel;
 use crate::error::{Body, RelayError};
 use crate::registry::ListenerEntry;
-use crate::{ServerTls, Shared};
+use crate::{ServerIo, Shared};
 
 /// An authorized listen (or standby socket: [`crate::standby`]).
 pub(crate) struct Route {
@@ -78,7 +78,7 @@ pub(crate) fn listen(
         rx,
     };
     shared.tracker.spawn(async move {
-        match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
+        match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerIo>>()) {
             Ok(Ok(parts)) => channel.run(parts.io.into_inner(), &parts.read_buf).await,
             _ => debug!("listener upgrade did not complete"),
         }

@@ -35,7 +35,7 @@ use crate::listen::Route;
 use crate::metrics::{GaugeUnit, Hc};
 use crate::registry::ListenerEntry;
 use crate::tunnel::{run_tunnel, Joining, ListenerSide};
-use crate::{ServerTls, Shared};
+use crate::{ServerIo, Shared};
 
 /// What a parked socket gets when a sender is joined to it.
 pub(crate) struct Pair {
@@ -188,18 +188,19 @@ pub(crate) fn open(
     let socket = Socket {
         shared: Arc::clone(shared),
         entry,
+        reuse: crate::tunnel::asks_reuse(shared, req.headers()),
         route,
         ttl: Duration::from_secs(u64::from(params.ttl_secs)),
         max,
     };
     shared.tracker.spawn(async move {
-        match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerTls>>()) {
-            Ok(Ok(parts)) if parts.read_buf.is_empty() => {
+        match on_upgrade.await.map(|u| u.downcast::<TokioIo<ServerIo>>()) {
+            Ok(Ok(parts)) if parts.read_buf.is_empty() && parts.io.inner().unread_len() == 0 => {
                 // The empty `read_buf` is a slice of hyper's read buffer: dropped here, not
                 // kept (with that buffer) for the socket's and its tunnel's whole life.
                 let io = parts.io.into_inner();
                 drop(parts.read_buf);
-                socket.park(io).await;
+                socket.run(io).await;
             }
             Ok(Ok(parts)) => {
                 let mut io = parts.io.into_inner();
@@ -229,6 +230,9 @@ struct Socket {
     route: Route,
     ttl: Duration,
     max: usize,
+    /// The listener asked for the socket to be parked again after a tunnel that both peers
+    /// closed normally (`reuse`, offered here).
+    reuse: bool,
 }
 
 /// How a parked socket's wait ended.
@@ -240,16 +244,31 @@ enum Retired {
 }
 
 impl Socket {
+    /// Parks the socket and serves the tunnel of the sender joined to it; with `reuse`, again
+    /// after every tunnel that gave the socket back.
+    async fn run(self, io: ServerIo) {
+        let mut next = Some((self, io));
+        while let Some((socket, io)) = next.take() {
+            next = socket.park(io).await;
+        }
+    }
+
     /// Waits in the pool until a sender is joined (then runs the tunnel) or something retires
-    /// the socket.
-    async fn park(self, mut io: ServerTls) {
+    /// the socket. Returns the socket to park again, when its tunnel gave it back.
+    async fn park(self, mut io: ServerIo) -> Option<(Socket, ServerIo)> {
+        // A socket back from a tunnel is held to its rules as it was on the way in: keys
+        // regenerated or the hybrid connection deleted meanwhile close it here.
+        if let Some(Retired::Close(code, reason)) = self.revoked() {
+            close(&mut io, code, reason).await;
+            return None;
+        }
         // The descriptor it holds, counted against `--max-tunnels`, taken only once the socket
         // is in the pool (a sender that finds none parked is never short of a permit a socket
         // on its way holds); once a sender is joined, the permit of their tunnel (the sender
         // takes none of its own).
         let Some(permit) = self.shared.tunnel_gate.try_acquire_spare() else {
             close(&mut io, 1001, NEAR_LIMIT).await;
-            return;
+            return None;
         };
         let (tx, mut rx) = oneshot::channel();
         let Some(parked) = self
@@ -263,7 +282,7 @@ impl Socket {
                 "This listener has the most standby sockets the relay keeps.",
             )
             .await;
-            return;
+            return None;
         };
         let label = Hc::new(Some(&self.route.hc_key));
         let gauge = GaugeUnit::hold(&self.shared.metrics.standby_sockets, &label);
@@ -283,12 +302,13 @@ impl Socket {
             Retired::ByListener(Some(reason)) => close(&mut io, 1008, reason).await,
             Retired::ByListener(None) => {}
         }
+        None
     }
 
     /// The parked wait, until a sender is handed over or the socket is retired.
     async fn wait(
         &self,
-        io: &mut ServerTls,
+        io: &mut ServerIo,
         rx: &mut oneshot::Receiver<Pair>,
     ) -> Result<Pair, Retired> {
         let token_deadline = crate::control::deadline_for(self.route.expiry, Duration::ZERO);
@@ -353,8 +373,9 @@ impl Socket {
         .map(|_| Retired::Close(1008, "The token's key was regenerated or removed."))
     }
 
-    /// A sender was joined: the `accept` goes out first, then the two are spliced.
-    async fn serve(self, mut io: ServerTls, pair: Pair) {
+    /// A sender was joined: the `accept` goes out first, then the two are spliced. Returns the
+    /// socket when its tunnel gave it back (`reuse`).
+    async fn serve(self, mut io: ServerIo, pair: Pair) -> Option<(Socket, ServerIo)> {
         let Pair {
             permit: parked_permit,
             accept,
@@ -369,11 +390,21 @@ impl Socket {
         drop(accept);
         if let Err(e) = write_all(&mut io, &frame).await {
             info!(hc = %self.route.hc_name, listener_id = %self.entry.listener_id, error = %e, "standby socket failed as a sender was joined to it");
-            return;
+            return None;
         }
         let span = tracing::info_span!("tunnel", hc = %self.route.hc_name, id = %start.id, listener_id = %self.entry.listener_id, peer = %start.peer, standby = true);
-        // Not held for the tunnel's life: the frame, the route (token, query) and the entry.
         drop(frame);
+        let _permits = (parked_permit, permit);
+        let listener = ListenerSide::Parked(Box::new(io));
+        if self.reuse {
+            let back = tracing::Instrument::instrument(
+                run_tunnel(&self.shared, start, sender, listener, true),
+                span,
+            )
+            .await?;
+            return Some((self, back));
+        }
+        // Not held for the tunnel's life: the route (token, query) and the entry.
         let Socket {
             shared,
             entry,
@@ -381,23 +412,20 @@ impl Socket {
             ..
         } = self;
         drop((entry, route));
-        let _permits = (parked_permit, permit);
-        tracing::Instrument::instrument(
-            run_tunnel(&shared, start, sender, ListenerSide::Parked(Box::new(io))),
-            span,
-        )
-        .await;
+        tracing::Instrument::instrument(run_tunnel(&shared, start, sender, listener, false), span)
+            .await;
+        None
     }
 }
 
-async fn write_all(io: &mut ServerTls, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all(io: &mut ServerIo, bytes: &[u8]) -> std::io::Result<()> {
     io.write_all(bytes).await?;
     io.flush().await
 }
 
 /// A server Close frame with `code` and `reason`, then the end of the socket (bounded: a
 /// listener that stopped reading does not hold the task).
-async fn close(io: &mut ServerTls, code: u16, reason: &str) {
+async fn close(io: &mut ServerIo, code: u16, reason: &str) {
     let bytes = server_frame(OpCode::Close, &close_payload(code, reason));
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         write_all(io, &bytes).await?;

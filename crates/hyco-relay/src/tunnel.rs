@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hyco_io::prefixed::Prefixed;
-use hyco_io::splice::{splice, Counters, Side, SpliceEnd};
+use hyco_io::splice::{splice_keep, Counters, Side, SpliceEnd};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{GaugeUnit, Hc};
-use crate::{ServerTls, Shared, Tunnel, TunnelEntry};
+use crate::{ServerIo, Shared, Tunnel, TunnelEntry};
 
 /// A sender on its way to a tunnel: its side of the upgrade, what the tunnel is known by, and
 /// its permit.
@@ -36,6 +36,19 @@ pub(crate) struct TunnelStart {
     pub(crate) peer: SocketAddr,
     /// When its sender's request came in.
     pub(crate) started: Instant,
+    /// The sender asked for its connection to outlive the tunnel (`reuse`, offered here).
+    pub(crate) reuse: bool,
+}
+
+/// Whether an upgrade request asks for its connection to outlive its tunnel: it names
+/// `reuse` in `Hyco-Extensions`, and this relay offers it.
+pub(crate) fn asks_reuse(shared: &Shared, headers: &http::HeaderMap) -> bool {
+    shared.cfg.extensions.reuse
+        && headers
+            .get_all(hyco_proto::ext::HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| hyco_proto::ext::Extensions::names(v, hyco_proto::ext::REUSE))
 }
 
 /// The listener's side of a tunnel.
@@ -43,39 +56,45 @@ pub(crate) enum ListenerSide {
     /// A rendezvous: its connection once its 101 is written.
     Upgrade(OnUpgrade),
     /// A standby socket, open already (nothing of the listener's was read from it).
-    Parked(Box<ServerTls>),
+    Parked(Box<ServerIo>),
 }
 
 impl ListenerSide {
     /// The listener's connection and the bytes read past its handshake.
-    async fn open(self) -> Option<(ServerTls, bytes::Bytes)> {
+    async fn open(self) -> Option<ServerIo> {
         match self {
             ListenerSide::Upgrade(u) => {
-                let parts = u.await.ok()?.downcast::<TokioIo<ServerTls>>().ok()?;
-                Some((parts.io.into_inner(), parts.read_buf))
+                let parts = u.await.ok()?.downcast::<TokioIo<ServerIo>>().ok()?;
+                Some(parts.io.into_inner().unread(&parts.read_buf))
             }
-            ListenerSide::Parked(io) => Some((*io, bytes::Bytes::new())),
+            ListenerSide::Parked(io) => Some(*io),
         }
     }
 }
 
 /// The tunnel, from both upgrades to the end of the splice; listed, counted and gauged until
 /// it ends, however it ends.
+///
+/// With `reuse` (docs/design-notes.md, "Connections that outlive their tunnel"), a tunnel that
+/// both peers closed with 1000 leaves their connections open: the sender's, if it asked, is
+/// served again as a new HTTP/1.1 connection; the listener's, if `listener_reuse` (a standby
+/// socket that asked), is returned for its task to park again.
 pub(crate) async fn run_tunnel(
     shared: &Arc<Shared>,
     start: TunnelStart,
     sender: OnUpgrade,
     listener: ListenerSide,
-) {
+    listener_reuse: bool,
+) -> Option<ServerIo> {
     let started = start.started;
     let (s, l) = tokio::join!(sender, listener.open());
-    let (Ok(s), Some((l_io, l_buf))) = (s, l) else {
+    let (Ok(s), Some(l_io)) = (s, l) else {
         debug!("an upgrade did not complete");
-        return;
+        return None;
     };
-    let Ok(s) = s.downcast::<TokioIo<ServerTls>>() else {
+    let Ok(s) = s.downcast::<TokioIo<ServerIo>>() else {
         warn!("unexpected transport after upgrade");
-        return;
+        return None;
     };
     info!(
         event = "SenderListenerConnectionEstablished",
@@ -100,12 +119,39 @@ pub(crate) async fn run_tunnel(
     let _listed = TunnelEntry::insert(shared, shared.registry.next_conn_id(), Arc::clone(&tunnel));
     let counters = &tunnel.counters;
     let opened = Instant::now();
-    let a = Prefixed::new(s.io.into_inner(), s.read_buf);
-    let b = Prefixed::new(l_io, l_buf);
-    let end = tokio::select! {
-        end = splice(a, b, shared.cfg.splice, counters) => end,
-        _ = shared.drain.cancelled() => SpliceEnd::Aborted { side: Side::A, error: std::io::Error::other("relay stopped") },
+    let a = s.io.into_inner().unread(&s.read_buf);
+    drop(s.read_buf);
+    let (end, kept) = tokio::select! {
+        r = splice_keep(a, l_io, shared.cfg.splice, counters) => r,
+        _ = shared.drain.cancelled() => (SpliceEnd::Aborted { side: Side::A, error: std::io::Error::other("relay stopped") }, None),
     };
+    // Both peers closed normally: what each asked for is what both expect (the agents apply
+    // the same rule), so a kept connection is never one its agent dropped, nor the reverse.
+    let normal = |c: &std::sync::atomic::AtomicU32| c.load(Ordering::Relaxed) == 1000;
+    let reusable =
+        normal(&counters.a_close) && normal(&counters.b_close) && !shared.shutdown.is_cancelled();
+    let mut listener_back = None;
+    if let Some(k) = kept {
+        let (mut sender_io, mut listener_io) = (k.a.unread(&k.a_rest), k.b.unread(&k.b_rest));
+        let keep_sender = reusable && start.reuse;
+        let keep_listener = reusable && listener_reuse;
+        // The others end as a splice ends them: close_notify and FIN, bounded.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            if !keep_sender {
+                let _ = sender_io.shutdown().await;
+            }
+            if !keep_listener {
+                let _ = listener_io.shutdown().await;
+            }
+        })
+        .await;
+        if keep_sender {
+            crate::serve_again(shared, sender_io, start.peer);
+        }
+        if keep_listener {
+            listener_back = Some(listener_io);
+        }
+    }
     let (up, down) = (
         counters.a_to_b.load(Ordering::Relaxed),
         counters.b_to_a.load(Ordering::Relaxed),
@@ -122,4 +168,5 @@ pub(crate) async fn run_tunnel(
     );
     m.sender_disconnects.get_or_create(&label).inc();
     m.bytes_transferred.get_or_create(&label).inc_by(up + down);
+    listener_back
 }

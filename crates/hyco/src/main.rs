@@ -212,8 +212,9 @@ struct RelayArgs {
     status_hosts: Vec<String>,
     /// hyco extensions offered to hyco agents (advertised on 101s; Microsoft's clients never
     /// use them): `all`, `none`, or a list of `standby` (listeners park sockets, a new
-    /// connection needs no rendezvous round trip) and `early-data` (a sender's first bytes
-    /// ride with its upgrade). See docs/design-notes.md.
+    /// connection needs no rendezvous round trip), `early-data` (a sender's first bytes
+    /// ride with its upgrade) and `reuse` (the agents' connections outlive their tunnels). See
+    /// docs/design-notes.md.
     #[arg(long, env = "HYCO_EXTENSIONS", default_value = "all", value_name = "LIST",
         value_parser = hyco_relay::extensions_from_list)]
     extensions: hyco_proto::ext::Extensions,

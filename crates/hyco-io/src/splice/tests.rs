@@ -198,3 +198,53 @@ async fn written_frames_are_flushed_before_the_splice_waits_for_more() {
         .unwrap();
     assert_eq!(got, Message::Text("ping me back".into()));
 }
+
+/// `splice_keep` after both Closes: both connections come back open, each with what its peer
+/// sent behind its Close (a kept connection's next request), which was not forwarded.
+#[tokio::test]
+async fn kept_connections_come_back_with_what_followed_each_close() {
+    let (mut ca, ra) = duplex(64 * 1024);
+    let (cb, rb) = duplex(64 * 1024);
+    let task = tokio::spawn(async move {
+        let counters = Counters::default();
+        splice_keep(ra, rb, SpliceConfig::default(), &counters).await
+    });
+    let mut b = WsStream::new(cb, Role::Client, WsConfig::default());
+    // A: a frame, its Close and the start of what comes next, in one write.
+    let mask = [1, 2, 3, 4];
+    let masked = |op: u8, p: &[u8]| {
+        let mut f = vec![0x80 | op, 0x80 | p.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(p.iter().enumerate().map(|(i, x)| x ^ mask[i % 4]));
+        f
+    };
+    let mut wire = masked(0x2, b"hi");
+    wire.extend(masked(0x8, &1000u16.to_be_bytes()));
+    wire.extend_from_slice(b"GET /next");
+    ca.write_all(&wire).await.unwrap();
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hi", "nothing past the Close went on");
+    b.shutdown().await.unwrap();
+    b.get_mut().write_all(b"Z").await.unwrap();
+    let (end, kept) = task.await.unwrap();
+    assert!(matches!(end, SpliceEnd::Closed), "{end:?}");
+    let mut k = kept.expect("both closed: kept");
+    assert_eq!(k.a_rest, b"GET /next");
+    assert_eq!(k.b_rest, b"Z");
+    // A got B's Close, and its connection is still open both ways.
+    let mut close = [0u8; 4];
+    ca.read_exact(&mut close).await.unwrap();
+    assert_eq!(close, [0x88, 0x02, 0x03, 0xe8]);
+    k.a.write_all(b"HTTP/1.1").await.unwrap();
+    let mut next = [0u8; 8];
+    ca.read_exact(&mut next).await.unwrap();
+    assert_eq!(&next, b"HTTP/1.1");
+    // However else a splice ends, nothing is kept.
+    let (ca, ra) = duplex(1024);
+    let (_cb, rb) = duplex(1024);
+    drop(ca);
+    let (end, kept) = splice_keep(ra, rb, SpliceConfig::default(), &Counters::default()).await;
+    assert!(matches!(end, SpliceEnd::Aborted { .. }), "{end:?}");
+    assert!(kept.is_none());
+}

@@ -321,6 +321,24 @@ impl Connector {
         self.upgrade(tls, t, headers).await
     }
 
+    /// For a sender connection to `url` whose request asked for `reuse`: when the relay offers
+    /// it (on this connection's 101, or, with the response still pending, on the 101s it gave
+    /// before), a normal end of the stream gives the connection back to the warm pool
+    /// ([`WsStream::recycle`], [`super::warm::Loan`]). Without a warm pool, nothing changes.
+    pub fn lend_for_reuse(&self, url: &str, c: &mut Connected) {
+        let (Ok(t), Some(pool)) = (Target::parse(url), self.warm.as_ref()) else {
+            return;
+        };
+        let offered = if c.ws.response_pending() {
+            self.early.reuse(&(t.host.to_ascii_lowercase(), t.port))
+        } else {
+            c.extensions.reuse
+        };
+        if offered {
+            c.ws.set_recycle(Box::new(pool.lend(&(t.host.clone(), t.port))));
+        }
+    }
+
     /// The WebSocket upgrade on an open TLS connection.
     async fn upgrade(
         &self,

@@ -36,16 +36,22 @@ const MAX_ENTRIES: usize = 256;
 /// Most response headers looked at.
 const MAX_HEADERS: usize = 64;
 
-/// The relays that accept early data, and how much: `host:port` → bytes.
+/// The relays that accept early data, and how much: `host:port` → bytes, and whether the relay
+/// also keeps connections after their tunnels (`reuse`).
 #[derive(Debug, Default)]
 pub struct EarlyCache {
-    relays: Mutex<HashMap<Key, u32>>,
+    relays: Mutex<HashMap<Key, (u32, bool)>>,
 }
 
 impl EarlyCache {
     /// How many bytes `key` accepts before its 101, if it said it accepts early data.
     pub fn get(&self, key: &Key) -> Option<u32> {
-        self.lock().get(key).copied()
+        self.lock().get(key).map(|e| e.0)
+    }
+
+    /// Whether `key`, which accepts early data, also offered `reuse`.
+    pub fn reuse(&self, key: &Key) -> bool {
+        self.lock().get(key).is_some_and(|e| e.1)
     }
 
     /// Records what a 101 from `key` advertised.
@@ -53,7 +59,7 @@ impl EarlyCache {
         let mut m = self.lock();
         match ext.early_data {
             Some(n) if m.len() < MAX_ENTRIES || m.contains_key(key) => {
-                m.insert(key.clone(), n);
+                m.insert(key.clone(), (n, ext.reuse));
             }
             Some(_) => {}
             None => {
@@ -62,7 +68,7 @@ impl EarlyCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (u32, bool)>> {
         self.relays.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

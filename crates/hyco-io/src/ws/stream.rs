@@ -138,6 +138,14 @@ struct Current {
     offset: usize,
 }
 
+/// Where a connection goes when its WebSocket ended normally and both ends keep it (the
+/// `reuse` extension): a pool of the agent's. Dropped without [`Recycle::give_back`], it
+/// learns that the connection will not come back.
+pub trait Recycle<S>: Send + Sync {
+    /// The connection, open, with the bytes read past the peer's Close.
+    fn give_back(self: Box<Self>, io: S, rest: Vec<u8>);
+}
+
 /// One WebSocket endpoint. See the module docs.
 pub struct WsStream<S> {
     io: S,
@@ -172,6 +180,10 @@ pub struct WsStream<S> {
     peer_closed: Option<CloseInfo>,
     /// Set once our Close is queued; nothing may be written after it.
     sent_close: bool,
+    /// The code of our Close.
+    sent_code: u16,
+    /// Where the connection goes after a normal end ([`WsStream::recycle`]).
+    recycle: Option<Box<dyn Recycle<S>>>,
     /// Frames read so far (pongs included): liveness for ping deadlines.
     frames: u64,
     /// A transport error met by a read that had already returned payload: reported by the
@@ -217,6 +229,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             pending_pong: None,
             peer_closed: None,
             sent_close: false,
+            sent_code: 0,
+            recycle: None,
             frames: 0,
             read_err: None,
             pending: None,
@@ -316,6 +330,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.sent_close
     }
 
+    /// Where the connection goes after a normal end, for [`WsStream::recycle`].
+    pub fn set_recycle(&mut self, to: Box<dyn Recycle<S>>) {
+        self.recycle = Some(to);
+    }
+
+    /// Whether [`WsStream::recycle`] would give the connection back now: a place to give it
+    /// to, both Closes through with 1000, and nothing of ours or the peer's half-done.
+    pub fn reusable(&self) -> bool {
+        self.recycle.is_some()
+            && self.sent_close
+            && self.sent_code == 1000
+            && matches!(self.peer_closed, Some(Some((1000, _))))
+            && self.cur.is_none()
+            && self.pending.is_none()
+            && self.read_err.is_none()
+            && self.dpos == self.dlen
+            && self.wpos == self.wbuf.len()
+    }
+
+    /// Ends the endpoint. A connection both ends keep after a normal end (see
+    /// [`WsStream::reusable`]: the relay applies the same rule) goes back where
+    /// [`WsStream::set_recycle`] said, with the bytes read past the peer's Close; otherwise it
+    /// is dropped. Returns whether it went back.
+    pub fn recycle(self) -> bool {
+        let reusable = self.reusable();
+        let WsStream {
+            io,
+            rbuf,
+            rstart,
+            rend,
+            recycle,
+            ..
+        } = self;
+        match recycle {
+            Some(to) if reusable => {
+                to.give_back(io, rbuf[rstart..rend].to_vec());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &S {
         &self.io
@@ -374,6 +430,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 &close_payload(e.close_code(), &e.to_string()),
             );
             self.sent_close = true;
+            self.sent_code = e.close_code();
         }
         io::Error::new(io::ErrorKind::InvalidData, e)
     }
@@ -797,6 +854,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         poll_fn(|cx| self.poll_flush_wbuf(cx)).await?;
         self.queue_frame(OpCode::Close, true, &close_payload(code, reason));
         self.sent_close = true;
+        self.sent_code = code;
         poll_fn(|cx| self.poll_flush_all(cx)).await
     }
 
@@ -969,6 +1027,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             ready!(this.poll_flush_wbuf(cx))?;
             this.queue_frame(OpCode::Close, true, &close_payload(1000, ""));
             this.sent_close = true;
+            this.sent_code = 1000;
         }
         this.poll_flush_all(cx)
     }

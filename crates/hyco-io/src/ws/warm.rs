@@ -12,6 +12,12 @@
 //! came within one second over the last `idle_stop` (a burst of 8 is met by 8 warm
 //! connections from the second burst on), never more than `burst_max`. Connections missing
 //! from that number are dialled at once, side by side.
+//!
+//! With the relay's `reuse` extension a connection comes back after its tunnel ([`Loan`]): a
+//! connection lent to a tunnel counts as one of the pool's for [`RETURN_GRACE`], so a pool
+//! whose tunnels are short (a connection per request) stops dialling replacements that would
+//! only find the pool full when the lent ones return. A loan still out after the grace (a
+//! long tunnel) is replaced.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -57,6 +63,20 @@ struct Slot {
     /// When connects took (or looked for) a connection, the last `idle_stop` of them, at
     /// most [`TAKES_KEPT`].
     takes: Takes,
+    /// Connections lent to tunnels that may come back, by loan id, with when they were lent;
+    /// those younger than [`RETURN_GRACE`] count as the pool's.
+    lent: HashMap<u64, Instant>,
+}
+
+/// How long a connection lent to a tunnel counts as the pool's (see the module docs).
+pub const RETURN_GRACE: Duration = Duration::from_secs(1);
+
+impl Slot {
+    /// Forgets loans past the grace; the number still counted.
+    fn lent_now(&mut self) -> usize {
+        self.lent.retain(|_, at| at.elapsed() < RETURN_GRACE);
+        self.lent.len()
+    }
 }
 
 /// Most take times remembered per target (bounds the memory).
@@ -137,6 +157,38 @@ pub struct WarmPool {
     slots: Mutex<HashMap<Key, Slot>>,
     /// Wakes the refill tasks when a connection was taken.
     taken: tokio::sync::Notify,
+    next_loan: std::sync::atomic::AtomicU64,
+}
+
+/// A connection lent to a tunnel: given back after a normal end (`reuse`), it is ready for the
+/// next connect to the same relay; dropped, the pool stops counting it.
+pub struct Loan {
+    pool: Arc<WarmPool>,
+    key: Key,
+    id: u64,
+}
+
+impl crate::ws::stream::Recycle<ClientTls> for Loan {
+    fn give_back(self: Box<Self>, tls: ClientTls, rest: Vec<u8>) {
+        // The relay sends nothing after its Close until a new request: bytes here mean the
+        // connection is not what both ends think it is.
+        if rest.is_empty() {
+            self.pool.put_back(&self.key, self.id, tls);
+        }
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let mut g = self.pool.lock();
+        if let Some(slot) = g.get_mut(&self.key) {
+            if slot.lent.remove(&self.id).is_some() {
+                drop(g);
+                // One fewer counted: the refill may be short now.
+                self.pool.taken.notify_waiters();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for WarmPool {
@@ -155,6 +207,7 @@ impl WarmPool {
                 cfg,
                 slots: Mutex::new(HashMap::new()),
                 taken: tokio::sync::Notify::new(),
+                next_loan: std::sync::atomic::AtomicU64::new(0),
             })
         })
     }
@@ -197,6 +250,34 @@ impl WarmPool {
         (found, start_fill)
     }
 
+    /// Lends a connection to `key` to a tunnel (see [`Loan`]).
+    pub fn lend(self: &Arc<Self>, key: &Key) -> Loan {
+        let id = self
+            .next_loan
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut g = self.lock();
+        if let Some(slot) = g.get_mut(key) {
+            slot.lent_now();
+            slot.lent.insert(id, Instant::now());
+        }
+        Loan {
+            pool: Arc::clone(self),
+            key: key.clone(),
+            id,
+        }
+    }
+
+    /// A lent connection back after its tunnel: ready again, unless the pool has all it wants.
+    fn put_back(&self, key: &Key, id: u64, tls: ClientTls) {
+        let mut g = self.lock();
+        let Some(slot) = g.get_mut(key) else { return };
+        slot.lent.remove(&id);
+        let lent = slot.lent_now();
+        if slot.ready.len() + lent < self.wanted(slot) {
+            slot.ready.push_back((tls, Instant::now()));
+        }
+    }
+
     /// How many connections `slot` should have ready now.
     fn wanted(&self, slot: &Slot) -> usize {
         slot.peak_per_second()
@@ -231,14 +312,20 @@ impl WarmPool {
                     g.remove(&key);
                     return;
                 }
+                let lent = slot.lent_now();
                 let missing = self
                     .wanted(slot)
-                    .saturating_sub(slot.ready.len() + dialling.len());
-                // Wake when the oldest ages out.
+                    .saturating_sub(slot.ready.len() + dialling.len() + lent);
+                // Wake when the oldest ages out, or a loan stops counting.
                 let oldest = slot.ready.front().map(|(_, born)| *born);
                 let wait = oldest.map_or(self.cfg.max_age, |b| {
                     self.cfg.max_age.saturating_sub(b.elapsed())
                 });
+                let wait = slot
+                    .lent
+                    .values()
+                    .map(|at| RETURN_GRACE.saturating_sub(at.elapsed()))
+                    .fold(wait, Duration::min);
                 (missing, wait)
             };
             // After failures, one dial at a time until one succeeds.
@@ -340,5 +427,29 @@ mod tests {
         // A burst of 9: capped at burst_max.
         let big = slot_with(&[0, 1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(pool.wanted(&big), 6);
+    }
+
+    /// A connection lent to a tunnel counts as the pool's until it comes back, is dropped, or
+    /// its grace is over (then the refill replaces it).
+    #[tokio::test(start_paused = true)]
+    async fn a_loan_counts_until_dropped_or_for_the_grace() {
+        let pool = WarmPool::new(WarmConfig::default()).unwrap();
+        let key: Key = ("relay.example".into(), 443);
+        let lent = |p: &WarmPool| p.lock().get_mut(&key).map_or(0, Slot::lent_now);
+        let (none, _) = pool.take(&key);
+        assert!(none.is_none());
+        let loan = pool.lend(&key);
+        let second = pool.lend(&key);
+        assert_eq!(lent(&pool), 2);
+        drop(loan);
+        assert_eq!(lent(&pool), 1, "a dropped loan stops counting at once");
+        tokio::time::advance(RETURN_GRACE).await;
+        assert_eq!(lent(&pool), 0, "past the grace it is replaced");
+        drop(second);
+        assert_eq!(lent(&pool), 0);
+        // A target nobody took from has no slot: a loan of it counts nowhere.
+        let other: Key = ("other.example".into(), 443);
+        let _l = pool.lend(&other);
+        assert!(pool.lock().get(&other).is_none());
     }
 }

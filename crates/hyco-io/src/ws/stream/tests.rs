@@ -338,3 +338,51 @@ async fn finish_close_waits_for_the_peers_close_so_the_peer_never_meets_a_reset(
         .unwrap();
     assert_eq!(peer, Some(Some((1008, String::new()))));
 }
+
+/// Where a test's recycled stream goes: the transport and its rest on `Some`, `None` when the
+/// place was dropped without it.
+struct Place(std::sync::mpsc::Sender<Option<Vec<u8>>>, bool);
+
+impl Recycle<tokio::io::DuplexStream> for Place {
+    fn give_back(mut self: Box<Self>, _io: tokio::io::DuplexStream, rest: Vec<u8>) {
+        self.1 = true;
+        let _ = self.0.send(Some(rest));
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = self.0.send(None);
+        }
+    }
+}
+
+/// A stream goes back only after both Closes with 1000, with what the peer sent behind its
+/// Close; any other end drops the place, which learns it.
+#[tokio::test]
+async fn recycle_gives_the_transport_back_only_after_a_normal_end() {
+    for (ours, theirs, kept) in [(1000, 1000, true), (1000, 1001, false), (4001, 1000, false)] {
+        let (mut c, mut s) = pair(WsConfig::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.set_recycle(Box::new(Place(tx, false)));
+        c.send_close(ours, "").await.unwrap();
+        assert!(!c.reusable(), "not before the peer's Close");
+        assert!(matches!(s.recv().await.unwrap(), Message::Close(_)));
+        s.send_close(theirs, "").await.unwrap();
+        s.get_mut().write_all(b"next").await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(c.reusable(), kept, "{ours}/{theirs}");
+        assert_eq!(c.recycle(), kept);
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(got.is_some(), kept, "{ours}/{theirs}");
+        if let Some(rest) = got {
+            assert_eq!(rest, b"next", "the bytes behind the peer's Close");
+        }
+    }
+    // Without a place, nothing to give back.
+    let (c, _s) = pair(WsConfig::default());
+    assert!(!c.reusable());
+    assert!(!c.recycle());
+}
