@@ -251,7 +251,7 @@ async fn the_extensions_are_advertised_on_101s_and_refused_when_off() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(
         advertised(&head).as_deref(),
-        Some("standby;max=32;ttl=60, early-data;max=65536"),
+        Some("standby;max=32;ttl=60, early-data;max=65536, reuse"),
         "{head}"
     );
 
