@@ -149,7 +149,8 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (end, kept) = splice_keep(a, b, cfg, counters).await;
-    if let Some(mut k) = kept {
+    if let Some(k) = kept {
+        let mut k = *k;
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             let _ = tokio::join!(k.a.shutdown(), k.b.shutdown());
         })
@@ -176,14 +177,15 @@ pub struct Kept<A, B> {
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// [`splice`], but a splice that ended with both Closes ([`SpliceEnd::Closed`]) gives both
-/// connections back, open, instead of shutting them down. However else it ends they are
-/// closed as [`splice`] closes them, and `None` comes back.
+/// connections back, open, instead of shutting them down (boxed: a caller that holds them
+/// across its own awaits keeps a pointer in its state, not two TLS connections). However else
+/// it ends they are closed as [`splice`] closes them, and `None` comes back.
 pub async fn splice_keep<A, B>(
     a: A,
     b: B,
     cfg: SpliceConfig,
     counters: &Counters,
-) -> (SpliceEnd, Option<Kept<A, B>>)
+) -> (SpliceEnd, Option<Box<Kept<A, B>>>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -233,12 +235,12 @@ where
     match result {
         Ok((a_rest, b_rest)) => (
             SpliceEnd::Closed,
-            Some(Kept {
+            Some(Box::new(Kept {
                 a: ar.unsplit(aw),
                 a_rest,
                 b: br.unsplit(bw),
                 b_rest,
-            }),
+            })),
         ),
         Err((reader_side, e)) => (failed(reader_side, e, &mut aw, &mut bw).await, None),
     }

@@ -198,7 +198,7 @@ pub(crate) fn open(
             Ok(Ok(parts)) if parts.read_buf.is_empty() && parts.io.inner().unread_len() == 0 => {
                 // The empty `read_buf` is a slice of hyper's read buffer: dropped here, not
                 // kept (with that buffer) for the socket's and its tunnel's whole life.
-                let io = parts.io.into_inner();
+                let io = Box::new(parts.io.into_inner());
                 drop(parts.read_buf);
                 socket.run(io).await;
             }
@@ -246,7 +246,7 @@ enum Retired {
 impl Socket {
     /// Parks the socket and serves the tunnel of the sender joined to it; with `reuse`, again
     /// after every tunnel that gave the socket back.
-    async fn run(self, io: ServerIo) {
+    async fn run(self, io: Box<ServerIo>) {
         let mut next = Some((self, io));
         while let Some((socket, io)) = next.take() {
             next = socket.park(io).await;
@@ -255,7 +255,7 @@ impl Socket {
 
     /// Waits in the pool until a sender is joined (then runs the tunnel) or something retires
     /// the socket. Returns the socket to park again, when its tunnel gave it back.
-    async fn park(self, mut io: ServerIo) -> Option<(Socket, ServerIo)> {
+    async fn park(self, mut io: Box<ServerIo>) -> Option<(Socket, Box<ServerIo>)> {
         // A socket back from a tunnel is held to its rules as it was on the way in: keys
         // regenerated or the hybrid connection deleted meanwhile close it here.
         if let Some(Retired::Close(code, reason)) = self.revoked() {
@@ -375,7 +375,7 @@ impl Socket {
 
     /// A sender was joined: the `accept` goes out first, then the two are spliced. Returns the
     /// socket when its tunnel gave it back (`reuse`).
-    async fn serve(self, mut io: ServerIo, pair: Pair) -> Option<(Socket, ServerIo)> {
+    async fn serve(self, mut io: Box<ServerIo>, pair: Pair) -> Option<(Socket, Box<ServerIo>)> {
         let Pair {
             permit: parked_permit,
             accept,
@@ -395,7 +395,7 @@ impl Socket {
         let span = tracing::info_span!("tunnel", hc = %self.route.hc_name, id = %start.id, listener_id = %self.entry.listener_id, peer = %start.peer, standby = true);
         drop(frame);
         let _permits = (parked_permit, permit);
-        let listener = ListenerSide::Parked(Box::new(io));
+        let listener = ListenerSide::Parked(io);
         if self.reuse {
             let back = tracing::Instrument::instrument(
                 run_tunnel(&self.shared, start, sender, listener, true),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hyco_io::splice::{splice_keep, Counters, Side, SpliceEnd};
+use hyco_io::splice::{splice_keep, Counters, Kept, Side, SpliceEnd};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -85,7 +85,7 @@ pub(crate) async fn run_tunnel(
     sender: OnUpgrade,
     listener: ListenerSide,
     listener_reuse: bool,
-) -> Option<ServerIo> {
+) -> Option<Box<ServerIo>> {
     let started = start.started;
     let (s, l) = tokio::join!(sender, listener.open());
     let (Ok(s), Some(l_io)) = (s, l) else {
@@ -130,28 +130,13 @@ pub(crate) async fn run_tunnel(
     let normal = |c: &std::sync::atomic::AtomicU32| c.load(Ordering::Relaxed) == 1000;
     let reusable =
         normal(&counters.a_close) && normal(&counters.b_close) && !shared.shutdown.is_cancelled();
-    let mut listener_back = None;
-    if let Some(k) = kept {
-        let (mut sender_io, mut listener_io) = (k.a.unread(&k.a_rest), k.b.unread(&k.b_rest));
-        let keep_sender = reusable && start.reuse;
-        let keep_listener = reusable && listener_reuse;
-        // The others end as a splice ends them: close_notify and FIN, bounded.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            if !keep_sender {
-                let _ = sender_io.shutdown().await;
-            }
-            if !keep_listener {
-                let _ = listener_io.shutdown().await;
-            }
-        })
-        .await;
-        if keep_sender {
-            crate::serve_again(shared, sender_io, start.peer);
+    let listener_back = match kept {
+        Some(k) => {
+            let keep = (reusable && start.reuse, reusable && listener_reuse);
+            settle(shared, k, keep, start.peer).await
         }
-        if keep_listener {
-            listener_back = Some(listener_io);
-        }
-    }
+        None => None,
+    };
     let (up, down) = (
         counters.a_to_b.load(Ordering::Relaxed),
         counters.b_to_a.load(Ordering::Relaxed),
@@ -169,4 +154,35 @@ pub(crate) async fn run_tunnel(
     m.sender_disconnects.get_or_create(&label).inc();
     m.bytes_transferred.get_or_create(&label).inc_by(up + down);
     listener_back
+}
+
+/// Both connections of a tunnel that closed normally: each one kept (`keep`: sender, listener)
+/// goes on (the sender's served again, the listener's returned for parking), the others end as
+/// a splice ends them (close_notify and FIN, bounded).
+async fn settle(
+    shared: &Arc<Shared>,
+    kept: Box<Kept<ServerIo, ServerIo>>,
+    (keep_sender, keep_listener): (bool, bool),
+    peer: SocketAddr,
+) -> Option<Box<ServerIo>> {
+    let Kept {
+        a,
+        a_rest,
+        b,
+        b_rest,
+    } = *kept;
+    let (mut sender_io, mut listener_io) = (a.unread(&a_rest), b.unread(&b_rest));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        if !keep_sender {
+            let _ = sender_io.shutdown().await;
+        }
+        if !keep_listener {
+            let _ = listener_io.shutdown().await;
+        }
+    })
+    .await;
+    if keep_sender {
+        crate::serve_again(shared, sender_io, peer);
+    }
+    keep_listener.then(|| Box::new(listener_io))
 }

@@ -229,7 +229,7 @@ async fn kept_connections_come_back_with_what_followed_each_close() {
     b.get_mut().write_all(b"Z").await.unwrap();
     let (end, kept) = task.await.unwrap();
     assert!(matches!(end, SpliceEnd::Closed), "{end:?}");
-    let mut k = kept.expect("both closed: kept");
+    let mut k = *kept.expect("both closed: kept");
     assert_eq!(k.a_rest, b"GET /next");
     assert_eq!(k.b_rest, b"Z");
     // A got B's Close, and its connection is still open both ways.
