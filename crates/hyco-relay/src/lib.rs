@@ -662,11 +662,7 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
-    let limits = shared.cfg.limits;
-    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let source = throttle::source_key(peer.ip(), limits.ipv6_prefix);
-    let Some(slot) = HandshakeSlot::acquire(&shared, source, deadline).await else {
-        debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
+    let Some((slot, deadline)) = handshake_slot(&shared, peer).await else {
         return;
     };
     let stream = match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
@@ -689,15 +685,26 @@ async fn serve_connection(
 pub(crate) fn serve_again(shared: &Arc<Shared>, io: ServerIo, peer: SocketAddr) {
     let shared2 = Arc::clone(shared);
     shared.tracker.spawn(async move {
-        let limits = shared2.cfg.limits;
-        let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-        let source = throttle::source_key(peer.ip(), limits.ipv6_prefix);
-        let Some(slot) = HandshakeSlot::acquire(&shared2, source, deadline).await else {
-            debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
-            return;
-        };
-        serve_http(shared2, io, peer, slot, deadline).await;
+        if let Some((slot, deadline)) = handshake_slot(&shared2, peer).await {
+            serve_http(shared2, io, peer, slot, deadline).await;
+        }
     });
+}
+
+/// One of `peer`'s address's handshake slots, and the deadline for its connection's first
+/// request head (`handshake_timeout` from now); `None` when none came free by then.
+async fn handshake_slot(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Option<(HandshakeSlot, tokio::time::Instant)> {
+    let limits = shared.cfg.limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let source = throttle::source_key(peer.ip(), limits.ipv6_prefix);
+    let slot = HandshakeSlot::acquire(shared, source, deadline).await;
+    if slot.is_none() {
+        debug!(peer = %peer, "too many unfinished handshakes from this address; closed");
+    }
+    Some((slot?, deadline))
 }
 
 /// HTTP/1.1 with upgrades on a connection, its first request head due by `deadline`.

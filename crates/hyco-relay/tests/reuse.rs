@@ -27,12 +27,16 @@ impl Recycle<ClientTls> for Back {
 
 /// A standby socket for `LISTENER` that asks for `reuse` when `ask`.
 async fn park(env: &Env, ask: bool) -> Connected {
+    park_with(env, &env.token(Some("hc1"), now() + 600), ask).await
+}
+
+/// A standby socket for `LISTENER` parked with `token`.
+async fn park_with(env: &Env, token: &str, ask: bool) -> Connected {
     let url = format!(
         "wss://localhost:{}/$hc/hc1?sb-hc-action=standby&sb-hc-id={LISTENER}",
         env.port
     );
-    let t = env.token(Some("hc1"), now() + 600);
-    let mut headers = vec![("ServiceBusAuthorization", t.as_str())];
+    let mut headers = vec![("ServiceBusAuthorization", token)];
     if ask {
         headers.push(("Hyco-Extensions", "reuse"));
     }
@@ -61,15 +65,7 @@ fn connect_head(env: &Env, ext: &str) -> String {
     )
 }
 
-/// One masked frame of a client: `first` is FIN and opcode.
-fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    assert!(payload.len() < 126);
-    let mut f = vec![first, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
+use common::masked_frame as client_frame;
 
 fn close_frame(code: u16) -> Vec<u8> {
     client_frame(0x88, &code.to_be_bytes())
@@ -80,17 +76,21 @@ async fn upgrade(s: &mut ClientTls, head: &str, after: &[u8]) -> String {
     let mut bytes = head.as_bytes().to_vec();
     bytes.extend_from_slice(after);
     s.write_all(&bytes).await.unwrap();
-    let mut got = Vec::new();
-    let mut one = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") && got.len() < 16 * 1024 {
-        let n = tokio::time::timeout(T, s.read(&mut one))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "connection ended in the head: {got:?}");
-        got.push(one[0]);
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    common::read_head(s).await
+}
+
+/// A raw sender's connection whose upgrade (`Hyco-Extensions: {ext}`, a `ping` frame behind
+/// it) was answered with 101; the response head.
+async fn raw_sender(env: &Env, ext: &str) -> (ClientTls, String) {
+    let mut s = common::tls(env).await;
+    let head = upgrade(
+        &mut s,
+        &connect_head(env, ext),
+        &client_frame(0x82, b"ping"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
 }
 
 /// Reads exactly `want` (a server's frames, unmasked) from the raw sender.
@@ -183,13 +183,10 @@ async fn any_other_end_closes_both_connections_as_before() {
     })
     .await;
     let _ctl = env.listen("hc1").await;
-    let ping = client_frame(0x82, b"ping");
     // The sender closes with 1001: neither connection is kept, whatever was asked.
     let mut l = park(&env, true).await;
     parked(&env, 1.0).await;
-    let mut s = common::tls(&env).await;
-    let head = upgrade(&mut s, &connect_head(&env, "standby, reuse"), &ping).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, _) = raw_sender(&env, "standby, reuse").await;
     let (_, ()) = tokio::join!(serve_one(&mut l.ws, 1001), sender_one(&mut s, 1001));
     ends(&mut s).await;
     let mut probe = [0u8; 1];
@@ -202,9 +199,7 @@ async fn any_other_end_closes_both_connections_as_before() {
     let mut l = park(&env, false).await;
     assert!(l.extensions.reuse, "offered all the same");
     parked(&env, 1.0).await;
-    let mut s = common::tls(&env).await;
-    let head = upgrade(&mut s, &connect_head(&env, "standby"), &ping).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, _) = raw_sender(&env, "standby").await;
     let (_, ()) = tokio::join!(serve_one(&mut l.ws, 1000), sender_one(&mut s, 1000));
     ends(&mut s).await;
     let end = tokio::time::timeout(T, l.ws.get_mut().read(&mut probe))
@@ -225,14 +220,7 @@ async fn a_relay_that_does_not_offer_it_keeps_nothing() {
     let mut l = park(&env, true).await;
     assert!(!l.extensions.reuse, "not advertised");
     parked(&env, 1.0).await;
-    let mut s = common::tls(&env).await;
-    let head = upgrade(
-        &mut s,
-        &connect_head(&env, "standby, reuse"),
-        &client_frame(0x82, b"ping"),
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, head) = raw_sender(&env, "standby, reuse").await;
     assert!(!head.contains("reuse"), "{head}");
     let (_, ()) = tokio::join!(serve_one(&mut l.ws, 1000), sender_one(&mut s, 1000));
     ends(&mut s).await;
@@ -248,49 +236,15 @@ async fn a_key_regenerated_during_the_tunnel_retires_the_socket_after_it() {
     })
     .await;
     let mut ctl = env.listen("hc1").await;
-    let (name, key) = env.rule("hc1", "app", r#"["Listen"]"#).await;
-    let with_app = hyco_proto::sas::sign(
-        &hyco_proto::sas::resource_uri("localhost", Some("hc1")),
-        &name,
-        &key,
-        now() + 600,
-    );
-    let url = format!(
-        "wss://localhost:{}/$hc/hc1?sb-hc-action=standby&sb-hc-id={LISTENER}",
-        env.port
-    );
-    let mut l = env
-        .connector
-        .connect(
-            &url,
-            &[
-                ("ServiceBusAuthorization", with_app.as_str()),
-                ("Hyco-Extensions", "reuse"),
-            ],
-        )
-        .await
-        .unwrap();
+    let with_app = env.rule_token("hc1", "app", r#"["Listen"]"#).await;
+    let mut l = park_with(&env, &with_app, true).await;
     parked(&env, 1.0).await;
-    let mut s = common::tls(&env).await;
-    let head = upgrade(
-        &mut s,
-        &connect_head(&env, "standby, reuse"),
-        &client_frame(0x82, b"ping"),
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut s, head) = raw_sender(&env, "standby, reuse").await;
     match tokio::time::timeout(T, l.ws.recv()).await.unwrap().unwrap() {
         Message::Text(_) => {}
         other => panic!("expected the accept, got {other:?}"),
     }
-    let (st, _) = env
-        .admin(
-            http::Method::POST,
-            "/hybridconnections/hc1/authorizationrules/app/regeneratekeys",
-            r#"{"keyType":"PrimaryKey"}"#,
-        )
-        .await;
-    assert_eq!(st, 200);
+    assert_eq!(env.regenerate_primary("hc1", "app").await, 200);
     // The tunnel itself goes on to its end, as any tunnel does after a key change.
     let mut ping = [0u8; 4];
     l.ws.read_exact(&mut ping).await.unwrap();

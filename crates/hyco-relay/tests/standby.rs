@@ -119,17 +119,7 @@ async fn raw_exchange(
     let mut bytes = head.as_bytes().to_vec();
     bytes.extend_from_slice(after);
     s.write_all(&bytes).await.unwrap();
-    let mut got = Vec::new();
-    let mut one = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") && got.len() < 16 * 1024 {
-        let n = tokio::time::timeout(T, s.read(&mut one))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "connection ended in the head: {got:?}");
-        got.push(one[0]);
-    }
-    (String::from_utf8_lossy(&got).into_owned(), s)
+    (common::read_head(&mut s).await, s)
 }
 
 fn connect_head(env: &Env, hc: &str, token: &str) -> String {
@@ -146,12 +136,7 @@ const HYCO_SENDER: (&str, &str) = ("Hyco-Extensions", "standby");
 
 /// One masked binary frame (a client's).
 fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    assert!(payload.len() < 126);
-    let mut f = vec![0x82, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    common::masked_frame(0x82, payload)
 }
 
 fn advertised(head: &str) -> Option<String> {
@@ -299,14 +284,8 @@ async fn standby_refusals_say_why() {
     assert_eq!(e.status(), Some(404), "{e}");
     let _ctl = env.listen("hc1").await;
     // A Send-only key may not park.
-    let (name, key) = env.rule("hc1", "sendonly", r#"["Send"]"#).await;
-    let send = hyco_proto::sas::sign(
-        &hyco_proto::sas::resource_uri("localhost", Some("hc1")),
-        &name,
-        &key,
-        now() + 600,
-    );
-    let e = try_park(LISTENER, send.as_str().to_owned()).await;
+    let send = env.rule_token("hc1", "sendonly", r#"["Send"]"#).await;
+    let e = try_park(LISTENER, send).await;
     assert!(matches!(e.status(), Some(401 | 403)), "{e}");
     // Another listener's id.
     let e = try_park("someone-else", token.clone()).await;
@@ -410,23 +389,10 @@ async fn parked_sockets_are_retired_by_what_binds_them() {
     assert_eq!(close_of(&mut chatty).await.map(|c| c.0), Some(1008));
     // A key regenerated: the socket parked with it goes (1008); the control channel, on the
     // root key, stays.
-    let (name, key) = env.rule("hc1", "app", r#"["Listen"]"#).await;
-    let with_app = hyco_proto::sas::sign(
-        &hyco_proto::sas::resource_uri("localhost", Some("hc1")),
-        &name,
-        &key,
-        now() + 600,
-    );
-    let mut app = park_with(&env, "hc1", with_app.as_str()).await;
+    let with_app = env.rule_token("hc1", "app", r#"["Listen"]"#).await;
+    let mut app = park_with(&env, "hc1", &with_app).await;
     parked(&env, "hc1", 1.0).await;
-    let (s, _) = env
-        .admin(
-            http::Method::POST,
-            "/hybridconnections/hc1/authorizationrules/app/regeneratekeys",
-            r#"{"keyType":"PrimaryKey"}"#,
-        )
-        .await;
-    assert_eq!(s, 200);
+    assert_eq!(env.regenerate_primary("hc1", "app").await, 200);
     assert_eq!(close_of(&mut app).await.map(|c| c.0), Some(1008));
     // The listener's control channel closing: 1001.
     let mut orphan = park(&env, "hc1").await;

@@ -126,6 +126,30 @@ impl Env {
         (a.status, String::from_utf8_lossy(&a.body).into_owned())
     }
 
+    /// A rule on `hc` with `rights`, and a token signed with its key for 10 minutes.
+    pub async fn rule_token(&self, hc: &str, name: &str, rights: &str) -> String {
+        let (name, key) = self.rule(hc, name, rights).await;
+        hyco_proto::sas::sign(
+            &hyco_proto::sas::resource_uri("localhost", Some(hc)),
+            &name,
+            &key,
+            now() + 600,
+        )
+        .as_str()
+        .to_owned()
+    }
+
+    /// Regenerates the primary key of `rule` on `hc` through the admin API; its status.
+    pub async fn regenerate_primary(&self, hc: &str, rule: &str) -> u16 {
+        self.admin(
+            http::Method::POST,
+            &format!("/hybridconnections/{hc}/authorizationrules/{rule}/regeneratekeys"),
+            r#"{"keyType":"PrimaryKey"}"#,
+        )
+        .await
+        .0
+    }
+
     /// A rule on `hc` with `rights`; returns (name, key).
     pub async fn rule(&self, hc: &str, name: &str, rights: &str) -> (String, SecretKey) {
         let (s, body) = self
@@ -242,4 +266,29 @@ pub async fn tls(env: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpSt
         .connect(name, tcp)
         .await
         .unwrap()
+}
+
+/// Reads an HTTP response head (to the empty line, at most 16 KiB) from a raw stream.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut got = Vec::new();
+    let mut one = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") && got.len() < 16 * 1024 {
+        let n = tokio::time::timeout(T, s.read(&mut one))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "connection ended in the head: {got:?}");
+        got.push(one[0]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// One masked frame of a client (payload under 126 bytes): `first` is FIN and opcode.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    assert!(payload.len() < 126);
+    let mut f = vec![first, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
 }
