@@ -33,11 +33,6 @@ impl<S> Prefixed<S> {
     pub fn unread_len(&self) -> usize {
         self.prefix.len()
     }
-
-    /// The stream itself, for what does not read (a socket option, a peer address).
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {

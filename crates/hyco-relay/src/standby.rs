@@ -247,8 +247,14 @@ impl Socket {
     /// Parks the socket and serves the tunnel of the sender joined to it; with `reuse`, again
     /// after every tunnel that gave the socket back.
     async fn run(self, io: Box<ServerIo>) {
-        let mut next = Some((self, io));
-        while let Some((socket, io)) = next.take() {
+        let mut next = self.park(io).await;
+        while let Some((socket, mut io)) = next.take() {
+            // Back from a tunnel: held to its rules as on the way in (its upgrade was checked
+            // then): keys regenerated or the hybrid connection deleted meanwhile close it.
+            if let Some(Retired::Close(code, reason)) = socket.revoked() {
+                close(&mut io, code, reason).await;
+                return;
+            }
             next = socket.park(io).await;
         }
     }
@@ -256,12 +262,6 @@ impl Socket {
     /// Waits in the pool until a sender is joined (then runs the tunnel) or something retires
     /// the socket. Returns the socket to park again, when its tunnel gave it back.
     async fn park(self, mut io: Box<ServerIo>) -> Option<(Socket, Box<ServerIo>)> {
-        // A socket back from a tunnel is held to its rules as it was on the way in: keys
-        // regenerated or the hybrid connection deleted meanwhile close it here.
-        if let Some(Retired::Close(code, reason)) = self.revoked() {
-            close(&mut io, code, reason).await;
-            return None;
-        }
         // The descriptor it holds, counted against `--max-tunnels`, taken only once the socket
         // is in the pool (a sender that finds none parked is never short of a permit a socket
         // on its way holds); once a sender is joined, the permit of their tunnel (the sender

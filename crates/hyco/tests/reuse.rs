@@ -46,7 +46,10 @@ async fn run(tag: &str, relay_args: &[&str]) -> (usize, usize) {
     let m_port = counting(r.port, Arc::clone(&to_m)).await;
     let f_port = counting(r.port, Arc::clone(&to_f)).await;
     let m_addr = format!("127.0.0.1:{m_port}");
-    let _m = r.manager_with("manager", &l, &["--relay-addr", &m_addr], &[]);
+    // No warm connections for the manager: they are renewed every 6 s whatever the tunnels
+    // do, and the count would depend on how long the run took.
+    let m_args = ["--relay-addr", &m_addr, "--warm-connections", "0"];
+    let _m = r.manager_with("manager", &l, &m_args, &[]);
     r.wait_listeners("re", 1).await;
     let f_addr = format!("127.0.0.1:{f_port}");
     let (_f, port) = r.forward_with("re", &s, &["--relay-addr", &f_addr]).await;
@@ -65,15 +68,16 @@ async fn run(tag: &str, relay_args: &[&str]) -> (usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_one_after_another_reuse_the_agents_connections() {
     let (forward, manager) = run("reuse-on", &[]).await;
-    // The pools' own connections, each used again and again: the forwarder keeps up to 16
-    // warm; the manager its control channel, up to 16 parked sockets, and up to 16 warm ones
-    // to open parked sockets with.
+    // The pools' own connections, each used again and again: the forwarder's first connect
+    // and up to 16 warm ones; the manager's control channel and up to 16 parked sockets. The
+    // bounds leave room for a slow machine (a loan out past its one-second grace is replaced)
+    // and stay far below one connection per tunnel.
     assert!(
-        forward <= 20,
+        forward <= 30,
         "forwarder opened {forward} for {TUNNELS} tunnels"
     );
     assert!(
-        manager <= 40,
+        manager <= 30,
         "manager opened {manager} for {TUNNELS} tunnels"
     );
 }
